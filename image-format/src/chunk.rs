@@ -1,0 +1,225 @@
+//! Encoding and verified decoding of single chunks.
+
+use crate::{sha256, ChunkEntry, Digest, FormatError};
+
+/// How a chunk is stored in the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ChunkKind {
+    /// All zeros; nothing is stored.
+    Zero = 0,
+    /// Stored uncompressed.
+    Raw = 1,
+    /// One zstd frame.
+    Zstd = 2,
+}
+
+impl ChunkKind {
+    /// Parses the on-disk kind byte.
+    pub fn from_u8(v: u8) -> Option<ChunkKind> {
+        match v {
+            0 => Some(ChunkKind::Zero),
+            1 => Some(ChunkKind::Raw),
+            2 => Some(ChunkKind::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The compression a writer applies to non-zero chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Store chunks uncompressed.
+    None,
+    /// zstd at the given level (1..=22); a chunk that does not shrink is stored raw.
+    Zstd {
+        /// Compression level.
+        level: i32,
+    },
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Codec::Zstd { level: 3 }
+    }
+}
+
+/// A chunk ready to be appended to a blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChunk {
+    /// How it is stored.
+    pub kind: ChunkKind,
+    /// The stored bytes (empty for [`ChunkKind::Zero`]).
+    pub data: Vec<u8>,
+    /// SHA-256 of `data` (all zeros for [`ChunkKind::Zero`]).
+    pub digest: Digest,
+}
+
+/// True if every byte of `data` is zero.
+pub fn is_all_zero(data: &[u8]) -> bool {
+    // OR 16-byte words together a page at a time so the common non-zero case exits early.
+    data.chunks(4096).all(|page| {
+        let mut words = page.chunks_exact(16);
+        let mut acc = 0u128;
+        for w in words.by_ref() {
+            acc |= u128::from_ne_bytes(w.try_into().expect("16 bytes"));
+        }
+        acc == 0 && words.remainder().iter().all(|&b| b == 0)
+    })
+}
+
+/// Encodes one chunk: all-zero chunks become [`ChunkKind::Zero`], others are compressed with `codec`
+/// (falling back to raw when compression does not help) and hashed.
+pub fn encode_chunk(raw: &[u8], codec: Codec) -> EncodedChunk {
+    if is_all_zero(raw) {
+        return EncodedChunk {
+            kind: ChunkKind::Zero,
+            data: Vec::new(),
+            digest: [0; 32],
+        };
+    }
+    let (kind, data) = match codec {
+        Codec::None => (ChunkKind::Raw, raw.to_vec()),
+        Codec::Zstd { level } => match zstd::bulk::compress(raw, level) {
+            Ok(c) if c.len() < raw.len() => (ChunkKind::Zstd, c),
+            _ => (ChunkKind::Raw, raw.to_vec()),
+        },
+    };
+    let digest = sha256(&data);
+    EncodedChunk { kind, data, digest }
+}
+
+/// Verifies `stored` against `entry` (digest first, before any decompression) and decodes it into `out`,
+/// whose length must be the chunk's uncompressed length ([`crate::Index::chunk_len`]).
+pub fn decode_chunk(
+    chunk: u64,
+    entry: &ChunkEntry,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), FormatError> {
+    if stored.len() as u64 != entry.stored_len as u64 {
+        return Err(FormatError::ChunkDecode {
+            chunk,
+            reason: format!(
+                "stored length {} does not match the index ({})",
+                stored.len(),
+                entry.stored_len
+            ),
+        });
+    }
+    if entry.kind == ChunkKind::Zero {
+        out.fill(0);
+        return Ok(());
+    }
+    let got = sha256(stored);
+    if got != entry.digest {
+        return Err(FormatError::ChunkDigestMismatch {
+            chunk,
+            expected: hex::encode(entry.digest),
+            got: hex::encode(got),
+        });
+    }
+    match entry.kind {
+        ChunkKind::Zero => unreachable!("handled above"),
+        ChunkKind::Raw => {
+            if stored.len() != out.len() {
+                return Err(FormatError::ChunkDecode {
+                    chunk,
+                    reason: format!(
+                        "raw chunk is {} bytes, expected {}",
+                        stored.len(),
+                        out.len()
+                    ),
+                });
+            }
+            out.copy_from_slice(stored);
+        }
+        ChunkKind::Zstd => {
+            let n = zstd::bulk::decompress_to_buffer(stored, out).map_err(|e| {
+                FormatError::ChunkDecode {
+                    chunk,
+                    reason: format!("zstd: {e}"),
+                }
+            })?;
+            if n != out.len() {
+                return Err(FormatError::ChunkDecode {
+                    chunk,
+                    reason: format!("decompressed to {n} bytes, expected {}", out.len()),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(e: &EncodedChunk) -> ChunkEntry {
+        ChunkEntry {
+            offset: 0,
+            stored_len: e.data.len() as u32,
+            kind: e.kind,
+            digest: e.digest,
+        }
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_all_zero(&[0; 4096]));
+        assert!(is_all_zero(&[]));
+        for i in [0, 15, 16, 17, 4095] {
+            let mut b = vec![0u8; 4096];
+            b[i] = 1;
+            assert!(!is_all_zero(&b), "byte {i}");
+        }
+        let mut odd = vec![0u8; 21];
+        odd[20] = 3;
+        assert!(!is_all_zero(&odd));
+    }
+
+    #[test]
+    fn encode_decode_kinds() {
+        let zero = encode_chunk(&[0; 4096], Codec::default());
+        assert_eq!(zero.kind, ChunkKind::Zero);
+        let text: Vec<u8> = b"hello world ".iter().cycle().take(4096).copied().collect();
+        let z = encode_chunk(&text, Codec::default());
+        assert_eq!(z.kind, ChunkKind::Zstd);
+        let mut out = vec![0u8; 4096];
+        decode_chunk(1, &entry(&z), &z.data, &mut out).unwrap();
+        assert_eq!(out, text);
+        // Incompressible data is stored raw.
+        let mut x = 0x1234_5678u32;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let r = encode_chunk(&noise, Codec::default());
+        assert_eq!(r.kind, ChunkKind::Raw);
+        decode_chunk(2, &entry(&r), &r.data, &mut out).unwrap();
+        assert_eq!(out, noise);
+    }
+
+    #[test]
+    fn corruption_and_wrong_size_are_errors() {
+        let text: Vec<u8> = b"abcdefgh".iter().cycle().take(8192).copied().collect();
+        let z = encode_chunk(&text, Codec::default());
+        let mut bad = z.data.clone();
+        bad[3] ^= 0x40;
+        let mut out = vec![0u8; 8192];
+        assert!(matches!(
+            decode_chunk(7, &entry(&z), &bad, &mut out),
+            Err(FormatError::ChunkDigestMismatch { chunk: 7, .. })
+        ));
+        // Right bytes, wrong expected size: bigger content than the buffer, and smaller.
+        let mut small = vec![0u8; 4096];
+        assert!(decode_chunk(7, &entry(&z), &z.data, &mut small).is_err());
+        let mut big = vec![0u8; 16384];
+        assert!(decode_chunk(7, &entry(&z), &z.data, &mut big).is_err());
+    }
+}

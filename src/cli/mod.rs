@@ -1,0 +1,38 @@
+//! The `lazyblk` command line.
+
+mod layer;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Block-device lazy loader for container images.
+#[derive(Debug, Parser)]
+#[command(name = "lazyblk", version, about)]
+pub struct Cli {
+    /// Log filter (also read from RUST_LOG), e.g. `info` or `lazyblk=debug`.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with single layers: convert, export, inspect.
+    #[command(subcommand)]
+    Layer(layer::LayerCommand),
+}
+
+/// Runs the command line; the binary's `main` calls this.
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Layer(c) => layer::run(c),
+    }
+}

@@ -1,0 +1,199 @@
+//! A [`BlockSink`] that cuts the image into chunks, compresses them on worker threads and appends them
+//! to a blob in a deterministic order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Write};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use lazyblk_image_format::{encode_chunk, BlobSummary, BlobWriter, Codec, EncodedChunk};
+
+use crate::ext4::BlockSink;
+
+type Job = (u64, u64, Vec<u8>);
+type Done = (u64, u64, EncodedChunk);
+
+/// Chunking, compressing sink. Writes at or above `head_end` must come in ascending order; the head
+/// (below `head_end`) is buffered until [`BlockSink::set_size`].
+pub struct ChunkingSink<W: Write + Send + 'static> {
+    chunk_size: u64,
+    head_end: u64,
+    partial: BTreeMap<u64, Vec<u8>>,
+    flushed_below: u64,
+    seq: u64,
+    size: Option<u64>,
+    jobs: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<io::Result<(W, BlobSummary)>>>,
+    size_tx: Option<Sender<u64>>,
+}
+
+impl<W: Write + Send + 'static> ChunkingSink<W> {
+    /// Starts the worker and writer threads. `threads` compressors (at least one).
+    pub fn new(
+        out: W,
+        chunk_shift: u8,
+        codec: Codec,
+        threads: usize,
+        head_end: u64,
+    ) -> io::Result<Self> {
+        let blob = BlobWriter::new(out, chunk_shift)?;
+        let threads = threads.max(1);
+        let (jobs_tx, jobs_rx) = bounded::<Job>(threads * 4);
+        let (done_tx, done_rx) = bounded::<Done>(threads * 4);
+        let (size_tx, size_rx) = bounded::<u64>(1);
+        let workers = (0..threads)
+            .map(|i| {
+                let rx = jobs_rx.clone();
+                let tx = done_tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("lazyblk-compress-{i}"))
+                    .spawn(move || {
+                        for (seq, chunk, data) in rx {
+                            if tx.send((seq, chunk, encode_chunk(&data, codec))).is_err() {
+                                return;
+                            }
+                        }
+                    })
+                    .expect("spawn compressor thread")
+            })
+            .collect();
+        drop(done_tx);
+        let writer = std::thread::Builder::new()
+            .name("lazyblk-blob-writer".into())
+            .spawn(move || write_in_order(blob, done_rx, size_rx))?;
+        Ok(ChunkingSink {
+            chunk_size: 1 << chunk_shift,
+            head_end,
+            partial: BTreeMap::new(),
+            flushed_below: head_end >> chunk_shift,
+            seq: 0,
+            size: None,
+            jobs: Some(jobs_tx),
+            workers,
+            writer: Some(writer),
+            size_tx: Some(size_tx),
+        })
+    }
+
+    fn submit(&mut self, chunk: u64, data: Vec<u8>) -> io::Result<()> {
+        let seq = self.seq;
+        self.seq += 1;
+        let jobs = self.jobs.as_ref().expect("sink already finished");
+        if jobs.send((seq, chunk, data)).is_err() {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
+    /// The writer thread stopped early: return its error.
+    fn writer_error(&mut self) -> io::Error {
+        self.jobs = None;
+        match self.writer.take().map(|h| h.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => io::Error::other("blob writer stopped"),
+        }
+    }
+
+    /// Waits for every chunk to be written and the index and footer after them.
+    pub fn finish(mut self) -> io::Result<(W, BlobSummary)> {
+        let size = self
+            .size
+            .ok_or_else(|| io::Error::other("image size never set"))?;
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            w.join()
+                .map_err(|_| io::Error::other("compressor thread panicked"))?;
+        }
+        self.size_tx.take().expect("size sender").send(size).ok();
+        self.writer
+            .take()
+            .expect("writer")
+            .join()
+            .map_err(|_| io::Error::other("blob writer panicked"))?
+    }
+}
+
+impl<W: Write + Send + 'static> BlockSink for ChunkingSink<W> {
+    fn write_at(&mut self, offset: u64, mut data: &[u8]) -> io::Result<()> {
+        let cs = self.chunk_size;
+        let mut off = offset;
+        let first_chunk = offset / cs;
+        if off >= self.head_end && first_chunk < self.flushed_below {
+            return Err(io::Error::other(format!(
+                "write at {offset} after that chunk was flushed"
+            )));
+        }
+        while !data.is_empty() {
+            let c = off / cs;
+            let within = (off % cs) as usize;
+            let n = data.len().min(cs as usize - within);
+            let buf = self
+                .partial
+                .entry(c)
+                .or_insert_with(|| vec![0u8; cs as usize]);
+            buf[within..within + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            off += n as u64;
+        }
+        if offset >= self.head_end {
+            // Writes are ascending: every chunk before the one this write started in is complete.
+            let done: Vec<u64> = self
+                .partial
+                .range(self.flushed_below..first_chunk)
+                .map(|(&c, _)| c)
+                .collect();
+            for c in done {
+                let buf = self.partial.remove(&c).expect("present");
+                self.submit(c, buf)?;
+            }
+            self.flushed_below = self.flushed_below.max(first_chunk);
+        }
+        Ok(())
+    }
+
+    fn set_size(&mut self, size: u64) -> io::Result<()> {
+        let cs = self.chunk_size;
+        let last = size.div_ceil(cs);
+        let rest = std::mem::take(&mut self.partial);
+        // Data and metadata chunks first, then the head, so the order in the blob is reproducible.
+        let head_chunks = self.head_end.div_ceil(cs);
+        let (head, body): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(c, _)| *c < head_chunks);
+        for (c, mut buf) in body.into_iter().chain(head) {
+            if c >= last {
+                return Err(io::Error::other(format!(
+                    "chunk {c} lies beyond the image size {size}"
+                )));
+            }
+            buf.truncate((size - c * cs).min(cs) as usize);
+            self.submit(c, buf)?;
+        }
+        self.size = Some(size);
+        Ok(())
+    }
+}
+
+fn write_in_order<W: Write>(
+    mut blob: BlobWriter<W>,
+    done: Receiver<Done>,
+    size: Receiver<u64>,
+) -> io::Result<(W, BlobSummary)> {
+    let mut pending: HashMap<u64, (u64, EncodedChunk)> = HashMap::new();
+    let mut next = 0u64;
+    for (seq, chunk, enc) in done {
+        pending.insert(seq, (chunk, enc));
+        while let Some((chunk, enc)) = pending.remove(&next) {
+            blob.append(chunk, &enc)?;
+            next += 1;
+        }
+    }
+    if !pending.is_empty() {
+        return Err(io::Error::other(
+            "chunks missing from the compressor pipeline",
+        ));
+    }
+    let size = size
+        .recv()
+        .map_err(|_| io::Error::other("conversion aborted"))?;
+    blob.finish(size)
+}

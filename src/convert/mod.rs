@@ -1,0 +1,283 @@
+//! Layer conversion: a tar layer (plain, gzip or zstd) becomes a lazyblk blob holding an ext4 image,
+//! in one streaming pass and without extracting anything onto the host filesystem.
+
+mod blob_sink;
+pub mod input;
+pub mod tar_layer;
+
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lazyblk_image_format::{digest_string, sha256, BlobSummary, Codec, DEFAULT_CHUNK_SHIFT};
+
+pub use blob_sink::ChunkingSink;
+pub use input::{Compression, InputError, LayerStream};
+pub use tar_layer::{apply_tar, TarError, TarStats};
+
+use crate::ext4::{
+    Ext4Builder, Ext4Error, Ext4Summary, FinishOptions, BLOCK_SIZE, DATA_START_BLOCK,
+};
+
+/// How to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Chunk size exponent (12..=22).
+    pub chunk_shift: u8,
+    /// Chunk compression.
+    pub codec: Codec,
+    /// Compression threads.
+    pub threads: usize,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            chunk_shift: DEFAULT_CHUNK_SHIFT,
+            codec: Codec::default(),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            progress: false,
+        }
+    }
+}
+
+/// Why a conversion failed. No output file is left behind in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// The input is not a readable layer.
+    #[error(transparent)]
+    Input(#[from] InputError),
+    /// The tar stream or one of its entries is bad.
+    #[error(transparent)]
+    Tar(#[from] TarError),
+    /// Building the filesystem failed.
+    #[error(transparent)]
+    Ext4(#[from] Ext4Error),
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ConvertError {
+    let context = context.into();
+    move |source| ConvertError::Io { context, source }
+}
+
+/// The input side of a conversion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InputSummary {
+    /// Detected compression.
+    pub compression: Compression,
+    /// Bytes of the (compressed) input: the OCI layer blob.
+    pub bytes: u64,
+    /// `sha256:` digest of the input: the OCI layer digest.
+    pub digest: String,
+    /// Bytes of the uncompressed tar.
+    pub tar_bytes: u64,
+    /// `sha256:` digest of the uncompressed tar: the OCI diff ID.
+    pub diff_id: String,
+}
+
+/// The output side: everything an OCI descriptor and its annotations need.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BlobInfo {
+    /// `sha256:` digest of the blob.
+    pub digest: String,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// Offset of the index in the blob.
+    pub index_offset: u64,
+    /// Index length in bytes.
+    pub index_length: u64,
+    /// `sha256:` digest of the index.
+    pub index_digest: String,
+    /// Uncompressed image size in bytes.
+    pub image_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Number of chunks.
+    pub chunk_count: u64,
+    /// Chunks that are all zeros (not stored).
+    pub zero_chunks: u64,
+    /// Bytes of stored chunk data.
+    pub stored_bytes: u64,
+}
+
+impl From<&BlobSummary> for BlobInfo {
+    fn from(s: &BlobSummary) -> Self {
+        BlobInfo {
+            digest: digest_string(&s.blob_digest),
+            size: s.blob_size,
+            index_offset: s.index_offset,
+            index_length: s.index_length,
+            index_digest: digest_string(&s.index_digest),
+            image_size: s.image_size,
+            chunk_size: 1 << s.chunk_shift,
+            chunk_count: s.chunk_count,
+            zero_chunks: s.zero_chunks,
+            stored_bytes: s.stored_bytes,
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConvertSummary {
+    /// The layer read.
+    pub input: InputSummary,
+    /// The tar's contents.
+    pub tar: TarStats,
+    /// The filesystem built.
+    pub ext4: Ext4Summary,
+    /// The blob written.
+    pub blob: BlobInfo,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// UUID and hash seed derived from the layer's diff ID, so the same layer gives the same image anywhere.
+pub fn finish_options_for(diff_id: &[u8; 32]) -> FinishOptions {
+    let derive = |label: &[u8]| {
+        let mut v = label.to_vec();
+        v.extend_from_slice(diff_id);
+        let d = sha256(&v);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&d[..16]);
+        out
+    };
+    let mut uuid = derive(b"lazyblk:uuid:");
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    FinishOptions {
+        uuid,
+        hash_seed: derive(b"lazyblk:hash-seed:"),
+        label: "lazyblk".into(),
+    }
+}
+
+/// Converts the layer read from `input` into a blob at `output`. `input_len`, when known, sizes the
+/// progress bar. The blob appears at `output` only when everything succeeded.
+pub fn convert_layer<R: Read + Send + 'static>(
+    input: R,
+    input_len: Option<u64>,
+    output: &Path,
+    opts: &ConvertOptions,
+) -> Result<ConvertSummary, ConvertError> {
+    let started = Instant::now();
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".lazyblk-convert-")
+        .tempfile_in(dir)
+        .map_err(io_ctx(format!(
+            "creating a temporary file in {}",
+            dir.display()
+        )))?;
+    let file = tmp
+        .as_file()
+        .try_clone()
+        .map_err(io_ctx("cloning the output handle"))?;
+    let out = BufWriter::with_capacity(1 << 20, file);
+    let sink = ChunkingSink::new(
+        out,
+        opts.chunk_shift,
+        opts.codec,
+        opts.threads,
+        DATA_START_BLOCK * BLOCK_SIZE as u64,
+    )
+    .map_err(io_ctx("starting the compressors"))?;
+
+    let counter = Arc::new(AtomicU64::new(0));
+    let progress = opts
+        .progress
+        .then(|| Progress::start(counter.clone(), input_len))
+        .flatten();
+    let mut stream = LayerStream::open(input::CountingReader::new(input, counter))?;
+    let mut builder = Ext4Builder::new(sink);
+    let tar_stats = apply_tar(&mut stream, &mut builder)?;
+    let compression = stream.compression;
+    let (layer_digest, raw_bytes, diff_id, tar_bytes) = stream
+        .finish()
+        .map_err(io_ctx("reading the end of the layer stream"))?;
+    let (sink, ext4) = builder.finish(&finish_options_for(&diff_id))?;
+    let (mut out, blob) = sink.finish().map_err(io_ctx("writing the blob"))?;
+    out.flush().map_err(io_ctx("writing the blob"))?;
+    let file = out.into_inner().map_err(|e| ConvertError::Io {
+        context: "writing the blob".into(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io_ctx("syncing the blob"))?;
+    if let Some(p) = progress {
+        p.stop();
+    }
+    tmp.persist(output).map_err(|e| ConvertError::Io {
+        context: format!("renaming the blob to {}", output.display()),
+        source: e.error,
+    })?;
+    Ok(ConvertSummary {
+        input: InputSummary {
+            compression,
+            bytes: raw_bytes,
+            digest: digest_string(&layer_digest),
+            tar_bytes,
+            diff_id: digest_string(&diff_id),
+        },
+        tar: tar_stats,
+        ext4,
+        blob: BlobInfo::from(&blob),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// A progress bar on stderr fed from a byte counter.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(counter: Arc<AtomicU64>, len: Option<u64>) -> Option<Progress> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = match len {
+            Some(n) => indicatif::ProgressBar::new(n).with_style(
+                indicatif::ProgressStyle::with_template("{spinner} converting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .ok()?,
+            ),
+            None => indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template("{spinner} converting {bytes} {bytes_per_sec}").ok()?,
+            ),
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, s) = (bar.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                b.set_position(counter.load(Ordering::Relaxed));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        Some(Progress { bar, stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.bar.finish_and_clear();
+    }
+}
