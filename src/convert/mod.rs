@@ -4,6 +4,7 @@
 mod blob_sink;
 pub mod input;
 pub mod tar_layer;
+pub mod tar_reader;
 
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
@@ -207,7 +208,7 @@ pub fn convert_layer<R: Read + Send + 'static>(
         .flatten();
     let mut stream = LayerStream::open(input::CountingReader::new(input, counter))?;
     let mut builder = Ext4Builder::new(sink);
-    let tar_stats = apply_tar(&mut stream, &mut builder)?;
+    let (tar_stats, _) = apply_tar(&mut stream, &mut builder)?;
     let compression = stream.compression;
     let (layer_digest, raw_bytes, diff_id, tar_bytes) = stream
         .finish()
