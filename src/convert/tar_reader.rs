@@ -11,6 +11,9 @@ use std::io::{self, Read};
 use crate::ext4::Timestamp;
 
 const BLOCK: usize = 512;
+
+/// Parsed PAX records, key → value, in order.
+pub type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
 /// Largest PAX header or GNU long name accepted (Linux xattr values are at most 64 KiB each).
 pub const MAX_META_LEN: u64 = 4 << 20;
 
@@ -188,7 +191,7 @@ impl<R: Read> TarReader<R> {
         self.padding = 0;
         self.skip(rest, "entry data")?;
 
-        let mut pax: Option<Vec<(Vec<u8>, Vec<u8>)>> = None;
+        let mut pax: Option<PaxRecords> = None;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         loop {
@@ -428,7 +431,7 @@ fn signed_number(f: &[u8], offset: u64, what: &str) -> Result<i64, TarStreamErro
 
 /// Parses PAX records: `"<len> <key>=<value>\n"`, where `len` counts the whole record. Values may hold
 /// any byte, newlines included.
-pub fn parse_pax(data: &[u8], offset: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TarStreamError> {
+pub fn parse_pax(data: &[u8], offset: u64) -> Result<PaxRecords, TarStreamError> {
     let mut out = Vec::new();
     let mut rest = data;
     while !rest.is_empty() {
@@ -457,11 +460,7 @@ pub fn parse_pax(data: &[u8], offset: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Ta
     Ok(out)
 }
 
-fn apply_pax(
-    e: &mut TarEntry,
-    records: Vec<(Vec<u8>, Vec<u8>)>,
-    offset: u64,
-) -> Result<(), TarStreamError> {
+fn apply_pax(e: &mut TarEntry, records: PaxRecords, offset: u64) -> Result<(), TarStreamError> {
     let num = |v: &[u8], what: &str| -> Result<u64, TarStreamError> {
         std::str::from_utf8(v)
             .ok()
