@@ -102,6 +102,8 @@ pub struct TarReader<R> {
     remaining: u64,
     padding: u64,
     done: bool,
+    /// A byte read ahead by the end-of-stream check.
+    peeked: Option<u8>,
 }
 
 impl<R: Read> TarReader<R> {
@@ -113,6 +115,7 @@ impl<R: Read> TarReader<R> {
             remaining: 0,
             padding: 0,
             done: false,
+            peeked: None,
         }
     }
 
@@ -133,6 +136,11 @@ impl<R: Read> TarReader<R> {
 
     fn read_exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), TarStreamError> {
         let mut got = 0;
+        if let (Some(b), false) = (self.peeked, buf.is_empty()) {
+            buf[0] = b;
+            self.peeked = None;
+            got = 1;
+        }
         while got < buf.len() {
             match self.r.read(&mut buf[got..]) {
                 Ok(0) => {
@@ -163,6 +171,27 @@ impl<R: Read> TarReader<R> {
             n -= k as u64;
         }
         Ok(())
+    }
+
+    /// True if the stream has no more bytes (checked by reading one byte into `peeked`).
+    fn at_eof(&mut self) -> Result<bool, TarStreamError> {
+        let mut one = [0u8; 1];
+        loop {
+            match self.r.read(&mut one) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {
+                    self.peeked = Some(one[0]);
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(TarStreamError::Io {
+                        offset: self.pos,
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// Reads a metadata entry's (PAX, long name) data, bounded.
@@ -197,6 +226,11 @@ impl<R: Read> TarReader<R> {
         loop {
             let offset = self.pos;
             let mut h = [0u8; BLOCK];
+            // A stream that ends cleanly between entries is accepted, like Go's archive/tar (containerd).
+            if pax.is_none() && long_name.is_none() && long_link.is_none() && self.at_eof()? {
+                self.done = true;
+                return Ok(None);
+            }
             self.read_exact(&mut h, "header")?;
             if h.iter().all(|&b| b == 0) {
                 // End of archive (one or two zero blocks; what follows is not ours to judge).
@@ -360,7 +394,8 @@ fn trim_nul(v: &mut Vec<u8>) {
 }
 
 fn check_checksum(h: &[u8; BLOCK], offset: u64) -> Result<(), TarStreamError> {
-    let stored = number(&h[148..156], offset, "checksum")?;
+    let stored = number(&h[148..156], offset, "checksum")
+        .map_err(|_| bad(offset, "checksum field is not a number; not a tar stream?"))?;
     let mut unsigned: u64 = 0;
     let mut signed: i64 = 0;
     for (i, &b) in h.iter().enumerate() {
