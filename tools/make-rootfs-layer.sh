@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Builds a real Debian rootfs (debootstrap --variant=minbase) and packs it as an OCI-style layer tar
-# (numeric owners, xattrs, as containerd's differ would). Cached: a second run reuses the tar.
+# (numeric owners, xattrs, sorted names), like a base image layer. Cached: a second run reuses the tar.
 #
-#   tools/make-rootfs-layer.sh [OUT_DIR]      -> OUT_DIR/rootfs.tar, OUT_DIR/rootfs.tar.gz
+#   tools/make-rootfs-layer.sh [OUT_DIR [NAME [PACKAGES]]]
+#     -> OUT_DIR/NAME.tar and OUT_DIR/NAME.tar.gz   (defaults: .cache, rootfs, no extra packages)
+#   e.g. tools/make-rootfs-layer.sh .cache numpy python3-numpy
 set -euo pipefail
 out=${1:-"$(cd "$(dirname "$0")/.." && pwd)/.cache"}
+name=${2:-rootfs}
+include=${3:-}
 suite=${LAZYBLK_DEBIAN_SUITE:-bookworm}
 mirror=${LAZYBLK_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 mkdir -p "$out"
-if [[ -s "$out/rootfs.tar" && -s "$out/rootfs.tar.gz" ]]; then
-  echo "rootfs layer cached: $out/rootfs.tar" >&2
+if [[ -s "$out/$name.tar" && -s "$out/$name.tar.gz" ]]; then
+  echo "layer cached: $out/$name.tar" >&2
   exit 0
 fi
-if [[ ! -x "$out/rootfs/usr/bin/dpkg" ]]; then
-  rm -rf "$out/rootfs"
-  echo "debootstrap --variant=minbase $suite (a minute or two)..." >&2
-  debootstrap --variant=minbase "$suite" "$out/rootfs" "$mirror" >"$out/debootstrap.log" 2>&1 \
-    || { tail -20 "$out/debootstrap.log" >&2; exit 1; }
+root="$out/$name.root"
+if [[ ! -x "$root/usr/bin/dpkg" ]]; then
+  rm -rf "$root"
+  echo "debootstrap --variant=minbase $suite ${include:+--include=$include }(a minute or two)..." >&2
+  debootstrap --variant=minbase ${include:+--include="$include"} "$suite" "$root" "$mirror" \
+    >"$out/$name.debootstrap.log" 2>&1 || { tail -20 "$out/$name.debootstrap.log" >&2; exit 1; }
 fi
 # Like the official Debian images: no downloaded packages or apt lists in the layer.
-find "$out/rootfs/var/cache/apt/archives" -name '*.deb' -delete
-rm -rf "$out/rootfs/var/lib/apt/lists/"*
-tar --xattrs --xattrs-include='*' --numeric-owner --sort=name -C "$out/rootfs" -cf "$out/rootfs.tar.tmp" .
-mv "$out/rootfs.tar.tmp" "$out/rootfs.tar"
-gzip -6 -c "$out/rootfs.tar" >"$out/rootfs.tar.gz.tmp"
-mv "$out/rootfs.tar.gz.tmp" "$out/rootfs.tar.gz"
-ls -l "$out/rootfs.tar" "$out/rootfs.tar.gz" >&2
+find "$root/var/cache/apt/archives" -name '*.deb' -delete
+rm -rf "$root/var/lib/apt/lists/"*
+tar --xattrs --xattrs-include='*' --numeric-owner --sort=name -C "$root" -cf "$out/$name.tar.tmp" .
+mv "$out/$name.tar.tmp" "$out/$name.tar"
+gzip -6 -c "$out/$name.tar" >"$out/$name.tar.gz.tmp"
+mv "$out/$name.tar.gz.tmp" "$out/$name.tar.gz"
+ls -l "$out/$name.tar" "$out/$name.tar.gz" >&2

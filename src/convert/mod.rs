@@ -132,6 +132,29 @@ impl From<&BlobSummary> for BlobInfo {
     }
 }
 
+/// Media type of a lazyblk layer blob.
+pub const MEDIA_TYPE: &str = "application/vnd.lazyblk.layer.v1+ext4";
+/// Prefix of the descriptor annotations (containerd forwards `containerd.io/snapshot/*` to snapshotters).
+pub const ANNOTATION_PREFIX: &str = "containerd.io/snapshot/lazyblk/";
+
+/// The descriptor annotations a reader needs to open the blob without extra round trips
+/// (see docs/format.md).
+pub fn annotations(input: &InputSummary, blob: &BlobInfo) -> std::collections::BTreeMap<String, String> {
+    [
+        ("version", "1".to_string()),
+        ("index-offset", blob.index_offset.to_string()),
+        ("index-length", blob.index_length.to_string()),
+        ("index-digest", blob.index_digest.clone()),
+        ("image-size", blob.image_size.to_string()),
+        ("chunk-size", blob.chunk_size.to_string()),
+        ("source-digest", input.digest.clone()),
+        ("diff-id", input.diff_id.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), v))
+    .collect()
+}
+
 /// What a conversion did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConvertSummary {
@@ -143,6 +166,10 @@ pub struct ConvertSummary {
     pub ext4: Ext4Summary,
     /// The blob written.
     pub blob: BlobInfo,
+    /// Media type for the blob's descriptor.
+    pub media_type: &'static str,
+    /// Annotations for the blob's descriptor.
+    pub annotations: std::collections::BTreeMap<String, String>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -228,17 +255,21 @@ pub fn convert_layer<R: Read + Send + 'static>(
         context: format!("renaming the blob to {}", output.display()),
         source: e.error,
     })?;
+    let input = InputSummary {
+        compression,
+        bytes: raw_bytes,
+        digest: digest_string(&layer_digest),
+        tar_bytes,
+        diff_id: digest_string(&diff_id),
+    };
+    let blob = BlobInfo::from(&blob);
     Ok(ConvertSummary {
-        input: InputSummary {
-            compression,
-            bytes: raw_bytes,
-            digest: digest_string(&layer_digest),
-            tar_bytes,
-            diff_id: digest_string(&diff_id),
-        },
+        annotations: annotations(&input, &blob),
+        media_type: MEDIA_TYPE,
+        input,
         tar: tar_stats,
         ext4,
-        blob: BlobInfo::from(&blob),
+        blob,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
