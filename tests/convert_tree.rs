@@ -331,24 +331,61 @@ fn plain_and_zstd_inputs_give_the_same_blob() {
 fn independent_python_reader_agrees() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = LayerTar::new();
-    t.dir("d", DIR).file("d/f", DEF, &noise(300_000, 11)).file("d/t", DEF, &b"text ".repeat(100_000));
+    t.dir("d", DIR).file("d/f", DEF, &noise(300_000, 11)).file(
+        "d/t",
+        DEF,
+        &b"text ".repeat(100_000),
+    );
     let tar = tmp.path().join("l.tar");
     std::fs::write(&tar, t.finish()).unwrap();
     let blob = tmp.path().join("l.blob");
     convert(&tar, &blob);
     let ours = tmp.path().join("ours.img");
-    run_ok(lazyblk().args(["layer", "export"]).arg(&blob).arg("-o").arg(&ours));
+    run_ok(
+        lazyblk()
+            .args(["layer", "export"])
+            .arg(&blob)
+            .arg("-o")
+            .arg(&ours),
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/bench/blobinfo.py");
     let theirs = tmp.path().join("theirs.img");
-    run_ok(std::process::Command::new("python3").arg(script).arg(&blob).arg("--export").arg(&theirs));
-    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(), "readers disagree");
+    run_ok(
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(&blob)
+            .arg("--export")
+            .arg(&theirs),
+    );
+    assert!(
+        std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+        "readers disagree"
+    );
     // Flip one byte of the first stored chunk: both readers must refuse.
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[10] ^= 1;
     std::fs::write(&blob, &bytes).unwrap();
-    let py = std::process::Command::new("python3").arg(script).arg(&blob).arg("--export").arg(&theirs).output().unwrap();
-    assert!(!py.status.success() && String::from_utf8_lossy(&py.stderr).contains("digest mismatch"));
-    let rs = lazyblk().args(["layer", "export"]).arg(&blob).arg("-o").arg(&ours).output().unwrap();
+    let py = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&blob)
+        .arg("--export")
+        .arg(&theirs)
+        .output()
+        .unwrap();
+    assert!(
+        !py.status.success() && String::from_utf8_lossy(&py.stderr).contains("digest mismatch")
+    );
+    let rs = lazyblk()
+        .args(["layer", "export"])
+        .arg(&blob)
+        .arg("-o")
+        .arg(&ours)
+        .output()
+        .unwrap();
     assert!(!rs.status.success());
-    assert!(String::from_utf8_lossy(&rs.stderr).contains("digest mismatch"), "{}", String::from_utf8_lossy(&rs.stderr));
+    assert!(
+        String::from_utf8_lossy(&rs.stderr).contains("digest mismatch"),
+        "{}",
+        String::from_utf8_lossy(&rs.stderr)
+    );
 }

@@ -114,7 +114,7 @@ type DigestSlot = std::sync::Arc<std::sync::Mutex<Option<([u8; 32], u64)>>>;
 pub struct LayerStream {
     /// How the input was compressed.
     pub compression: Compression,
-    tar: DigestReader<Box<dyn Read + Send>>,
+    tar: DigestReader<ReadAhead>,
     raw: DigestSlot,
 }
 
@@ -158,7 +158,7 @@ impl LayerStream {
         };
         Ok(LayerStream {
             compression,
-            tar: DigestReader::new(decoded),
+            tar: DigestReader::new(ReadAhead::spawn(decoded)?),
             raw: slot,
         })
     }
@@ -168,7 +168,8 @@ impl LayerStream {
     pub fn finish(mut self) -> io::Result<([u8; 32], u64, [u8; 32], u64)> {
         io::copy(&mut self.tar, &mut io::sink())?;
         let (diff_id, tar_bytes) = self.tar.finish();
-        // Dropping the decoder drops the tap, which publishes the compressed digest.
+        // The decoder thread has been joined and has dropped the decoder and with it the tap, which
+        // published the compressed digest.
         let (digest, raw_bytes) = self
             .raw
             .lock()
@@ -187,6 +188,101 @@ impl LayerStream {
 impl Read for LayerStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.tar.read(buf)
+    }
+}
+
+/// Reads `inner` on its own thread, one buffer ahead, so decompression (and the compressed-stream
+/// digest) overlaps with tar parsing and the diff-ID digest on the caller's thread.
+pub struct ReadAhead {
+    rx: Option<crossbeam_channel::Receiver<io::Result<Vec<u8>>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const READ_AHEAD_BUF: usize = 1 << 20;
+const READ_AHEAD_DEPTH: usize = 4;
+
+impl ReadAhead {
+    /// Starts the reading thread.
+    pub fn spawn(mut inner: Box<dyn Read + Send>) -> io::Result<ReadAhead> {
+        let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("lazyblk-decode".into())
+            .spawn(move || loop {
+                let mut buf = vec![0u8; READ_AHEAD_BUF];
+                let mut n = 0;
+                let res = loop {
+                    match inner.read(&mut buf[n..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(k) => {
+                            n += k;
+                            if n == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(n);
+                let last = n == 0 || res.is_err();
+                let msg = match res {
+                    Ok(()) => Ok(buf),
+                    Err(e) => Err(e),
+                };
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            })?;
+        Ok(ReadAhead {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.done {
+                return Ok(0);
+            }
+            let rx = self.rx.as_ref().expect("receiver lives until drop");
+            match rx.recv() {
+                Ok(Ok(buf)) if buf.is_empty() => self.done = true,
+                Ok(Ok(buf)) => {
+                    self.cur = buf;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other("decoder thread stopped"));
+                }
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Closing the channel first makes a thread blocked on a full channel give up.
+        self.rx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -139,7 +139,10 @@ pub const ANNOTATION_PREFIX: &str = "containerd.io/snapshot/lazyblk/";
 
 /// The descriptor annotations a reader needs to open the blob without extra round trips
 /// (see docs/format.md).
-pub fn annotations(input: &InputSummary, blob: &BlobInfo) -> std::collections::BTreeMap<String, String> {
+pub fn annotations(
+    input: &InputSummary,
+    blob: &BlobInfo,
+) -> std::collections::BTreeMap<String, String> {
     [
         ("version", "1".to_string()),
         ("index-offset", blob.index_offset.to_string()),
