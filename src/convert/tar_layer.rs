@@ -62,12 +62,10 @@ pub fn apply_tar<S: BlockSink, R: Read>(
                 offset: reader.position(),
                 what: "file data",
             }),
-            Ext4Error::Io(source) if source.kind() != std::io::ErrorKind::Other => {
-                TarError::Stream(TarStreamError::Io {
-                    offset: reader.position(),
-                    source,
-                })
-            }
+            Ext4Error::Source(source) => TarError::Stream(TarStreamError::Io {
+                offset: reader.position(),
+                source,
+            }),
             source => TarError::Entry {
                 entry: i,
                 name: String::from_utf8_lossy(&name).into_owned(),

@@ -100,7 +100,7 @@ impl<S: BlockSink> Ext4Builder<S> {
                     got: size - remaining,
                     size,
                 },
-                _ => Ext4Error::Io(e),
+                _ => Ext4Error::Source(e),
             })?;
             let nblk = want.div_ceil(BLOCK_SIZE);
             self.buf[want..nblk * BLOCK_SIZE].fill(0);

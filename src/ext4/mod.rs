@@ -70,6 +70,9 @@ pub enum Ext4Error {
         /// Why.
         reason: String,
     },
+    /// Reading file data from the layer failed.
+    #[error("reading file data: {0}")]
+    Source(io::Error),
     /// File data ended early.
     #[error("{path}: data ends after {got} of {size} bytes")]
     Truncated {

@@ -15,6 +15,9 @@ pub const ROOT: NodeId = 0;
 /// Longest name ext4 stores in a directory entry.
 pub const MAX_NAME_LEN: usize = 255;
 
+/// Most hard links ext4 allows to one file.
+pub const MAX_LINKS: u32 = 65000;
+
 /// A timestamp with nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timestamp {
@@ -224,6 +227,12 @@ impl Tree {
             Some(&existing) if existing == target_id => return Ok(target_id),
             Some(_) => self.unlink(parent, name),
             None => {}
+        }
+        if self.nodes[target_id].links >= MAX_LINKS {
+            return Err(Ext4Error::Path {
+                path: display(path),
+                reason: format!("more than {MAX_LINKS} hard links to {}", display(target)),
+            });
         }
         self.nodes[target_id].links += 1;
         self.children_mut(parent).insert(name.clone(), target_id);
