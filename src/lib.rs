@@ -11,5 +11,7 @@ pub mod blobfile;
 pub mod cli;
 pub mod convert;
 pub mod ext4;
+pub mod fetch;
+pub mod nbd;
 
 pub use lazyblk_image_format as format;

@@ -1,6 +1,7 @@
 //! The `lazyblk` command line.
 
 mod layer;
+pub mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,6 +22,8 @@ enum Command {
     /// Work with single layers: convert, export, inspect.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
+    /// Serve a layer (file, URL or registry blob) read-only over NBD, fetching lazily.
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the command line; the binary's `main` calls this.
@@ -34,5 +37,6 @@ pub fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Layer(c) => layer::run(c),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -403,7 +403,8 @@ fn check_checksum(h: &[u8; BLOCK], offset: u64) -> Result<(), TarStreamError> {
         unsigned += b as u64;
         signed += b as i8 as i64;
     }
-    if stored != unsigned && stored as i64 != signed {
+    // Under the fuzzer a wrong checksum would stop almost every input at the first header.
+    if stored != unsigned && stored as i64 != signed && !cfg!(fuzzing) {
         return Err(bad(
             offset,
             &format!("checksum mismatch (stored {stored}, computed {unsigned}); not a tar stream?"),

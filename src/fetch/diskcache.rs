@@ -1,0 +1,194 @@
+//! A persistent, content-addressed cache of stored chunks, shared by every layer on a node.
+//!
+//! Files are named by the SHA-256 of the stored (compressed) chunk bytes, so identical chunks of
+//! different layers and images are fetched once. Writes go to a temporary file renamed into place; every
+//! read re-verifies the digest, so a torn or corrupted file is deleted and refetched, never served. The
+//! total size is bounded; the least recently used files are evicted.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use lazyblk_image_format::{sha256, Digest};
+use lru::LruCache;
+
+/// The cache directory and its accounting.
+pub struct DiskCache {
+    dir: PathBuf,
+    max_bytes: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    lru: LruCache<Digest, u64>,
+    total: u64,
+}
+
+impl DiskCache {
+    /// Opens (creating, mode 0700) a cache under `dir` bounded to `max_bytes`. Leftover temporary files
+    /// of a crashed writer are removed; existing entries are adopted oldest first.
+    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskCache> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let mut entries = Vec::new();
+        for sub in fs::read_dir(dir)? {
+            let sub = sub?;
+            if !sub.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(sub.path())? {
+                let f = f?;
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    let _ = fs::remove_file(f.path());
+                    continue;
+                }
+                let mut d = [0u8; 32];
+                if name.len() != 64 || hex::decode_to_slice(&name, &mut d).is_err() {
+                    continue;
+                }
+                let md = f.metadata()?;
+                entries.push((md.mtime(), d, md.len()));
+            }
+        }
+        entries.sort();
+        let mut state = State {
+            lru: LruCache::unbounded(),
+            total: 0,
+        };
+        for (_, d, len) in entries {
+            state.lru.put(d, len);
+            state.total += len;
+        }
+        let cache = DiskCache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(state),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    fn path(&self, d: &Digest) -> PathBuf {
+        let h = hex::encode(d);
+        self.dir.join(&h[..2]).join(h)
+    }
+
+    /// Bytes currently cached.
+    pub fn total_bytes(&self) -> u64 {
+        self.state.lock().expect("cache lock").total
+    }
+
+    /// True if `d` is cached (without reading it).
+    pub fn contains(&self, d: &Digest) -> bool {
+        self.state.lock().expect("cache lock").lru.contains(d)
+    }
+
+    /// The stored bytes with digest `d`, verified; `None` if absent or damaged (damaged files are removed).
+    pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
+        if !self.state.lock().expect("cache lock").lru.contains(d) {
+            return None;
+        }
+        let path = self.path(d);
+        match fs::read(&path) {
+            Ok(data) if &sha256(&data) == d => {
+                self.state.lock().expect("cache lock").lru.get(d);
+                Some(data)
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "disk cache entry does not match its digest; removed");
+                self.forget(d);
+                let _ = fs::remove_file(&path);
+                None
+            }
+            Err(_) => {
+                self.forget(d);
+                None
+            }
+        }
+    }
+
+    /// Stores `data`, whose SHA-256 the caller has verified to be `d`.
+    pub fn put(&self, d: &Digest, data: &[u8]) -> io::Result<()> {
+        if self.contains(d) {
+            return Ok(());
+        }
+        let path = self.path(d);
+        fs::create_dir_all(path.parent().expect("fanout dir"))?;
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+        }
+        fs::rename(&tmp, &path)?;
+        {
+            let mut s = self.state.lock().expect("cache lock");
+            if s.lru.put(*d, data.len() as u64).is_none() {
+                s.total += data.len() as u64;
+            }
+        }
+        self.evict();
+        Ok(())
+    }
+
+    fn forget(&self, d: &Digest) {
+        let mut s = self.state.lock().expect("cache lock");
+        if let Some(len) = s.lru.pop(d) {
+            s.total -= len;
+        }
+    }
+
+    fn evict(&self) {
+        loop {
+            let victim = {
+                let mut s = self.state.lock().expect("cache lock");
+                if s.total <= self.max_bytes {
+                    return;
+                }
+                match s.lru.pop_lru() {
+                    Some((d, len)) => {
+                        s.total -= len;
+                        d
+                    }
+                    None => return,
+                }
+            };
+            let _ = fs::remove_file(self.path(&victim));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_evicts_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 250).unwrap();
+        let a = vec![1u8; 100];
+        let b = vec![2u8; 100];
+        let e = vec![3u8; 100];
+        c.put(&sha256(&a), &a).unwrap();
+        c.put(&sha256(&b), &b).unwrap();
+        assert_eq!(c.get(&sha256(&a)).unwrap(), a); // a is now most recent
+        c.put(&sha256(&e), &e).unwrap(); // evicts b
+        assert!(c.get(&sha256(&b)).is_none());
+        assert_eq!(c.total_bytes(), 200);
+        // Torn/corrupted file: detected and removed, never returned.
+        let p = c.path(&sha256(&a));
+        fs::write(&p, &a[..50]).unwrap();
+        assert!(c.get(&sha256(&a)).is_none());
+        assert!(!p.exists());
+        // Leftover temp file from a crash is cleaned; entries are adopted on reopen.
+        fs::write(c.path(&sha256(&e)).with_extension("9.tmp"), b"junk").unwrap();
+        drop(c);
+        let c = DiskCache::open(dir.path(), 250).unwrap();
+        assert_eq!(c.get(&sha256(&e)).unwrap(), e);
+        assert_eq!(c.total_bytes(), 100);
+    }
+}

@@ -1,0 +1,687 @@
+//! The fetch engine: plan → single-flight → coalesced range fetch → verify → decompress → cache.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use lazyblk_image_format::{
+    decode_chunk, sha256, ChunkKind, Digest, Footer, Index, IndexLimits, PlanOptions, RangeFetch,
+    FOOTER_LEN,
+};
+use lru::LruCache;
+use tokio::sync::{watch, Semaphore};
+
+use super::diskcache::DiskCache;
+use super::metrics::Metrics;
+use super::remote::{FetchError, RangeReader};
+use super::{BlockSource, BoxFuture, ReadError};
+
+/// Tuning of an engine.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Memory cache of decompressed chunks, in bytes.
+    pub mem_cache_bytes: u64,
+    /// Node-wide persistent cache of stored chunks.
+    pub disk_cache: Option<Arc<DiskCache>>,
+    /// A read that cannot be served within this time fails with EIO.
+    pub read_deadline: Duration,
+    /// Range requests in flight at once, per layer.
+    pub max_parallel_fetches: usize,
+    /// Coalescing of neighbouring chunks into one request.
+    pub plan: PlanOptions,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+    /// First retry delay (doubles each attempt, with jitter).
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            mem_cache_bytes: 256 << 20,
+            disk_cache: None,
+            read_deadline: Duration::from_secs(30),
+            max_parallel_fetches: 8,
+            plan: PlanOptions::default(),
+            readahead_chunks: 16,
+            retry_base: Duration::from_millis(50),
+            retry_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where the index is and which digest to trust for it.
+#[derive(Debug, Clone)]
+pub enum IndexLocation {
+    /// From the OCI descriptor annotations: one exact range request, checked against the annotation.
+    Known {
+        /// Offset in the blob.
+        offset: u64,
+        /// Length.
+        length: u64,
+        /// Trusted SHA-256.
+        digest: Digest,
+    },
+    /// Only the blob: read the footer with one suffix request. `trusted` (e.g. `--index-digest`) is
+    /// checked if given, else the footer's own digest (detects corruption, not substitution).
+    Footer {
+        /// Trusted index digest, if known.
+        trusted: Option<Digest>,
+    },
+}
+
+type ChunkResult = Option<Result<Bytes, String>>;
+
+/// A layer's virtual disk, served lazily from a [`RangeReader`].
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    remote: Arc<dyn RangeReader>,
+    index: Index,
+    opts: EngineOptions,
+    mem: Mutex<LruCache<u64, Bytes>>,
+    inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
+    fetch_slots: Semaphore,
+    foreground: AtomicUsize,
+    last_end: AtomicU64,
+    cached: Mutex<Vec<bool>>,
+    zeros: Bytes,
+    metrics: Arc<Metrics>,
+}
+
+/// Calls `f` with retries (exponential backoff with jitter) until it succeeds, fails permanently, or the
+/// deadline passes. Returns the last error otherwise.
+pub async fn with_retries<T, F, Fut>(
+    opts: &EngineOptions,
+    metrics: &Metrics,
+    deadline: Instant,
+    mut f: F,
+) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut attempt: u32 = 0;
+    loop {
+        let res = match tokio::time::timeout_at(deadline.into(), f()).await {
+            Ok(r) => r,
+            Err(_) => Err(FetchError::permanent("deadline", "deadline exceeded")),
+        };
+        let err = match res {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        metrics.error(err.kind);
+        if !err.retryable {
+            return Err(err);
+        }
+        let exp = opts
+            .retry_base
+            .saturating_mul(1 << attempt.min(16))
+            .min(opts.retry_max);
+        let delay = exp.mul_f64(0.5 + 0.5 * jitter());
+        if Instant::now() + delay >= deadline {
+            return Err(FetchError::permanent(
+                err.kind,
+                format!(
+                    "{} (gave up after {} attempts: deadline)",
+                    err.message,
+                    attempt + 1
+                ),
+            ));
+        }
+        metrics.fetch_retries.fetch_add(1, Relaxed);
+        tracing::debug!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying");
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+/// A cheap pseudo-random number in `[0, 1)` for retry jitter.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Engine {
+    /// Opens a layer: fetches and verifies its index.
+    pub async fn open(
+        remote: Arc<dyn RangeReader>,
+        location: IndexLocation,
+        opts: EngineOptions,
+    ) -> Result<Engine, FetchError> {
+        let metrics = Arc::new(Metrics::default());
+        let deadline = Instant::now() + opts.read_deadline;
+        let limits = IndexLimits::default();
+        let bad = |e: lazyblk_image_format::FormatError| {
+            FetchError::permanent("format", format!("{}: {e}", remote.describe()))
+        };
+        let index = match location {
+            IndexLocation::Known {
+                offset,
+                length,
+                digest,
+            } => {
+                if length > limits.max_index_len {
+                    return Err(bad(lazyblk_image_format::FormatError::IndexTooLarge {
+                        len: length,
+                        limit: limits.max_index_len,
+                    }));
+                }
+                let end = offset
+                    .checked_add(length)
+                    .ok_or_else(|| FetchError::permanent("format", "index range overflows"))?;
+                let bytes =
+                    with_retries(&opts, &metrics, deadline, || remote.read_range(offset..end))
+                        .await?;
+                metrics.fetches.fetch_add(1, Relaxed);
+                metrics.fetched_bytes.fetch_add(bytes.len() as u64, Relaxed);
+                let idx = Index::parse_verified(&bytes, &digest, limits).map_err(bad)?;
+                idx.check_data_end(offset).map_err(bad)?;
+                idx
+            }
+            IndexLocation::Footer { trusted } => {
+                let size = with_retries(&opts, &metrics, deadline, || remote.size()).await?;
+                if size < FOOTER_LEN as u64 {
+                    return Err(FetchError::permanent(
+                        "format",
+                        format!(
+                            "{}: {size} bytes is too small for a blob",
+                            remote.describe()
+                        ),
+                    ));
+                }
+                // One suffix request that usually holds the index too.
+                let tail_len = size.min(256 << 10);
+                let tail = with_retries(&opts, &metrics, deadline, || {
+                    remote.read_range(size - tail_len..size)
+                })
+                .await?;
+                metrics.fetches.fetch_add(1, Relaxed);
+                metrics.fetched_bytes.fetch_add(tail.len() as u64, Relaxed);
+                let footer =
+                    Footer::parse(&tail[tail.len() - FOOTER_LEN..], Some(size)).map_err(bad)?;
+                if footer.index_length > limits.max_index_len {
+                    return Err(bad(lazyblk_image_format::FormatError::IndexTooLarge {
+                        len: footer.index_length,
+                        limit: limits.max_index_len,
+                    }));
+                }
+                let ib = if footer.index_offset >= size - tail_len {
+                    let at = (footer.index_offset - (size - tail_len)) as usize;
+                    tail.slice(at..at + footer.index_length as usize)
+                } else {
+                    let r = footer.index_offset..footer.index_offset + footer.index_length;
+                    metrics.fetches.fetch_add(1, Relaxed);
+                    with_retries(&opts, &metrics, deadline, || remote.read_range(r.clone())).await?
+                };
+                if trusted.is_none() {
+                    tracing::warn!(source = %remote.describe(), "index checked against the blob's own footer only; pass the descriptor's index digest to chain it to a manifest");
+                }
+                let idx = Index::parse_verified(
+                    &ib,
+                    trusted.as_ref().unwrap_or(&footer.index_digest),
+                    limits,
+                )
+                .map_err(bad)?;
+                idx.check_data_end(footer.index_offset).map_err(bad)?;
+                idx
+            }
+        };
+        Ok(Engine::from_index(remote, index, opts, metrics))
+    }
+
+    /// An engine over an already verified index.
+    pub fn from_index(
+        remote: Arc<dyn RangeReader>,
+        index: Index,
+        opts: EngineOptions,
+        metrics: Arc<Metrics>,
+    ) -> Engine {
+        let chunk = index.chunk_size();
+        let cap = (opts.mem_cache_bytes / chunk).max(4) as usize;
+        let stored = index
+            .entries()
+            .iter()
+            .filter(|e| e.kind != ChunkKind::Zero)
+            .count() as u64;
+        metrics.fill_total.store(stored, Relaxed);
+        let mut cached = vec![false; index.chunk_count() as usize];
+        if let Some(dc) = &opts.disk_cache {
+            for (i, e) in index.entries().iter().enumerate() {
+                if e.kind != ChunkKind::Zero && dc.contains(&e.digest) {
+                    cached[i] = true;
+                    metrics.fill_done.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        Engine {
+            inner: Arc::new(Inner {
+                name: remote.describe(),
+                remote,
+                zeros: Bytes::from(vec![0u8; chunk as usize]),
+                index,
+                mem: Mutex::new(LruCache::new(
+                    std::num::NonZeroUsize::new(cap).expect("cap >= 4"),
+                )),
+                inflight: Mutex::new(HashMap::new()),
+                fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
+                foreground: AtomicUsize::new(0),
+                last_end: AtomicU64::new(u64::MAX),
+                cached: Mutex::new(cached),
+                opts,
+                metrics,
+            }),
+        }
+    }
+
+    /// The layer's index.
+    pub fn index(&self) -> &Index {
+        &self.inner.index
+    }
+
+    /// The layer's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// The source, for logs.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Reads `len` bytes at `offset` of the virtual disk.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, ReadError> {
+        let started = Instant::now();
+        let inner = &self.inner;
+        inner.metrics.reads.fetch_add(1, Relaxed);
+        let res = self.read_inner(offset, len).await;
+        inner.metrics.read_latency.observe(started.elapsed());
+        match &res {
+            Ok(b) => {
+                inner.metrics.read_bytes.fetch_add(b.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                inner.metrics.read_errors.fetch_add(1, Relaxed);
+                tracing::error!(layer = %inner.name, offset, len, error = %e, "read failed; returning EIO");
+            }
+        }
+        res
+    }
+
+    async fn read_inner(&self, offset: u64, len: usize) -> Result<Bytes, ReadError> {
+        let inner = &self.inner;
+        let idx = &inner.index;
+        let chunks = idx
+            .chunks_for(offset, len as u64)
+            .map_err(|_| ReadError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: idx.image_size(),
+            })?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        // Sequential reader: fetch ahead.
+        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
+        if prev_end == offset && inner.opts.readahead_chunks > 0 {
+            let from = chunks.end;
+            let to = (from + inner.opts.readahead_chunks).min(idx.chunk_count());
+            if from < to {
+                self.spawn_prefetch(from..to);
+            }
+        }
+        inner.foreground.fetch_add(1, Relaxed);
+        let _guard = Decrement(&inner.foreground);
+        let deadline = Instant::now() + inner.opts.read_deadline;
+        let parts = match tokio::time::timeout_at(
+            deadline.into(),
+            self.get_chunks(chunks.clone(), deadline, true),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|(chunk, cause)| ReadError::Fetch {
+                offset,
+                chunk,
+                cause,
+            })?,
+            Err(_) => {
+                return Err(ReadError::Fetch {
+                    offset,
+                    chunk: chunks.start,
+                    cause: format!("deadline of {:?} exceeded", inner.opts.read_deadline),
+                })
+            }
+        };
+        let first_off = idx.chunk_offset(chunks.start);
+        let start = (offset - first_off) as usize;
+        if parts.len() == 1 {
+            return Ok(parts[0].slice(start..start + len));
+        }
+        let mut out = BytesMut::with_capacity(len);
+        let mut skip = start;
+        for p in &parts {
+            let take = (p.len() - skip).min(len - out.len());
+            out.extend_from_slice(&p[skip..skip + take]);
+            skip = 0;
+        }
+        Ok(out.freeze())
+    }
+
+    fn spawn_prefetch(&self, chunks: std::ops::Range<u64>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + me.inner.opts.read_deadline;
+            let _ = me.get_chunks(chunks, deadline, true).await;
+        });
+    }
+
+    /// The decompressed contents of `chunks`, in order. Chunks already being fetched are awaited, not
+    /// fetched again; the rest are fetched together by a spawned task (so a reader that gives up does
+    /// not cancel a fetch others wait for).
+    async fn get_chunks(
+        &self,
+        chunks: std::ops::Range<u64>,
+        deadline: Instant,
+        to_memory: bool,
+    ) -> Result<Vec<Bytes>, (u64, String)> {
+        let inner = &self.inner;
+        let n = (chunks.end - chunks.start) as usize;
+        let mut out: Vec<Option<Bytes>> = vec![None; n];
+        let mut waits: Vec<(usize, u64, watch::Receiver<ChunkResult>)> = Vec::new();
+        let mut lead: Vec<(u64, watch::Sender<ChunkResult>)> = Vec::new();
+        {
+            let mut mem = inner.mem.lock().expect("mem lock");
+            let mut inflight = inner.inflight.lock().expect("inflight lock");
+            for (i, c) in chunks.clone().enumerate() {
+                let e = inner.index.entry(c);
+                if e.kind == ChunkKind::Zero {
+                    out[i] = Some(inner.zeros.slice(..inner.index.chunk_len(c) as usize));
+                    continue;
+                }
+                if let Some(b) = mem.get(&c) {
+                    inner.metrics.mem_hits.fetch_add(1, Relaxed);
+                    out[i] = Some(b.clone());
+                    continue;
+                }
+                inner.metrics.mem_misses.fetch_add(1, Relaxed);
+                if let Some(rx) = inflight.get(&c) {
+                    waits.push((i, c, rx.clone()));
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(c, rx.clone());
+                waits.push((i, c, rx));
+                lead.push((c, tx));
+            }
+        }
+        if !lead.is_empty() {
+            let me = self.clone();
+            tokio::spawn(async move { me.fetch_chunks(lead, deadline, to_memory).await });
+        }
+        for (i, c, mut rx) in waits {
+            let r = rx.wait_for(|v| v.is_some()).await;
+            match r.as_deref() {
+                Ok(Some(Ok(b))) => out[i] = Some(b.clone()),
+                Ok(Some(Err(e))) => return Err((c, e.clone())),
+                _ => return Err((c, "fetch task ended without a result".into())),
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|b| b.expect("every chunk resolved"))
+            .collect())
+    }
+
+    /// Resolves `lead` chunks: disk cache first, then coalesced range fetches.
+    async fn fetch_chunks(
+        &self,
+        lead: Vec<(u64, watch::Sender<ChunkResult>)>,
+        deadline: Instant,
+        to_memory: bool,
+    ) {
+        let inner = &self.inner;
+        let mut senders: HashMap<u64, watch::Sender<ChunkResult>> = lead.into_iter().collect();
+        // Disk cache.
+        if let Some(dc) = inner.opts.disk_cache.clone() {
+            let wanted: Vec<(u64, Digest)> = senders
+                .keys()
+                .map(|&c| (c, inner.index.entry(c).digest))
+                .collect();
+            let found = tokio::task::spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .filter_map(|(c, d)| dc.get(&d).map(|b| (c, b)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for (c, stored) in found {
+                match self.decode(c, &stored) {
+                    Ok(b) => {
+                        inner.metrics.disk_hits.fetch_add(1, Relaxed);
+                        self.finish(c, Ok(b), senders.remove(&c), to_memory);
+                    }
+                    Err(e) => {
+                        tracing::warn!(layer = %inner.name, chunk = c, error = %e, "disk cache entry undecodable; refetching")
+                    }
+                }
+            }
+            inner
+                .metrics
+                .disk_misses
+                .fetch_add(senders.len() as u64, Relaxed);
+        }
+        if senders.is_empty() {
+            return;
+        }
+        let plan = inner
+            .index
+            .plan_chunks(senders.keys().copied(), inner.opts.plan);
+        let fetches = plan.fetches.into_iter().map(|f| {
+            let me = self.clone();
+            async move {
+                let res = me.fetch_range(&f, deadline).await;
+                (f, res)
+            }
+        });
+        for (f, res) in futures::future::join_all(fetches).await {
+            match res {
+                Ok(decoded) => {
+                    for (c, b) in decoded {
+                        self.finish(c, Ok(b), senders.remove(&c), to_memory);
+                    }
+                }
+                Err(e) => {
+                    for c in &f.chunks {
+                        self.finish(*c, Err(e.clone()), senders.remove(c), to_memory);
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        c: u64,
+        r: Result<Bytes, String>,
+        tx: Option<watch::Sender<ChunkResult>>,
+        to_memory: bool,
+    ) {
+        let inner = &self.inner;
+        if let Ok(b) = &r {
+            if to_memory {
+                inner.mem.lock().expect("mem lock").put(c, b.clone());
+            }
+        }
+        inner.inflight.lock().expect("inflight lock").remove(&c);
+        if let Some(tx) = tx {
+            let _ = tx.send(Some(r));
+        }
+    }
+
+    fn decode(&self, c: u64, stored: &[u8]) -> Result<Bytes, lazyblk_image_format::FormatError> {
+        let idx = &self.inner.index;
+        let mut buf = vec![0u8; idx.chunk_len(c) as usize];
+        decode_chunk(c, idx.entry(c), stored, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// One coalesced range: fetched, every chunk verified and decoded; retried (corrupt bytes included)
+    /// until the deadline.
+    async fn fetch_range(
+        &self,
+        f: &RangeFetch,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        let inner = &self.inner;
+        let res = with_retries(&inner.opts, &inner.metrics, deadline, || async {
+            let _slot = inner.fetch_slots.acquire().await.expect("semaphore never closed");
+            inner.metrics.inflight_fetches.fetch_add(1, Relaxed);
+            let r = inner.remote.read_range(f.blob_range.clone()).await;
+            inner.metrics.inflight_fetches.fetch_sub(1, Relaxed);
+            inner.metrics.fetches.fetch_add(1, Relaxed);
+            let bytes = r?;
+            inner.metrics.fetched_bytes.fetch_add(bytes.len() as u64, Relaxed);
+            let mut decoded = Vec::with_capacity(f.chunks.len());
+            for &c in &f.chunks {
+                let e = inner.index.entry(c);
+                let at = (e.offset - f.blob_range.start) as usize;
+                let stored = &bytes[at..at + e.stored_len as usize];
+                match self.decode(c, stored) {
+                    Ok(b) => decoded.push((c, b, bytes.slice(at..at + e.stored_len as usize))),
+                    Err(err) => {
+                        inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+                        tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
+                        return Err(FetchError::transient("corrupt", format!("{}: {err}", inner.remote.describe())));
+                    }
+                }
+            }
+            Ok(decoded)
+        })
+        .await
+        .map_err(|e| e.message)?;
+        let mut out = Vec::with_capacity(res.len());
+        let mut to_disk = Vec::new();
+        {
+            let mut cached = inner.cached.lock().expect("cached lock");
+            for (c, b, stored) in res {
+                if !cached[c as usize] {
+                    cached[c as usize] = true;
+                    inner.metrics.fill_done.fetch_add(1, Relaxed);
+                }
+                if inner.opts.disk_cache.is_some() {
+                    to_disk.push((inner.index.entry(c).digest, stored));
+                }
+                out.push((c, b));
+            }
+        }
+        if let Some(dc) = inner.opts.disk_cache.clone() {
+            let name = inner.name.clone();
+            tokio::task::spawn_blocking(move || {
+                for (d, stored) in to_disk {
+                    debug_assert_eq!(sha256(&stored), d);
+                    if let Err(e) = dc.put(&d, &stored) {
+                        tracing::warn!(layer = %name, error = %e, "disk cache write failed");
+                    }
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Fetches every stored chunk not cached yet, in blob order, a few MiB at a time, at most
+    /// `bytes_per_sec` (if set), pausing whenever a foreground read is running. Returns when the layer
+    /// is fully cached (or a fetch fails for good).
+    pub async fn background_fill(&self, bytes_per_sec: Option<u64>) -> Result<(), String> {
+        let inner = &self.inner;
+        let mut order: Vec<u64> = (0..inner.index.chunk_count())
+            .filter(|&c| inner.index.entry(c).kind != ChunkKind::Zero)
+            .collect();
+        order.sort_by_key(|&c| inner.index.entry(c).offset);
+        let batch_bytes: u64 = 4 << 20;
+        let mut i = 0;
+        while i < order.len() {
+            // Foreground reads always win.
+            while inner.foreground.load(Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            while i < order.len() && bytes < batch_bytes {
+                let c = order[i];
+                i += 1;
+                if inner.cached.lock().expect("cached lock")[c as usize] {
+                    continue;
+                }
+                bytes += inner.index.entry(c).stored_len as u64;
+                batch.push(c);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let deadline = Instant::now() + inner.opts.read_deadline;
+            // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks).
+            let to_memory = inner.opts.disk_cache.is_none();
+            for run in contiguous_runs(&batch) {
+                self.get_chunks(run, deadline, to_memory)
+                    .await
+                    .map_err(|(c, e)| format!("chunk {c}: {e}"))?;
+            }
+            if let Some(rate) = bytes_per_sec.filter(|&r| r > 0) {
+                let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+                if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(rest).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits sorted chunk numbers into runs of consecutive numbers.
+fn contiguous_runs(chunks: &[u64]) -> Vec<std::ops::Range<u64>> {
+    let mut sorted = chunks.to_vec();
+    sorted.sort_unstable();
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for c in sorted {
+        match runs.last_mut() {
+            Some(r) if r.end == c => r.end = c + 1,
+            _ => runs.push(c..c + 1),
+        }
+    }
+    runs
+}
+
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl BlockSource for Engine {
+    fn size(&self) -> u64 {
+        self.inner.index.image_size()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, ReadError>> {
+        Box::pin(self.read(offset, len))
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        if let Ok(chunks) = self.inner.index.chunks_for(offset, len) {
+            self.spawn_prefetch(chunks);
+        }
+    }
+}

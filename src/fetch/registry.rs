@@ -1,0 +1,608 @@
+//! OCI distribution client for blob range reads: references, the `WWW-Authenticate` token flow, basic
+//! auth, docker `config.json` and credential helpers, containerd `hosts.toml` mirrors, and redirects to
+//! object storage (the redirect target is cached and reused until it stops working).
+//!
+//! Written on reqwest rather than a full OCI crate: the data path needs exactly one call (ranged GET of a
+//! blob) with control over redirects, retries and what is logged; the push side lives next to it.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::{StatusCode, Url};
+
+use super::remote::{classify, content_length, ranged_body, redact, FetchError, RangeReader};
+use super::BoxFuture;
+
+/// `registry/repository@sha256:digest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    /// Registry host, with port if any (`docker.io` becomes `registry-1.docker.io`).
+    pub registry: String,
+    /// Repository path.
+    pub repository: String,
+    /// `sha256:...`.
+    pub digest: String,
+}
+
+impl BlobRef {
+    /// Parses `host[:port]/repo[/...]@sha256:<hex>`. A first component without `.` or `:` (and not
+    /// `localhost`) means Docker Hub, like docker and containerd.
+    pub fn parse(s: &str) -> Result<BlobRef, String> {
+        let (name, digest) = s
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: expected NAME@sha256:DIGEST"))?;
+        lazyblk_image_format::parse_digest(digest).map_err(|e| e.to_string())?;
+        let (first, rest) = name.split_once('/').unwrap_or(("", name));
+        let (registry, repository) = if !first.is_empty()
+            && (first.contains('.') || first.contains(':') || first == "localhost")
+        {
+            (first.to_string(), rest.to_string())
+        } else if first.is_empty() {
+            (
+                "registry-1.docker.io".to_string(),
+                format!("library/{rest}"),
+            )
+        } else {
+            ("registry-1.docker.io".to_string(), name.to_string())
+        };
+        if repository.is_empty()
+            || !repository
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b))
+        {
+            return Err(format!("{s:?}: invalid repository name {repository:?}"));
+        }
+        Ok(BlobRef {
+            registry,
+            repository,
+            digest: digest.to_string(),
+        })
+    }
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Use plain HTTP for the registry (only for registries you mark insecure).
+    pub plain_http: bool,
+    /// containerd-style `certs.d` directory with `<host>/hosts.toml` (mirrors, per-host scheme).
+    pub hosts_dir: Option<PathBuf>,
+    /// Docker config file (default: `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+}
+
+/// Username and password (or token) for a registry. Never logged.
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <redacted>)", self.username)
+    }
+}
+
+/// Looks up credentials for `registry` in a docker config file: `credHelpers`, then `auths`, then
+/// `credsStore`.
+pub fn docker_credentials(registry: &str, config: Option<&Path>) -> Option<Credentials> {
+    let path = match config {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("DOCKER_CONFIG") {
+            Some(d) => PathBuf::from(d).join("config.json"),
+            None => PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json"),
+        },
+    };
+    let text = std::fs::read_to_string(&path).ok()?;
+    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let keys: Vec<String> = if registry == "registry-1.docker.io" {
+        vec![
+            "https://index.docker.io/v1/".into(),
+            "docker.io".into(),
+            "index.docker.io".into(),
+            registry.into(),
+        ]
+    } else {
+        vec![
+            registry.to_string(),
+            format!("https://{registry}"),
+            format!("http://{registry}"),
+        ]
+    };
+    if let Some(helper) = keys.iter().find_map(|k| cfg["credHelpers"][k].as_str()) {
+        return run_credential_helper(helper, &keys[0]);
+    }
+    for k in &keys {
+        if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(auth)
+                .ok()?;
+            let s = String::from_utf8(decoded).ok()?;
+            let (u, p) = s.split_once(':')?;
+            return Some(Credentials {
+                username: u.to_string(),
+                password: p.to_string(),
+            });
+        }
+    }
+    let store = cfg["credsStore"].as_str()?;
+    run_credential_helper(store, &keys[0])
+}
+
+fn run_credential_helper(helper: &str, server: &str) -> Option<Credentials> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(format!("docker-credential-{helper}"))
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| tracing::warn!(helper, error = %e, "credential helper not runnable"))
+        .ok()?;
+    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
+    let out = child.wait_with_output().ok()?;
+    if !out.status.success() {
+        tracing::warn!(helper, server, "credential helper found no credentials");
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(Credentials {
+        username: v["Username"].as_str()?.to_string(),
+        password: v["Secret"].as_str()?.to_string(),
+    })
+}
+
+/// One place a blob can be fetched from: a mirror or the registry itself.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `scheme://host[:port]` (plus an optional path prefix).
+    pub base: Url,
+    /// Mirrors get `?ns=<registry>` like containerd sends.
+    pub mirror: bool,
+}
+
+/// The endpoints for `registry`: `hosts.toml` mirrors with the `pull` capability first, then the server.
+pub fn endpoints(registry: &str, opts: &RegistryOptions) -> Result<Vec<Endpoint>, String> {
+    let default_scheme = if opts.plain_http { "http" } else { "https" };
+    let origin = |s: &str| Url::parse(s).map_err(|e| format!("bad registry URL {s:?}: {e}"));
+    if let Some(dir) = &opts.hosts_dir {
+        let file = dir.join(registry).join("hosts.toml");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let v: toml::Value =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mut out = Vec::new();
+            if let Some(hosts) = v.get("host").and_then(|h| h.as_table()) {
+                for (url, h) in hosts {
+                    let caps: Vec<&str> = h
+                        .get("capabilities")
+                        .and_then(|c| c.as_array())
+                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                        .unwrap_or_else(|| vec!["pull", "resolve"]);
+                    if caps.contains(&"pull") {
+                        out.push(Endpoint {
+                            base: origin(url)?,
+                            mirror: true,
+                        });
+                    }
+                }
+            }
+            let server = v
+                .get("server")
+                .and_then(|s| s.as_str())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("{default_scheme}://{registry}"));
+            out.push(Endpoint {
+                base: origin(&server)?,
+                mirror: false,
+            });
+            return Ok(out);
+        }
+    }
+    Ok(vec![Endpoint {
+        base: origin(&format!("{default_scheme}://{registry}"))?,
+        mirror: false,
+    }])
+}
+
+/// Authorization state for one registry + repository.
+#[derive(Default)]
+struct AuthState {
+    header: Option<HeaderValue>,
+}
+
+/// Ranged reads of one blob from a registry.
+pub struct RegistryBlob {
+    client: reqwest::Client,
+    blob: BlobRef,
+    endpoints: Vec<Endpoint>,
+    creds: Option<Credentials>,
+    auth: tokio::sync::Mutex<AuthState>,
+    redirect: Mutex<Option<Url>>,
+}
+
+impl RegistryBlob {
+    /// A reader for `blob`. `client` must not follow redirects (see [`registry_client`]).
+    pub fn new(
+        client: reqwest::Client,
+        blob: BlobRef,
+        opts: &RegistryOptions,
+    ) -> Result<RegistryBlob, String> {
+        let endpoints = endpoints(&blob.registry, opts)?;
+        let creds = docker_credentials(&blob.registry, opts.docker_config.as_deref());
+        Ok(RegistryBlob {
+            client,
+            blob,
+            endpoints,
+            creds,
+            auth: tokio::sync::Mutex::new(AuthState::default()),
+            redirect: Mutex::new(None),
+        })
+    }
+
+    fn blob_url(&self, ep: &Endpoint) -> Url {
+        let mut u = ep.base.clone();
+        let path = format!(
+            "{}/v2/{}/blobs/{}",
+            u.path().trim_end_matches('/'),
+            self.blob.repository,
+            self.blob.digest
+        );
+        u.set_path(&path);
+        if ep.mirror {
+            u.query_pairs_mut().append_pair("ns", &self.blob.registry);
+        }
+        u
+    }
+
+    /// Sends `method` for the blob with `range`, handling 401 challenges and redirects.
+    async fn send(
+        &self,
+        head: bool,
+        range: Option<&Range<u64>>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let with_range = |rb: reqwest::RequestBuilder| match range {
+            Some(r) => rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1)),
+            None => rb,
+        };
+        // A cached object-store URL first (no registry credentials go there).
+        let cached = self.redirect.lock().expect("redirect lock").clone();
+        if let Some(url) = cached.filter(|_| !head) {
+            match with_range(self.client.get(url.clone())).send().await {
+                Ok(r) if r.status().is_success() => return Ok(r),
+                Ok(r) => {
+                    tracing::debug!(status = %r.status(), url = %redact(&url), "cached redirect target refused; asking the registry again");
+                    *self.redirect.lock().expect("redirect lock") = None;
+                }
+                Err(e) => return Err(classify(e, &redact(&url))),
+            }
+        }
+        let mut last = None;
+        for ep in &self.endpoints {
+            match self.send_to(ep, head, range).await {
+                Ok(r) => return Ok(r),
+                Err(e) if ep.mirror => {
+                    tracing::debug!(mirror = %ep.base, error = %e, "mirror failed, trying the next endpoint");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| FetchError::permanent("config", "no endpoints")))
+    }
+
+    async fn send_to(
+        &self,
+        ep: &Endpoint,
+        head: bool,
+        range: Option<&Range<u64>>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let url = self.blob_url(ep);
+        let what = redact(&url);
+        let mut tried_auth = false;
+        loop {
+            let mut rb = if head {
+                self.client.head(url.clone())
+            } else {
+                self.client.get(url.clone())
+            };
+            if let Some(r) = range {
+                rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+            }
+            if let Some(h) = self.auth.lock().await.header.clone() {
+                rb = rb.header(AUTHORIZATION, h);
+            }
+            let resp = rb.send().await.map_err(|e| classify(e, &what))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !tried_auth {
+                tried_auth = true;
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                self.authenticate(&challenge, &what).await?;
+                continue;
+            }
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(FetchError::permanent(
+                    "auth",
+                    format!("{what}: HTTP {status} (check credentials)"),
+                ));
+            }
+            if status.is_redirection() {
+                let loc = resp
+                    .headers()
+                    .get(LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        FetchError::permanent(
+                            "http_4xx",
+                            format!("{what}: redirect without Location"),
+                        )
+                    })?;
+                let target = url.join(loc).map_err(|e| {
+                    FetchError::permanent("http_4xx", format!("{what}: bad redirect: {e}"))
+                })?;
+                let tw = redact(&target);
+                let mut rb = if head {
+                    self.client.head(target.clone())
+                } else {
+                    self.client.get(target.clone())
+                };
+                if let Some(r) = range {
+                    rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
+                }
+                let resp = rb.send().await.map_err(|e| classify(e, &tw))?;
+                if resp.status().is_success() && !head {
+                    *self.redirect.lock().expect("redirect lock") = Some(target);
+                }
+                return Ok(resp);
+            }
+            return Ok(resp);
+        }
+    }
+
+    /// Answers a `WWW-Authenticate` challenge: a bearer token from the realm (with basic credentials if
+    /// we have them), or basic auth directly.
+    async fn authenticate(&self, challenge: &str, what: &str) -> Result<(), FetchError> {
+        let (scheme, params) = parse_challenge(challenge);
+        let mut auth = self.auth.lock().await;
+        if scheme.eq_ignore_ascii_case("basic") {
+            let c = self.creds.as_ref().ok_or_else(|| {
+                FetchError::permanent(
+                    "auth",
+                    format!("{what}: registry wants basic auth and no credentials are configured"),
+                )
+            })?;
+            auth.header = Some(basic_header(c));
+            return Ok(());
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(FetchError::permanent(
+                "auth",
+                format!("{what}: unsupported auth challenge {scheme:?}"),
+            ));
+        }
+        let realm = params
+            .iter()
+            .find(|(k, _)| k == "realm")
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                FetchError::permanent("auth", format!("{what}: bearer challenge without realm"))
+            })?;
+        let mut url = Url::parse(&realm)
+            .map_err(|e| FetchError::permanent("auth", format!("{what}: bad realm: {e}")))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some((_, s)) = params.iter().find(|(k, _)| k == "service") {
+                q.append_pair("service", s);
+            }
+            let scope = params
+                .iter()
+                .find(|(k, _)| k == "scope")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| format!("repository:{}:pull", self.blob.repository));
+            q.append_pair("scope", &scope);
+        }
+        let mut rb = self.client.get(url.clone());
+        if let Some(c) = &self.creds {
+            rb = rb.header(AUTHORIZATION, basic_header(c));
+        }
+        let resp = rb.send().await.map_err(|e| classify(e, "token endpoint"))?;
+        if !resp.status().is_success() {
+            return Err(FetchError {
+                message: format!("token endpoint {}: HTTP {}", redact(&url), resp.status()),
+                retryable: resp.status().is_server_error(),
+                kind: "auth",
+            });
+        }
+        let v: serde_json::Value = resp.json().await.map_err(|e| {
+            FetchError::transient(
+                "auth",
+                format!("token endpoint: bad response: {}", e.without_url()),
+            )
+        })?;
+        let token = v["token"]
+            .as_str()
+            .or_else(|| v["access_token"].as_str())
+            .ok_or_else(|| FetchError::permanent("auth", "token endpoint: no token in response"))?;
+        let mut h = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            FetchError::permanent("auth", "token endpoint: token is not a valid header value")
+        })?;
+        h.set_sensitive(true);
+        auth.header = Some(h);
+        Ok(())
+    }
+}
+
+fn basic_header(c: &Credentials) -> HeaderValue {
+    let raw =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
+    let mut h =
+        HeaderValue::from_str(&format!("Basic {raw}")).expect("base64 is a valid header value");
+    h.set_sensitive(true);
+    h
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."`.
+pub fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
+    let s = s.trim();
+    let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+    let mut params = Vec::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((k, after)) = rest.split_once('=') else {
+            break;
+        };
+        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (v, tail) = if let Some(q) = after.strip_prefix('"') {
+            match q.find('"') {
+                Some(end) => (q[..end].to_string(), &q[end + 1..]),
+                None => (q.to_string(), ""),
+            }
+        } else {
+            match after.find(',') {
+                Some(end) => (after[..end].trim().to_string(), &after[end..]),
+                None => (after.trim().to_string(), ""),
+            }
+        };
+        params.push((k, v));
+        rest = tail.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+    }
+    (scheme.to_string(), params)
+}
+
+/// An HTTP client for registries: no automatic redirects (they are handled and cached here), HTTP/2
+/// when offered, bounded connect time.
+pub fn registry_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .user_agent(concat!("lazyblk/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("reqwest client with rustls")
+}
+
+impl RangeReader for RegistryBlob {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(async move {
+            let resp = self.send(false, Some(&range)).await?;
+            ranged_body(resp, &range, &self.describe()).await
+        })
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>> {
+        Box::pin(async move {
+            let resp = self.send(true, None).await?;
+            if !resp.status().is_success() {
+                return Err(FetchError {
+                    message: format!("{}: HTTP {} for HEAD", self.describe(), resp.status()),
+                    retryable: resp.status().is_server_error(),
+                    kind: if resp.status().is_server_error() {
+                        "http_5xx"
+                    } else {
+                        "http_4xx"
+                    },
+                });
+            }
+            content_length(&resp).ok_or_else(|| {
+                FetchError::permanent(
+                    "http_4xx",
+                    format!("{}: no Content-Length", self.describe()),
+                )
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}/{}@{}",
+            self.blob.registry, self.blob.repository, self.blob.digest
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = BlobRef::parse(&format!("127.0.0.1:5000/team/app@{d}")).unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("127.0.0.1:5000", "team/app")
+        );
+        let r = BlobRef::parse(&format!("busybox@{d}")).unwrap();
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("registry-1.docker.io", "library/busybox")
+        );
+        let r = BlobRef::parse(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!(r.registry, "localhost");
+        assert!(BlobRef::parse("host/x@sha256:zz").is_err());
+        assert!(BlobRef::parse(&format!("host.io/UPPER@{d}")).is_err());
+        assert!(BlobRef::parse("host.io/x").is_err());
+    }
+
+    #[test]
+    fn challenges() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(s, "Bearer");
+        assert_eq!(p[0], ("realm".into(), "https://auth.example/token".into()));
+        assert_eq!(p[2], ("scope".into(), "repository:a/b:pull,push".into()));
+        let (s, p) = parse_challenge(r#"Basic realm="Registry Realm""#);
+        assert_eq!((s.as_str(), p.len()), ("Basic", 1));
+    }
+
+    #[test]
+    fn docker_config_and_hosts_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.json");
+        let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+        std::fs::write(
+            &cfg,
+            format!(r#"{{"auths":{{"reg.example:5000":{{"auth":"{auth}"}}}}}}"#),
+        )
+        .unwrap();
+        let c = docker_credentials("reg.example:5000", Some(&cfg)).unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("alice", "s3cret")
+        );
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "credentials must not print"
+        );
+        assert!(docker_credentials("other.example", Some(&cfg)).is_none());
+        std::fs::create_dir_all(dir.path().join("reg.example:5000")).unwrap();
+        std::fs::write(
+            dir.path().join("reg.example:5000/hosts.toml"),
+            "server = \"http://reg.example:5000\"\n[host.\"http://127.0.0.1:6000\"]\ncapabilities = [\"pull\", \"resolve\"]\n[host.\"http://127.0.0.1:7000\"]\ncapabilities = [\"resolve\"]\n",
+        )
+        .unwrap();
+        let opts = RegistryOptions {
+            hosts_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let eps = endpoints("reg.example:5000", &opts).unwrap();
+        assert_eq!(eps.len(), 2);
+        assert!(eps[0].mirror && eps[0].base.as_str().starts_with("http://127.0.0.1:6000"));
+        assert_eq!(eps[1].base.scheme(), "http");
+        let plain = endpoints("x.example", &RegistryOptions::default()).unwrap();
+        assert_eq!(plain[0].base.scheme(), "https");
+    }
+}

@@ -1,0 +1,230 @@
+//! Where stored chunk bytes come from: a local blob file or HTTP range requests.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::BoxFuture;
+
+/// A failed range fetch. `retryable` says whether trying again may help (network errors, 5xx,
+/// truncated bodies) or not (404, auth refused, bad request).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchError {
+    /// Human-readable cause, including the URL or path and the range.
+    pub message: String,
+    /// Whether a retry may succeed.
+    pub retryable: bool,
+    /// A short label for metrics (`network`, `http_5xx`, `truncated`, `http_4xx`, `auth`, `io`).
+    pub kind: &'static str,
+}
+
+impl FetchError {
+    /// A retryable error.
+    pub fn transient(kind: &'static str, message: impl Into<String>) -> Self {
+        FetchError {
+            message: message.into(),
+            retryable: true,
+            kind,
+        }
+    }
+    /// A permanent error.
+    pub fn permanent(kind: &'static str, message: impl Into<String>) -> Self {
+        FetchError {
+            message: message.into(),
+            retryable: false,
+            kind,
+        }
+    }
+}
+
+/// Byte-range access to a blob.
+pub trait RangeReader: Send + Sync + 'static {
+    /// Fetches exactly `range` (an error if fewer bytes arrive).
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>>;
+    /// Total blob size.
+    fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>>;
+    /// What this is, for logs (never contains credentials).
+    fn describe(&self) -> String;
+}
+
+/// A blob in a local file.
+pub struct FileRange {
+    path: std::path::PathBuf,
+    file: Arc<std::fs::File>,
+}
+
+impl FileRange {
+    /// Opens `path`.
+    pub fn open(path: &std::path::Path) -> std::io::Result<FileRange> {
+        Ok(FileRange {
+            path: path.to_path_buf(),
+            file: Arc::new(std::fs::File::open(path)?),
+        })
+    }
+}
+
+impl RangeReader for FileRange {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        let file = self.file.clone();
+        let path = self.path.display().to_string();
+        Box::pin(async move {
+            let len = (range.end - range.start) as usize;
+            tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; len];
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, range.start)
+                    .map(|_| Bytes::from(buf))
+                    .map_err(|e| {
+                        FetchError::permanent("io", format!("{path}: reading {range:?}: {e}"))
+                    })
+            })
+            .await
+            .map_err(|e| FetchError::permanent("io", e.to_string()))?
+        })
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>> {
+        let r = self.file.metadata().map(|m| m.len());
+        let path = self.path.display().to_string();
+        Box::pin(async move { r.map_err(|e| FetchError::permanent("io", format!("{path}: {e}"))) })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Classifies a reqwest error.
+pub fn classify(e: reqwest::Error, what: &str) -> FetchError {
+    // Never print the URL's query string: presigned object-store URLs carry credentials there.
+    let e = e.without_url();
+    FetchError::transient("network", format!("{what}: {e}"))
+}
+
+/// Reads a ranged response body, checking status and length.
+pub async fn ranged_body(
+    resp: reqwest::Response,
+    range: &Range<u64>,
+    what: &str,
+) -> Result<Bytes, FetchError> {
+    let status = resp.status();
+    let want = range.end - range.start;
+    if status == reqwest::StatusCode::PARTIAL_CONTENT {
+        let body = resp.bytes().await.map_err(|e| {
+            FetchError::transient(
+                "truncated",
+                format!("{what}: reading body of {range:?}: {}", e.without_url()),
+            )
+        })?;
+        if body.len() as u64 != want {
+            return Err(FetchError::transient(
+                "truncated",
+                format!(
+                    "{what}: range {range:?}: got {} of {want} bytes",
+                    body.len()
+                ),
+            ));
+        }
+        return Ok(body);
+    }
+    if status == reqwest::StatusCode::OK {
+        // A server that ignores Range: only acceptable if the whole blob is what we asked for.
+        return Err(FetchError::permanent(
+            "http_no_range",
+            format!("{what}: server ignored the Range header (200 instead of 206)"),
+        ));
+    }
+    let kind = if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        "http_5xx"
+    } else {
+        "http_4xx"
+    };
+    let retryable = kind == "http_5xx" || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+    Err(FetchError {
+        message: format!("{what}: HTTP {status} for range {range:?}"),
+        retryable,
+        kind,
+    })
+}
+
+/// A blob at a plain `http(s)://` URL.
+pub struct HttpRange {
+    client: reqwest::Client,
+    url: reqwest::Url,
+}
+
+impl HttpRange {
+    /// A reader for `url`.
+    pub fn new(client: reqwest::Client, url: reqwest::Url) -> HttpRange {
+        HttpRange { client, url }
+    }
+}
+
+/// The URL without query string or credentials, for logs.
+pub fn redact(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
+}
+
+impl RangeReader for HttpRange {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(async move {
+            let what = redact(&self.url);
+            let resp = self
+                .client
+                .get(self.url.clone())
+                .header(
+                    reqwest::header::RANGE,
+                    format!("bytes={}-{}", range.start, range.end - 1),
+                )
+                .send()
+                .await
+                .map_err(|e| classify(e, &what))?;
+            ranged_body(resp, &range, &what).await
+        })
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>> {
+        Box::pin(async move {
+            let what = redact(&self.url);
+            let resp = self
+                .client
+                .head(self.url.clone())
+                .send()
+                .await
+                .map_err(|e| classify(e, &what))?;
+            if !resp.status().is_success() {
+                return Err(FetchError {
+                    message: format!("{what}: HTTP {} for HEAD", resp.status()),
+                    retryable: resp.status().is_server_error(),
+                    kind: if resp.status().is_server_error() {
+                        "http_5xx"
+                    } else {
+                        "http_4xx"
+                    },
+                });
+            }
+            content_length(&resp).ok_or_else(|| {
+                FetchError::permanent("http_4xx", format!("{what}: no Content-Length"))
+            })
+        })
+    }
+
+    fn describe(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+/// The Content-Length header of a response (reqwest's `content_length` is 0 for HEAD).
+pub fn content_length(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}

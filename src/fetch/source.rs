@@ -1,0 +1,67 @@
+//! Opening a layer source by name: a blob file, an `http(s)://` URL, or `REGISTRY/REPO@sha256:...`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use lazyblk_image_format::Digest;
+
+use super::engine::{Engine, EngineOptions, IndexLocation};
+use super::registry::{registry_client, BlobRef, RegistryBlob, RegistryOptions};
+use super::remote::{FetchError, FileRange, HttpRange, RangeReader};
+
+/// How to open a source.
+#[derive(Clone, Default)]
+pub struct SourceOptions {
+    /// Registry access (plain HTTP, hosts.toml, docker config).
+    pub registry: RegistryOptions,
+    /// Index location from the descriptor annotations (offset, length, digest), if known.
+    pub index: Option<(u64, u64, Digest)>,
+    /// Trusted index digest when only the blob is known.
+    pub trusted_index_digest: Option<Digest>,
+    /// Engine tuning.
+    pub engine: EngineOptions,
+}
+
+/// The range reader for `spec`.
+pub fn range_reader(spec: &str, opts: &SourceOptions) -> Result<Arc<dyn RangeReader>, FetchError> {
+    if spec.starts_with("http://") || spec.starts_with("https://") {
+        let url = reqwest::Url::parse(spec)
+            .map_err(|e| FetchError::permanent("config", format!("bad URL: {e}")))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| FetchError::permanent("config", e.to_string()))?;
+        return Ok(Arc::new(HttpRange::new(client, url)));
+    }
+    if Path::new(spec).exists() {
+        let f = FileRange::open(Path::new(spec))
+            .map_err(|e| FetchError::permanent("io", format!("{spec}: {e}")))?;
+        return Ok(Arc::new(f));
+    }
+    if spec.contains('@') {
+        let blob = BlobRef::parse(spec).map_err(|e| FetchError::permanent("config", e))?;
+        let r = RegistryBlob::new(registry_client(), blob, &opts.registry)
+            .map_err(|e| FetchError::permanent("config", e))?;
+        return Ok(Arc::new(r));
+    }
+    Err(FetchError::permanent(
+        "config",
+        format!("{spec:?} is neither a file, an http(s) URL nor REGISTRY/REPO@sha256:DIGEST"),
+    ))
+}
+
+/// Opens `spec` and its index.
+pub async fn open_source(spec: &str, opts: &SourceOptions) -> Result<Engine, FetchError> {
+    let remote = range_reader(spec, opts)?;
+    let location = match opts.index {
+        Some((offset, length, digest)) => IndexLocation::Known {
+            offset,
+            length,
+            digest,
+        },
+        None => IndexLocation::Footer {
+            trusted: opts.trusted_index_digest,
+        },
+    };
+    Engine::open(remote, location, opts.engine.clone()).await
+}
