@@ -532,6 +532,67 @@ impl RangeReader for RegistryBlob {
     }
 }
 
+/// Uploads `data` as a blob of `repository` at `base` (`http(s)://host[:port]`) with a monolithic upload,
+/// unless the registry already has it. Returns the blob's `sha256:` digest. (Anonymous push; the image
+/// converter builds on this with auth, chunked uploads and cross-repository mounts.)
+pub async fn push_blob(
+    client: &reqwest::Client,
+    base: &Url,
+    repository: &str,
+    data: Bytes,
+) -> Result<String, FetchError> {
+    let digest = lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(&data));
+    let head = base
+        .join(&format!("/v2/{repository}/blobs/{digest}"))
+        .map_err(|e| FetchError::permanent("config", e.to_string()))?;
+    let what = redact(&head);
+    let r = client
+        .head(head.clone())
+        .send()
+        .await
+        .map_err(|e| classify(e, &what))?;
+    if r.status().is_success() {
+        return Ok(digest);
+    }
+    let start = base
+        .join(&format!("/v2/{repository}/blobs/uploads/"))
+        .map_err(|e| FetchError::permanent("config", e.to_string()))?;
+    let r = client
+        .post(start.clone())
+        .send()
+        .await
+        .map_err(|e| classify(e, &what))?;
+    if r.status() != StatusCode::ACCEPTED {
+        return Err(FetchError::permanent(
+            "http_4xx",
+            format!("{}: upload start: HTTP {}", redact(&start), r.status()),
+        ));
+    }
+    let loc = r
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| FetchError::permanent("http_4xx", "upload start: no Location"))?;
+    let mut put = start
+        .join(loc)
+        .map_err(|e| FetchError::permanent("http_4xx", e.to_string()))?;
+    put.query_pairs_mut().append_pair("digest", &digest);
+    let r = client
+        .put(put.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .map_err(|e| classify(e, &what))?;
+    if r.status() != StatusCode::CREATED {
+        return Err(FetchError::permanent(
+            "http_4xx",
+            format!("{}: upload: HTTP {}", redact(&put), r.status()),
+        ));
+    }
+    Ok(digest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: running the binary, loop mounts, e2fsck, tree snapshots.
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod layer;
+pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
