@@ -49,6 +49,9 @@ pub struct SourceArgs {
     /// Parallel range requests per layer.
     #[arg(long, default_value_t = 8)]
     pub parallel_fetches: usize,
+    /// Largest readahead window for sequential readers, in chunks (0 disables readahead).
+    #[arg(long, default_value_t = 32)]
+    pub readahead_chunks: u64,
     /// Fetch the whole layer in the background after start (foreground reads take priority).
     #[arg(long)]
     pub fill: bool,
@@ -93,6 +96,7 @@ impl SourceArgs {
                 disk_cache,
                 read_deadline: Duration::from_secs_f64(self.read_deadline),
                 max_parallel_fetches: self.parallel_fetches,
+                readahead_chunks: self.readahead_chunks,
                 ..EngineOptions::default()
             },
         })

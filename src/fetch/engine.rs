@@ -31,7 +31,9 @@ pub struct EngineOptions {
     pub max_parallel_fetches: usize,
     /// Coalescing of neighbouring chunks into one request.
     pub plan: PlanOptions,
-    /// Chunks fetched ahead of a sequential reader.
+    /// Largest readahead window, in chunks. A miss right after the previous chunk (a sequential
+    /// reader, whatever its request size or connection) extends the fetch by a window that starts at 4
+    /// chunks and doubles up to this; a random miss fetches only what was asked.
     pub readahead_chunks: u64,
     /// First retry delay (doubles each attempt, with jitter).
     pub retry_base: Duration,
@@ -47,7 +49,7 @@ impl Default for EngineOptions {
             read_deadline: Duration::from_secs(30),
             max_parallel_fetches: 8,
             plan: PlanOptions::default(),
-            readahead_chunks: 16,
+            readahead_chunks: 32,
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
         }
@@ -92,6 +94,7 @@ struct Inner {
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
     last_end: AtomicU64,
+    ra_window: AtomicU64,
     cached: Mutex<Vec<bool>>,
     zeros: Bytes,
     metrics: Arc<Metrics>,
@@ -278,6 +281,7 @@ impl Engine {
                 fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
                 foreground: AtomicUsize::new(0),
                 last_end: AtomicU64::new(u64::MAX),
+                ra_window: AtomicU64::new(0),
                 cached: Mutex::new(cached),
                 opts,
                 metrics,
@@ -423,6 +427,32 @@ impl Engine {
                 inflight.insert(c, rx.clone());
                 waits.push((i, c, rx));
                 lead.push((c, tx));
+            }
+            // Sequential miss (the chunk before the first miss is cached or on its way): fetch a growing
+            // window after the last one in the same requests.
+            if let (Some(&(first, _)), Some(&(last, _))) = (lead.first(), lead.last()) {
+                let max = inner.opts.readahead_chunks;
+                let sequential = first > 0
+                    && (mem.contains(&(first - 1)) || inflight.contains_key(&(first - 1)));
+                let window = if sequential && max > 0 {
+                    let w = inner.ra_window.load(Relaxed).clamp(4, max);
+                    inner.ra_window.store((w * 2).min(max), Relaxed);
+                    w
+                } else {
+                    inner.ra_window.store(0, Relaxed);
+                    0
+                };
+                for c in last + 1..(last + 1 + window).min(inner.index.chunk_count()) {
+                    if inner.index.entry(c).kind == ChunkKind::Zero
+                        || mem.contains(&c)
+                        || inflight.contains_key(&c)
+                    {
+                        continue;
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(c, rx);
+                    lead.push((c, tx));
+                }
             }
         }
         if !lead.is_empty() {
