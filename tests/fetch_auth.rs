@@ -1,0 +1,200 @@
+//! Registry auth and redirects against a mock registry (Debian's docker-registry cannot run a token
+//! service or redirect to object storage here): the WWW-Authenticate bearer flow with credentials from a
+//! docker config, a 307 to "object storage" that is cached and reused, and no registry credentials ever
+//! sent to the object store.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use common::layer::{LayerTar, DEF};
+use common::*;
+use lazyblk::fetch::registry::RegistryOptions;
+use lazyblk::fetch::{open_source, SourceOptions};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+#[derive(Default)]
+struct Counters {
+    token: AtomicU64,
+    token_denied: AtomicU64,
+    registry: AtomicU64,
+    unauthorized: AtomicU64,
+    object: AtomicU64,
+    leaked_auth: AtomicU64,
+}
+
+async fn mock(blob: Arc<Vec<u8>>, digest: String, counters: Arc<Counters>) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let a2 = addr.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = l.accept().await.unwrap();
+            let (blob, digest, c, addr) =
+                (blob.clone(), digest.clone(), counters.clone(), a2.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap().to_string();
+                    let path = parts.next().unwrap().to_string();
+                    let (mut auth, mut range) = (String::new(), None::<(u64, u64)>);
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).await.unwrap();
+                        if h == "\r\n" {
+                            break;
+                        }
+                        let (k, v) = h.split_once(':').unwrap();
+                        let v = v.trim().to_string();
+                        match k.to_ascii_lowercase().as_str() {
+                            "authorization" => auth = v,
+                            "range" => {
+                                let (a, b) =
+                                    v.trim_start_matches("bytes=").split_once('-').unwrap();
+                                range = Some((a.parse().unwrap(), b.parse().unwrap()));
+                            }
+                            _ => {}
+                        }
+                    }
+                    let s = r.get_mut();
+                    let basic = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+                    );
+                    let resp: Vec<u8> = if path.starts_with("/token") {
+                        if auth == basic && path.contains("scope=repository%3Ateam%2Fapp%3Apull") {
+                            c.token.fetch_add(1, Relaxed);
+                            let body = r#"{"token":"tok-123"}"#;
+                            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+                        } else {
+                            c.token_denied.fetch_add(1, Relaxed);
+                            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_vec()
+                        }
+                    } else if path == format!("/v2/team/app/blobs/{digest}") {
+                        c.registry.fetch_add(1, Relaxed);
+                        if auth != "Bearer tok-123" {
+                            c.unauthorized.fetch_add(1, Relaxed);
+                            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"mock\",scope=\"repository:team/app:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes()
+                        } else {
+                            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /object/blob?X-Signature=SECRET\r\nContent-Length: 0\r\n\r\n".to_vec()
+                        }
+                    } else if path == "/object/blob?X-Signature=SECRET" {
+                        c.object.fetch_add(1, Relaxed);
+                        if !auth.is_empty() {
+                            c.leaked_auth.fetch_add(1, Relaxed);
+                        }
+                        if method == "HEAD" {
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len())
+                                .into_bytes()
+                        } else {
+                            let (a, b) = range.unwrap();
+                            let mut v = format!(
+                                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
+                                b + 1 - a
+                            )
+                            .into_bytes();
+                            v.extend_from_slice(&blob[a as usize..=b as usize]);
+                            v
+                        }
+                    } else {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+                    };
+                    if s.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_and_cached_redirects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    t.file("f", DEF, &b"content ".repeat(400_000));
+    let tar = dir.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob_path = dir.path().join("l.blob");
+    let summary = convert(&tar, &blob_path);
+    let raw_path = dir.path().join("l.img");
+    run_ok(
+        lazyblk()
+            .args(["layer", "export"])
+            .arg(&blob_path)
+            .arg("-o")
+            .arg(&raw_path),
+    );
+    let blob = Arc::new(std::fs::read(&blob_path).unwrap());
+    let raw = std::fs::read(&raw_path).unwrap();
+    let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
+    let counters = Arc::new(Counters::default());
+    let addr = mock(blob, digest.clone(), counters.clone()).await;
+
+    // Without credentials the token endpoint refuses: a clear, permanent error.
+    let empty_cfg = dir.path().join("empty.json");
+    std::fs::write(&empty_cfg, "{}").unwrap();
+    let mut opts = SourceOptions::default();
+    opts.registry = RegistryOptions {
+        plain_http: true,
+        docker_config: Some(empty_cfg),
+        ..Default::default()
+    };
+    let err = open_source(&format!("{addr}/team/app@{digest}"), &opts)
+        .await
+        .err()
+        .expect("must fail without credentials");
+    assert!(
+        err.message.contains("token endpoint") && err.message.contains("401"),
+        "{}",
+        err.message
+    );
+
+    // With credentials in a docker config.
+    let cfg = dir.path().join("config.json");
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{addr}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    opts.registry.docker_config = Some(cfg);
+    let e = open_source(&format!("{addr}/team/app@{digest}"), &opts)
+        .await
+        .unwrap();
+    let size = e.index().image_size();
+    let mut got = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(300_000);
+        got.extend_from_slice(&e.read(off, n as usize).await.unwrap());
+        off += n;
+    }
+    assert!(got == raw);
+    let c = &counters;
+    assert_eq!(c.token.load(Relaxed), 1, "one token for the whole session");
+    assert_eq!(
+        c.leaked_auth.load(Relaxed),
+        0,
+        "registry credentials must never reach object storage"
+    );
+    let registry_hits = c.registry.load(Relaxed);
+    let object_hits = c.object.load(Relaxed);
+    assert!(
+        object_hits > 3,
+        "data must come from the redirect target ({object_hits})"
+    );
+    // HEAD (401 + retry) and the first GET go to the registry; later reads reuse the cached target.
+    assert!(
+        registry_hits <= 4,
+        "redirect target not reused: {registry_hits} registry requests"
+    );
+}
