@@ -142,10 +142,12 @@ async fn bearer_token_flow_and_cached_redirects() {
     // Without credentials the token endpoint refuses: a clear, permanent error.
     let empty_cfg = dir.path().join("empty.json");
     std::fs::write(&empty_cfg, "{}").unwrap();
-    let mut opts = SourceOptions::default();
-    opts.registry = RegistryOptions {
-        plain_http: true,
-        docker_config: Some(empty_cfg),
+    let mut opts = SourceOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            docker_config: Some(empty_cfg),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let err = open_source(&format!("{addr}/team/app@{digest}"), &opts)
