@@ -211,116 +211,84 @@ pub fn endpoints(registry: &str, opts: &RegistryOptions) -> Result<Vec<Endpoint>
     }])
 }
 
-/// Authorization state for one registry + repository.
-#[derive(Default)]
-struct AuthState {
-    header: Option<HeaderValue>,
-}
-
-/// Ranged reads of one blob from a registry.
-pub struct RegistryBlob {
+/// An authenticated client for one repository of one registry: endpoints (mirrors for pulls), the
+/// `WWW-Authenticate` flow, credentials. Used by blob reads and by image conversion (manifests, pushes).
+pub struct RepoClient {
     client: reqwest::Client,
-    blob: BlobRef,
+    /// Registry host.
+    pub registry: String,
+    /// Repository path.
+    pub repository: String,
     endpoints: Vec<Endpoint>,
     creds: Option<Credentials>,
-    auth: tokio::sync::Mutex<AuthState>,
-    redirect: Mutex<Option<Url>>,
+    push: bool,
+    auth: tokio::sync::Mutex<Option<HeaderValue>>,
 }
 
-impl RegistryBlob {
-    /// A reader for `blob`. `client` must not follow redirects (see [`registry_client`]).
+impl RepoClient {
+    /// A client for `registry/repository`; `push` asks tokens for `pull,push` and skips mirrors.
     pub fn new(
         client: reqwest::Client,
-        blob: BlobRef,
+        registry: &str,
+        repository: &str,
         opts: &RegistryOptions,
-    ) -> Result<RegistryBlob, String> {
-        let endpoints = endpoints(&blob.registry, opts)?;
-        let creds = docker_credentials(&blob.registry, opts.docker_config.as_deref());
-        Ok(RegistryBlob {
+        push: bool,
+    ) -> Result<RepoClient, String> {
+        Ok(RepoClient {
             client,
-            blob,
-            endpoints,
-            creds,
-            auth: tokio::sync::Mutex::new(AuthState::default()),
-            redirect: Mutex::new(None),
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            endpoints: endpoints(registry, opts)?,
+            creds: docker_credentials(registry, opts.docker_config.as_deref()),
+            push,
+            auth: tokio::sync::Mutex::new(None),
         })
     }
 
-    fn blob_url(&self, ep: &Endpoint) -> Url {
+    /// The HTTP client (no automatic redirects).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `<endpoint>/v2/<repository>/<path>` (mirrors get `?ns=`).
+    pub fn url(&self, ep: &Endpoint, path: &str) -> Url {
         let mut u = ep.base.clone();
-        let path = format!(
-            "{}/v2/{}/blobs/{}",
+        let full = format!(
+            "{}/v2/{}/{}",
             u.path().trim_end_matches('/'),
-            self.blob.repository,
-            self.blob.digest
+            self.repository,
+            path
         );
-        u.set_path(&path);
+        u.set_path(&full);
         if ep.mirror {
-            u.query_pairs_mut().append_pair("ns", &self.blob.registry);
+            u.query_pairs_mut().append_pair("ns", &self.registry);
         }
         u
     }
 
-    /// Sends `method` for the blob with `range`, handling 401 challenges and redirects.
-    async fn send(
-        &self,
-        head: bool,
-        range: Option<&Range<u64>>,
-    ) -> Result<reqwest::Response, FetchError> {
-        let with_range = |rb: reqwest::RequestBuilder| match range {
-            Some(r) => rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1)),
-            None => rb,
-        };
-        // A cached object-store URL first (no registry credentials go there).
-        let cached = self.redirect.lock().expect("redirect lock").clone();
-        if let Some(url) = cached.filter(|_| !head) {
-            match with_range(self.client.get(url.clone())).send().await {
-                Ok(r) if r.status().is_success() => return Ok(r),
-                Ok(r) => {
-                    tracing::debug!(status = %r.status(), url = %redact(&url), "cached redirect target refused; asking the registry again");
-                    *self.redirect.lock().expect("redirect lock") = None;
-                }
-                Err(e) => return Err(classify(e, &redact(&url))),
-            }
-        }
-        let mut last = None;
-        for ep in &self.endpoints {
-            match self.send_to(ep, head, range).await {
-                Ok(r) => return Ok(r),
-                Err(e) if ep.mirror => {
-                    tracing::debug!(mirror = %ep.base, error = %e, "mirror failed, trying the next endpoint");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| FetchError::permanent("config", "no endpoints")))
+    /// The registry itself (not a mirror).
+    pub fn origin(&self) -> &Endpoint {
+        self.endpoints
+            .iter()
+            .find(|e| !e.mirror)
+            .expect("endpoints always end with the server")
     }
 
-    async fn send_to(
+    /// Sends a request built by `build` for `url`, answering one 401 challenge.
+    pub async fn send_url(
         &self,
-        ep: &Endpoint,
-        head: bool,
-        range: Option<&Range<u64>>,
+        url: &Url,
+        build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
     ) -> Result<reqwest::Response, FetchError> {
-        let url = self.blob_url(ep);
-        let what = redact(&url);
+        let what = redact(url);
         let mut tried_auth = false;
         loop {
-            let mut rb = if head {
-                self.client.head(url.clone())
-            } else {
-                self.client.get(url.clone())
-            };
-            if let Some(r) = range {
-                rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
-            }
-            if let Some(h) = self.auth.lock().await.header.clone() {
+            let mut rb = build(&self.client, url.clone());
+            if let Some(h) = self.auth.lock().await.clone() {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let resp = rb.send().await.map_err(|e| classify(e, &what))?;
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !tried_auth {
+            if resp.status() == StatusCode::UNAUTHORIZED && !tried_auth {
                 tried_auth = true;
                 let challenge = resp
                     .headers()
@@ -331,43 +299,41 @@ impl RegistryBlob {
                 self.authenticate(&challenge, &what).await?;
                 continue;
             }
-            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
                 return Err(FetchError::permanent(
                     "auth",
-                    format!("{what}: HTTP {status} (check credentials)"),
+                    format!("{what}: HTTP {} (check credentials)", resp.status()),
                 ));
-            }
-            if status.is_redirection() {
-                let loc = resp
-                    .headers()
-                    .get(LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| {
-                        FetchError::permanent(
-                            "http_4xx",
-                            format!("{what}: redirect without Location"),
-                        )
-                    })?;
-                let target = url.join(loc).map_err(|e| {
-                    FetchError::permanent("http_4xx", format!("{what}: bad redirect: {e}"))
-                })?;
-                let tw = redact(&target);
-                let mut rb = if head {
-                    self.client.head(target.clone())
-                } else {
-                    self.client.get(target.clone())
-                };
-                if let Some(r) = range {
-                    rb = rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1));
-                }
-                let resp = rb.send().await.map_err(|e| classify(e, &tw))?;
-                if resp.status().is_success() && !head {
-                    *self.redirect.lock().expect("redirect lock") = Some(target);
-                }
-                return Ok(resp);
             }
             return Ok(resp);
         }
+    }
+
+    /// Sends to `path` under the repository: mirrors first for pulls, then the registry.
+    pub async fn send(
+        &self,
+        path: &str,
+        build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
+    ) -> Result<reqwest::Response, FetchError> {
+        let mut last = None;
+        for ep in self.endpoints.iter().filter(|e| !self.push || !e.mirror) {
+            let url = self.url(ep, path);
+            match self.send_url(&url, build).await {
+                Ok(r) if ep.mirror && !(r.status().is_success() || r.status().is_redirection()) => {
+                    last = Some(FetchError::transient(
+                        "mirror",
+                        format!("{}: HTTP {}", redact(&url), r.status()),
+                    ));
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if ep.mirror => {
+                    tracing::debug!(mirror = %ep.base, error = %e, "mirror failed, trying the next endpoint");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| FetchError::permanent("config", "no endpoints")))
     }
 
     /// Answers a `WWW-Authenticate` challenge: a bearer token from the realm (with basic credentials if
@@ -382,7 +348,7 @@ impl RegistryBlob {
                     format!("{what}: registry wants basic auth and no credentials are configured"),
                 )
             })?;
-            auth.header = Some(basic_header(c));
+            *auth = Some(basic_header(c));
             return Ok(());
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
@@ -391,25 +357,22 @@ impl RegistryBlob {
                 format!("{what}: unsupported auth challenge {scheme:?}"),
             ));
         }
-        let realm = params
-            .iter()
-            .find(|(k, _)| k == "realm")
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| {
-                FetchError::permanent("auth", format!("{what}: bearer challenge without realm"))
-            })?;
+        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let realm = param("realm").ok_or_else(|| {
+            FetchError::permanent("auth", format!("{what}: bearer challenge without realm"))
+        })?;
         let mut url = Url::parse(&realm)
             .map_err(|e| FetchError::permanent("auth", format!("{what}: bad realm: {e}")))?;
         {
             let mut q = url.query_pairs_mut();
-            if let Some((_, s)) = params.iter().find(|(k, _)| k == "service") {
-                q.append_pair("service", s);
+            if let Some(s) = param("service") {
+                q.append_pair("service", &s);
             }
-            let scope = params
-                .iter()
-                .find(|(k, _)| k == "scope")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_else(|| format!("repository:{}:pull", self.blob.repository));
+            let scope = if self.push {
+                format!("repository:{}:pull,push", self.repository)
+            } else {
+                param("scope").unwrap_or_else(|| format!("repository:{}:pull", self.repository))
+            };
             q.append_pair("scope", &scope);
         }
         let mut rb = self.client.get(url.clone());
@@ -438,12 +401,91 @@ impl RegistryBlob {
             FetchError::permanent("auth", "token endpoint: token is not a valid header value")
         })?;
         h.set_sensitive(true);
-        auth.header = Some(h);
+        *auth = Some(h);
         Ok(())
     }
 }
 
-fn basic_header(c: &Credentials) -> HeaderValue {
+/// Ranged reads of one blob from a registry.
+pub struct RegistryBlob {
+    repo: RepoClient,
+    blob: BlobRef,
+    redirect: Mutex<Option<Url>>,
+}
+
+impl RegistryBlob {
+    /// A reader for `blob`. `client` must not follow redirects (see [`registry_client`]).
+    pub fn new(
+        client: reqwest::Client,
+        blob: BlobRef,
+        opts: &RegistryOptions,
+    ) -> Result<RegistryBlob, String> {
+        Ok(RegistryBlob {
+            repo: RepoClient::new(client, &blob.registry, &blob.repository, opts, false)?,
+            blob,
+            redirect: Mutex::new(None),
+        })
+    }
+
+    /// Sends GET (or HEAD) for the blob with `range`, following (and caching) a redirect.
+    async fn send(
+        &self,
+        head: bool,
+        range: Option<&Range<u64>>,
+    ) -> Result<reqwest::Response, FetchError> {
+        let build = move |c: &reqwest::Client, u: Url| {
+            let rb = if head { c.head(u) } else { c.get(u) };
+            match range {
+                Some(r) => rb.header(RANGE, format!("bytes={}-{}", r.start, r.end - 1)),
+                None => rb,
+            }
+        };
+        // A cached object-store URL first (no registry credentials go there).
+        let cached = self.redirect.lock().expect("redirect lock").clone();
+        if let Some(url) = cached.filter(|_| !head) {
+            match build(self.repo.http(), url.clone()).send().await {
+                Ok(r) if r.status().is_success() => return Ok(r),
+                Ok(r) => {
+                    tracing::debug!(status = %r.status(), url = %redact(&url), "cached redirect target refused; asking the registry again");
+                    *self.redirect.lock().expect("redirect lock") = None;
+                }
+                Err(e) => return Err(classify(e, &redact(&url))),
+            }
+        }
+        let resp = self
+            .repo
+            .send(&format!("blobs/{}", self.blob.digest), &build)
+            .await?;
+        if !resp.status().is_redirection() {
+            return Ok(resp);
+        }
+        let base = resp.url().clone();
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                FetchError::permanent(
+                    "http_4xx",
+                    format!("{}: redirect without Location", redact(&base)),
+                )
+            })?;
+        let target = base.join(loc).map_err(|e| {
+            FetchError::permanent("http_4xx", format!("{}: bad redirect: {e}", redact(&base)))
+        })?;
+        let resp = build(self.repo.http(), target.clone())
+            .send()
+            .await
+            .map_err(|e| classify(e, &redact(&target)))?;
+        if resp.status().is_success() && !head {
+            *self.redirect.lock().expect("redirect lock") = Some(target);
+        }
+        Ok(resp)
+    }
+}
+
+/// `Authorization: Basic ...` for `c`, marked sensitive.
+pub fn basic_header(c: &Credentials) -> HeaderValue {
     let raw =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
     let mut h =
