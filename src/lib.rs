@@ -12,6 +12,7 @@ pub mod cli;
 pub mod convert;
 pub mod ext4;
 pub mod fetch;
+pub mod image;
 pub mod nbd;
 
 pub use lazyblk_image_format as format;

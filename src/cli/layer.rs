@@ -79,7 +79,8 @@ pub struct InspectArgs {
     json: bool,
 }
 
-fn parse_chunk_size(s: &str) -> Result<u8, String> {
+/// Parses `256K`-style chunk sizes into a shift.
+pub fn parse_chunk_size(s: &str) -> Result<u8, String> {
     let (num, mult) = match s.strip_suffix(['K', 'k']) {
         Some(n) => (n, 1u64 << 10),
         None => match s.strip_suffix(['M', 'm']) {

@@ -1,5 +1,6 @@
 //! The `lazyblk` command line.
 
+mod image;
 mod layer;
 pub mod serve;
 
@@ -22,6 +23,10 @@ enum Command {
     /// Work with single layers: convert, export, inspect.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
+    /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
+    Convert(image::ConvertImageArgs),
+    /// List the lazyblk referrer artifacts of an image.
+    Referrers(image::ReferrersArgs),
     /// Serve a layer (file, URL or registry blob) read-only over NBD, fetching lazily.
     Serve(serve::ServeArgs),
 }
@@ -38,5 +43,7 @@ pub fn main() -> Result<()> {
     match cli.command {
         Command::Layer(c) => layer::run(c),
         Command::Serve(a) => serve::run(a),
+        Command::Convert(a) => image::convert(a),
+        Command::Referrers(a) => image::referrers(a),
     }
 }

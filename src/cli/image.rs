@@ -1,0 +1,151 @@
+//! `lazyblk convert` and `lazyblk referrers`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lazyblk_image_format::Codec;
+
+use crate::convert::ConvertOptions;
+use crate::fetch::registry::RegistryOptions;
+use crate::image::convert::{convert_image, default_work_dir, find_referrers, ImageConvertOptions};
+use crate::image::ImageRef;
+
+/// Registry access options.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Plain HTTP to registries (only for registries you trust on this network).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// containerd-style certs.d directory with REGISTRY/hosts.toml.
+    #[arg(long)]
+    pub hosts_dir: Option<PathBuf>,
+    /// Docker config with credentials (default ~/.docker/config.json).
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            plain_http: self.plain_http,
+            hosts_dir: self.hosts_dir.clone(),
+            docker_config: self.docker_config.clone(),
+        }
+    }
+}
+
+/// Arguments of `lazyblk convert`.
+#[derive(Debug, Args)]
+pub struct ConvertImageArgs {
+    /// Source image: `host[:port]/repo[:tag|@digest]` or `oci:PATH[:tag]`.
+    src: String,
+    /// Target for the converted image (new-tag mode); with --referrer, where to push the artifacts
+    /// (default: the source repository).
+    dst: Option<String>,
+    /// Push lazyblk layers as OCI referrer artifacts of the original (left untouched) instead of a new tag.
+    #[arg(long)]
+    referrer: bool,
+    /// Convert only this platform (`linux/amd64`); repeatable. Default: every platform.
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// Layers converted in parallel.
+    #[arg(long, default_value_t = 2)]
+    parallel_layers: usize,
+    /// Chunk size exponent source: same as `layer convert --chunk-size`.
+    #[arg(long, default_value = "256K", value_parser = super::layer::parse_chunk_size)]
+    chunk_size: u8,
+    /// Scratch directory for layers in flight (default: under $TMPDIR).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Runs `lazyblk convert`.
+pub fn convert(a: ConvertImageArgs) -> Result<()> {
+    let src = ImageRef::parse(&a.src)?;
+    let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
+    let work_dir = a.work_dir.clone().unwrap_or_else(default_work_dir);
+    let opts = ImageConvertOptions {
+        platforms: a.platforms.clone(),
+        referrer: a.referrer,
+        layer: ConvertOptions {
+            chunk_shift: a.chunk_size,
+            codec: Codec::default(),
+            progress: false,
+            ..ConvertOptions::default()
+        },
+        parallel_layers: a.parallel_layers,
+        work_dir: work_dir.clone(),
+        registry: a.registry.options(),
+        progress: !a.json,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let res = rt.block_on(convert_image(&src, dst.as_ref(), &opts));
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let s = res.with_context(|| format!("converting {src}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        for m in &s.manifests {
+            println!(
+                "{} {} -> {} ({} layers)",
+                m.platform.as_deref().unwrap_or("image"),
+                m.source_digest,
+                m.target_digest,
+                m.layers.len()
+            );
+        }
+        println!(
+            "{} -> {} [{}]: {} -> {} bytes, {} uploaded, {:.1}s",
+            s.source, s.target, s.mode, s.source_bytes, s.target_bytes, s.uploaded_bytes, s.seconds
+        );
+    }
+    Ok(())
+}
+
+/// Arguments of `lazyblk referrers`.
+#[derive(Debug, Args)]
+pub struct ReferrersArgs {
+    /// The original image.
+    image: String,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Runs `lazyblk referrers`: lists the lazyblk artifacts of an image.
+pub fn referrers(a: ReferrersArgs) -> Result<()> {
+    let image = ImageRef::parse(&a.image)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let found = rt.block_on(find_referrers(&image, &a.registry.options()))?;
+    if a.json {
+        let v: Vec<_> = found
+            .iter()
+            .map(|(d, p, m)| serde_json::json!({"artifact": d, "platform": p, "subject": m.subject.as_ref().map(|s| &s.digest), "layers": m.layers}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if found.is_empty() {
+        println!("no lazyblk artifacts for {image}");
+    } else {
+        for (d, p, m) in &found {
+            println!(
+                "{} {} ({} layers)",
+                p.as_deref().unwrap_or("image"),
+                d,
+                m.layers.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,566 @@
+//! `lazyblk convert`: every layer of an image (every platform of an index) becomes a lazyblk blob.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::oci::*;
+use super::store::ImageStore;
+use super::{ImageError, ImageRef};
+use crate::convert::{convert_layer, ConvertOptions, MEDIA_TYPE};
+use crate::fetch::registry::RegistryOptions;
+
+/// How to convert an image.
+#[derive(Clone)]
+pub struct ImageConvertOptions {
+    /// Only these platforms (`linux/amd64`); all when empty.
+    pub platforms: Vec<String>,
+    /// Push an OCI referrer artifact instead of a new tag.
+    pub referrer: bool,
+    /// Layer conversion options.
+    pub layer: ConvertOptions,
+    /// Layers converted at once.
+    pub parallel_layers: usize,
+    /// Scratch directory for downloaded and converted layers (one layer pair at a time per slot).
+    pub work_dir: PathBuf,
+    /// Registry access.
+    pub registry: RegistryOptions,
+    /// Progress bars on stderr (only on a terminal).
+    pub progress: bool,
+}
+
+/// One converted layer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    /// Source layer digest.
+    pub source_digest: String,
+    /// Source layer size.
+    pub source_size: u64,
+    /// lazyblk blob digest.
+    pub target_digest: String,
+    /// lazyblk blob size.
+    pub target_size: u64,
+    /// Bytes actually uploaded (0 when the target already had the blob).
+    pub uploaded_bytes: u64,
+    /// Download + convert + upload time.
+    pub seconds: f64,
+}
+
+/// One converted image manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct ManifestSummary {
+    /// `os/arch` when known.
+    pub platform: Option<String>,
+    /// Source manifest digest.
+    pub source_digest: String,
+    /// The new manifest (new-tag mode) or referrer artifact digest.
+    pub target_digest: String,
+    /// Its layers.
+    pub layers: Vec<LayerSummary>,
+}
+
+/// What `lazyblk convert` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    /// Source reference.
+    pub source: String,
+    /// Target reference (new tag), or the source (referrer mode).
+    pub target: String,
+    /// `tag` or `referrer`.
+    pub mode: &'static str,
+    /// Digest of what the target tag points at (new-tag mode).
+    pub target_digest: Option<String>,
+    /// Per manifest.
+    pub manifests: Vec<ManifestSummary>,
+    /// Sum of source layer sizes.
+    pub source_bytes: u64,
+    /// Sum of converted layer sizes.
+    pub target_bytes: u64,
+    /// Bytes uploaded in total (0 on an idempotent re-run).
+    pub uploaded_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+struct Ctx<'a> {
+    src: &'a dyn ImageStore,
+    dst: &'a dyn ImageStore,
+    opts: &'a ImageConvertOptions,
+    bars: Option<indicatif::MultiProgress>,
+}
+
+fn sha256_str(b: &[u8]) -> String {
+    lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(b))
+}
+
+/// Converts `src` into `dst` (new tag), or pushes referrer artifacts next to `src` (when
+/// `opts.referrer`; `dst` then names where, default the source repository).
+pub async fn convert_image(
+    src: &ImageRef,
+    dst: Option<&ImageRef>,
+    opts: &ImageConvertOptions,
+) -> Result<ImageSummary, ImageError> {
+    let started = Instant::now();
+    let src_store = src.store(&opts.registry, false)?;
+    let target = match (dst, opts.referrer) {
+        (Some(d), _) => d.clone(),
+        (None, true) => src.clone(),
+        (None, false) => return Err(ImageError("a destination is needed (or --referrer)".into())),
+    };
+    let dst_store = target.store(&opts.registry, true)?;
+    std::fs::create_dir_all(&opts.work_dir)?;
+    use std::io::IsTerminal;
+    let bars =
+        (opts.progress && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
+    let ctx = Ctx {
+        src: src_store.as_ref(),
+        dst: dst_store.as_ref(),
+        opts,
+        bars,
+    };
+    let top = ctx
+        .src
+        .get_manifest(src.reference())
+        .await?
+        .ok_or_else(|| ImageError(format!("{src}: not found")))?;
+    let mut manifests = Vec::new();
+    let mut target_digest = None;
+    match parse_document(&top.bytes, &top.media_type)
+        .map_err(|e| ImageError(format!("{src}: {e}")))?
+    {
+        Document::Manifest(m) => {
+            let subject = Descriptor::new(
+                doc_type(&top.media_type, OCI_MANIFEST),
+                &top.digest,
+                top.bytes.len() as u64,
+            );
+            let (summary, bytes) = convert_manifest(&ctx, *m, subject, None).await?;
+            if !opts.referrer {
+                ctx.dst
+                    .put_manifest(target.reference(), &bytes, OCI_MANIFEST)
+                    .await?;
+                target_digest = Some(summary.target_digest.clone());
+            }
+            manifests.push(summary);
+        }
+        Document::Index(ix) => {
+            let mut entries = Vec::new();
+            for d in &ix.manifests {
+                let name = d.platform.as_ref().map(|p| p.name());
+                if !opts.platforms.is_empty()
+                    && !name.as_ref().is_some_and(|n| {
+                        opts.platforms
+                            .iter()
+                            .any(|p| n == p || n.starts_with(&format!("{p}/")))
+                    })
+                {
+                    continue;
+                }
+                if d.platform
+                    .as_ref()
+                    .is_some_and(|p| p.architecture == "unknown")
+                {
+                    continue; // attestation manifests (buildx), not runnable images
+                }
+                let m = ctx.src.get_manifest(&d.digest).await?.ok_or_else(|| {
+                    ImageError(format!(
+                        "{src}: manifest {} listed in the index is missing",
+                        d.digest
+                    ))
+                })?;
+                let Document::Manifest(man) = parse_document(&m.bytes, &d.media_type)
+                    .map_err(|e| ImageError(format!("{}: {e}", d.digest)))?
+                else {
+                    return Err(ImageError(format!(
+                        "{}: nested indexes are not supported",
+                        d.digest
+                    )));
+                };
+                let subject = Descriptor::new(
+                    doc_type(&d.media_type, OCI_MANIFEST),
+                    &d.digest,
+                    m.bytes.len() as u64,
+                );
+                let (summary, bytes) =
+                    convert_manifest(&ctx, *man, subject, d.platform.clone()).await?;
+                if !opts.referrer {
+                    // Push each platform manifest by digest; the index (last) makes them reachable.
+                    ctx.dst
+                        .put_manifest(&summary.target_digest, &bytes, OCI_MANIFEST)
+                        .await?;
+                    let mut e =
+                        Descriptor::new(OCI_MANIFEST, &summary.target_digest, bytes.len() as u64);
+                    e.platform = d.platform.clone();
+                    entries.push(e);
+                }
+                manifests.push(summary);
+            }
+            if manifests.is_empty() {
+                return Err(ImageError(format!(
+                    "{src}: no manifest matches --platform {}",
+                    opts.platforms.join(",")
+                )));
+            }
+            if !opts.referrer {
+                let mut annotations = BTreeMap::new();
+                annotations.insert(SOURCE_MANIFEST_ANNOTATION.to_string(), top.digest.clone());
+                let index = ImageIndex {
+                    schema_version: 2,
+                    media_type: Some(OCI_INDEX.into()),
+                    manifests: entries,
+                    annotations,
+                };
+                let bytes = serde_json::to_vec(&index).expect("index serialises");
+                ctx.dst
+                    .put_manifest(target.reference(), &bytes, OCI_INDEX)
+                    .await?;
+                target_digest = Some(sha256_str(&bytes));
+            }
+        }
+    }
+    let layers = manifests.iter().flat_map(|m| &m.layers);
+    let (source_bytes, target_bytes, uploaded) = layers.fold((0, 0, 0), |(s, t, u), l| {
+        (s + l.source_size, t + l.target_size, u + l.uploaded_bytes)
+    });
+    Ok(ImageSummary {
+        source: src.to_string(),
+        target: target.to_string(),
+        mode: if opts.referrer { "referrer" } else { "tag" },
+        target_digest,
+        manifests,
+        source_bytes,
+        target_bytes,
+        uploaded_bytes: uploaded,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn doc_type(given: &str, default: &str) -> &'static str {
+    match given {
+        DOCKER_MANIFEST => DOCKER_MANIFEST,
+        OCI_MANIFEST => OCI_MANIFEST,
+        _ if default == OCI_MANIFEST => OCI_MANIFEST,
+        _ => OCI_INDEX,
+    }
+}
+
+/// Converts one image manifest's layers and returns the new manifest (new-tag mode) or referrer
+/// artifact (already pushed by digest, with the referrers fallback tag updated).
+async fn convert_manifest(
+    ctx: &Ctx<'_>,
+    m: Manifest,
+    subject: Descriptor,
+    platform: Option<Platform>,
+) -> Result<(ManifestSummary, Vec<u8>), ImageError> {
+    for l in &m.layers {
+        if l.urls.is_some()
+            || l.media_type.contains("foreign")
+            || l.media_type.contains("nondistributable")
+        {
+            return Err(ImageError(format!(
+                "layer {}: foreign/non-distributable layer ({}) cannot be converted",
+                l.digest, l.media_type
+            )));
+        }
+        if l.annotations
+            .keys()
+            .any(|k| k.starts_with("io.github.containers.zstd-chunked"))
+        {
+            return Err(ImageError(format!(
+                "layer {}: zstd:chunked layers are not supported",
+                l.digest
+            )));
+        }
+        if !convertible_layer(&l.media_type) {
+            return Err(ImageError(format!(
+                "layer {}: unsupported media type {:?}",
+                l.digest, l.media_type
+            )));
+        }
+    }
+    let config = ctx.src.get_small_blob(&m.config).await?;
+    let cfg: serde_json::Value = serde_json::from_slice(&config)
+        .map_err(|e| ImageError(format!("config {}: {e}", m.config.digest)))?;
+    let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if diff_ids.len() != m.layers.len() {
+        return Err(ImageError(format!(
+            "config {}: {} diff_ids for {} layers",
+            m.config.digest,
+            diff_ids.len(),
+            m.layers.len()
+        )));
+    }
+    let mount_from = match (ctx.src.registry_repo(), ctx.dst.registry_repo()) {
+        (Some((r1, repo)), Some((r2, _))) if r1 == r2 => Some(repo),
+        _ => None,
+    };
+    let results: Vec<Result<(Descriptor, LayerSummary), ImageError>> =
+        futures::stream::iter(m.layers.iter().zip(&diff_ids).enumerate())
+            .map(|(i, (l, diff_id))| convert_one(ctx, i, l, diff_id))
+            .buffered(ctx.opts.parallel_layers.max(1))
+            .collect()
+            .await;
+    let mut layers = Vec::new();
+    let mut summaries = Vec::new();
+    for r in results {
+        let (d, s) = r?;
+        layers.push(d);
+        summaries.push(s);
+    }
+    // Config: same bytes (same digest) in the target repository.
+    ctx.dst_put_small(&config, &m.config.digest, mount_from.as_deref())
+        .await?;
+    let config_type = if m.config.media_type == DOCKER_CONFIG {
+        OCI_CONFIG
+    } else {
+        &m.config.media_type
+    };
+    let bytes = if !ctx.opts.referrer {
+        let mut annotations = BTreeMap::new();
+        annotations.insert(
+            SOURCE_MANIFEST_ANNOTATION.to_string(),
+            subject.digest.clone(),
+        );
+        let man = Manifest {
+            schema_version: 2,
+            media_type: Some(OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: Descriptor::new(config_type, &m.config.digest, m.config.size),
+            layers,
+            subject: None,
+            annotations,
+        };
+        serde_json::to_vec(&man).expect("manifest serialises")
+    } else {
+        ctx.dst
+            .put_blob_bytes(Bytes::from_static(EMPTY_JSON), &sha256_str(EMPTY_JSON))
+            .await?;
+        let mut annotations = BTreeMap::new();
+        annotations.insert(
+            SOURCE_MANIFEST_ANNOTATION.to_string(),
+            subject.digest.clone(),
+        );
+        let man = Manifest {
+            schema_version: 2,
+            media_type: Some(OCI_MANIFEST.into()),
+            artifact_type: Some(LAZYBLK_ARTIFACT.into()),
+            config: Descriptor::new(OCI_EMPTY, &sha256_str(EMPTY_JSON), EMPTY_JSON.len() as u64),
+            layers,
+            subject: Some(subject.clone()),
+            annotations,
+        };
+        let bytes = serde_json::to_vec(&man).expect("manifest serialises");
+        let digest = sha256_str(&bytes);
+        let indexed = ctx.dst.put_manifest(&digest, &bytes, OCI_MANIFEST).await?;
+        if !indexed {
+            add_to_fallback_tag(ctx.dst, &subject.digest, &man, &digest, bytes.len() as u64)
+                .await?;
+        }
+        bytes
+    };
+    Ok((
+        ManifestSummary {
+            platform: platform.map(|p| p.name()),
+            source_digest: subject.digest,
+            target_digest: sha256_str(&bytes),
+            layers: summaries,
+        },
+        bytes,
+    ))
+}
+
+impl Ctx<'_> {
+    async fn dst_put_small(
+        &self,
+        data: &Bytes,
+        digest: &str,
+        mount_from: Option<&str>,
+    ) -> Result<u64, ImageError> {
+        if mount_from.is_some() {
+            let dir = tempfile::tempdir_in(&self.opts.work_dir)?;
+            let p = dir.path().join("blob");
+            std::fs::write(&p, data)?;
+            return self
+                .dst
+                .put_blob(&p, digest, data.len() as u64, mount_from)
+                .await;
+        }
+        self.dst.put_blob_bytes(data.clone(), digest).await
+    }
+
+    fn bar(&self, i: usize, digest: &str) -> Option<indicatif::ProgressBar> {
+        let bars = self.bars.as_ref()?;
+        let b = bars.add(indicatif::ProgressBar::new_spinner());
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} layer {prefix} {msg} {elapsed}")
+                .ok()?,
+        );
+        b.set_prefix(format!("{i} {}", &digest[7..19.min(digest.len())]));
+        b.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(b)
+    }
+}
+
+/// The tag-schema fallback of the Referrers API: tag `sha256-<hex>` of the subject holds an index of its
+/// referrers. Adds `artifact` to it (once).
+async fn add_to_fallback_tag(
+    dst: &dyn ImageStore,
+    subject: &str,
+    artifact: &Manifest,
+    digest: &str,
+    size: u64,
+) -> Result<(), ImageError> {
+    let tag = fallback_tag(subject);
+    let mut index = match dst.get_manifest(&tag).await? {
+        Some(m) => serde_json::from_slice::<ImageIndex>(&m.bytes)
+            .map_err(|e| ImageError(format!("referrers tag {tag}: {e}")))?,
+        None => ImageIndex {
+            schema_version: 2,
+            media_type: Some(OCI_INDEX.into()),
+            manifests: vec![],
+            annotations: Default::default(),
+        },
+    };
+    if index.manifests.iter().any(|d| d.digest == digest) {
+        return Ok(());
+    }
+    let mut d = Descriptor::new(OCI_MANIFEST, digest, size);
+    d.artifact_type = artifact.artifact_type.clone();
+    d.annotations = artifact.annotations.clone();
+    index.manifests.push(d);
+    let bytes = serde_json::to_vec(&index).expect("index serialises");
+    dst.put_manifest(&tag, &bytes, OCI_INDEX).await?;
+    Ok(())
+}
+
+/// `sha256-<hex>`: the referrers fallback tag of a manifest digest.
+pub fn fallback_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+async fn convert_one(
+    ctx: &Ctx<'_>,
+    i: usize,
+    l: &Descriptor,
+    diff_id: &str,
+) -> Result<(Descriptor, LayerSummary), ImageError> {
+    let started = Instant::now();
+    let bar = ctx.bar(i, &l.digest);
+    let say = |m: &str| {
+        if let Some(b) = &bar {
+            b.set_message(m.to_string());
+        }
+    };
+    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
+    let src_path = dir.path().join("layer");
+    say("downloading");
+    ctx.src
+        .blob_to_file(l, &src_path)
+        .await
+        .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    say("converting");
+    let out_path = dir.path().join("layer.lazyblk");
+    let layer_opts = ctx.opts.layer.clone();
+    let (sp, op) = (src_path.clone(), out_path.clone());
+    let summary = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&sp)?;
+        convert_layer(f, None, &op, &layer_opts).map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .await
+    .map_err(|e| ImageError(e.to_string()))?
+    .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    if summary.input.diff_id != diff_id {
+        return Err(ImageError(format!(
+            "layer {i} ({}): uncompressed digest {} does not match the config's diff_id {diff_id}",
+            l.digest, summary.input.diff_id
+        )));
+    }
+    std::fs::remove_file(&src_path)?;
+    say("uploading");
+    let uploaded = ctx
+        .dst
+        .put_blob(&out_path, &summary.blob.digest, summary.blob.size, None)
+        .await?;
+    if let Some(b) = &bar {
+        b.finish_with_message(format!("done ({} -> {} bytes)", l.size, summary.blob.size));
+    }
+    let mut desc = Descriptor::new(MEDIA_TYPE, &summary.blob.digest, summary.blob.size);
+    desc.annotations = summary.annotations.clone();
+    Ok((
+        desc,
+        LayerSummary {
+            source_digest: l.digest.clone(),
+            source_size: l.size,
+            target_digest: summary.blob.digest,
+            target_size: summary.blob.size,
+            uploaded_bytes: uploaded,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+/// Finds the lazyblk referrer artifact of each image manifest of `image` (the lookup side of
+/// `--referrer`): the Referrers API when the registry has it, else the `sha256-<hex>` tag.
+pub async fn find_referrers(
+    image: &ImageRef,
+    registry: &RegistryOptions,
+) -> Result<Vec<(String, Option<String>, Manifest)>, ImageError> {
+    let store = image.store(registry, false)?;
+    let top = store
+        .get_manifest(image.reference())
+        .await?
+        .ok_or_else(|| ImageError(format!("{image}: not found")))?;
+    let mut subjects = Vec::new();
+    match parse_document(&top.bytes, &top.media_type).map_err(ImageError)? {
+        Document::Manifest(_) => subjects.push((top.digest.clone(), None)),
+        Document::Index(ix) => {
+            for d in ix.manifests {
+                subjects.push((d.digest.clone(), d.platform.map(|p| p.name())));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (subject, platform) in subjects {
+        let index = match store.referrers(&subject).await? {
+            Some(ix) => Some(ix),
+            None => match store.get_manifest(&fallback_tag(&subject)).await? {
+                Some(m) => serde_json::from_slice::<ImageIndex>(&m.bytes).ok(),
+                None => None,
+            },
+        };
+        for d in index.map(|i| i.manifests).unwrap_or_default() {
+            if d.artifact_type.as_deref() != Some(LAZYBLK_ARTIFACT) {
+                continue;
+            }
+            let m = store
+                .get_manifest(&d.digest)
+                .await?
+                .ok_or_else(|| ImageError(format!("referrer {} missing", d.digest)))?;
+            let Document::Manifest(man) =
+                parse_document(&m.bytes, OCI_MANIFEST).map_err(ImageError)?
+            else {
+                continue;
+            };
+            if man.subject.as_ref().map(|s| s.digest.as_str()) == Some(subject.as_str()) {
+                out.push((d.digest.clone(), platform.clone(), *man));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Scratch directory default: under the system temp dir.
+pub fn default_work_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("lazyblk-convert-{}", std::process::id()))
+}

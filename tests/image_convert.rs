@@ -1,0 +1,422 @@
+//! `lazyblk convert` against a real registry with real images: a debootstrap'd Debian rootfs plus a
+//! layer with deletions and a replaced directory, built with umoci, pushed with skopeo, a two-platform
+//! index; registry→registry, layout→registry, registry→layout, referrers, idempotence, errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::registry::Registry;
+use common::*;
+
+fn tools_ok() -> bool {
+    for t in ["skopeo", "umoci"] {
+        if Command::new(t).arg("--version").output().is_err() {
+            assert!(std::env::var_os("CI").is_none(), "{t} missing in CI");
+            eprintln!("SKIPPED: {t} not installed");
+            return false;
+        }
+    }
+    true
+}
+
+fn rootfs_tar() -> Option<PathBuf> {
+    match std::env::var_os("LAZYBLK_ROOTFS_TAR") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set LAZYBLK_ROOTFS_TAR"
+            );
+            eprintln!("SKIPPED: LAZYBLK_ROOTFS_TAR not set");
+            None
+        }
+    }
+}
+
+fn json(out: std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn skopeo_raw(image: &str) -> serde_json::Value {
+    json(run_ok(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{image}")),
+    ))
+}
+
+fn convert(args: &[&str]) -> serde_json::Value {
+    json(run_ok(
+        lazyblk()
+            .arg("convert")
+            .args(args)
+            .args(["--plain-http", "--json"]),
+    ))
+}
+
+/// Downloads a blob of `repo` with lazyblk's registry client.
+fn fetch_blob(reg: &Registry, repo: &str, digest: &str, size: u64, to: &Path) {
+    let store = lazyblk::image::store::RegistryStore::new(
+        &reg.addr,
+        repo,
+        &lazyblk::fetch::registry::RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        false,
+    )
+    .unwrap();
+    let d = lazyblk::image::oci::Descriptor::new("application/octet-stream", digest, size);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    use lazyblk::image::store::ImageStore;
+    rt.block_on(store.blob_to_file(&d, to)).unwrap();
+}
+
+#[test]
+fn converts_real_images_between_registries_and_layouts() {
+    if !tools_ok() {
+        return;
+    }
+    let Some(rootfs) = rootfs_tar() else { return };
+    if !privileged() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-test-image.sh");
+    run_ok(Command::new(script).arg(&rootfs).arg(&layout));
+    let r = &reg.addr;
+    for (tag, all) in [("v2", false), ("multi", true)] {
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if all {
+            c.arg("--all");
+        }
+        run_ok(
+            c.arg(format!("oci:{}:{tag}", layout.display()))
+                .arg(format!("docker://{r}/test/img:{tag}")),
+        );
+    }
+
+    // registry → registry, new tag.
+    let s = convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("{r}/test/img:v2-lazyblk"),
+    ]);
+    assert_eq!(s["mode"], "tag");
+    let target = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
+    assert_eq!(
+        target["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let layers = target["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    let src = skopeo_raw(&format!("{r}/test/img:v2"));
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!(l["mediaType"], "application/vnd.lazyblk.layer.v1+ext4");
+        let a = &l["annotations"];
+        let p = "containerd.io/snapshot/lazyblk/";
+        assert_eq!(a[format!("{p}source-digest")], src["layers"][i]["digest"]);
+        for k in [
+            "index-offset",
+            "index-length",
+            "index-digest",
+            "image-size",
+            "chunk-size",
+            "diff-id",
+            "version",
+        ] {
+            assert!(a[format!("{p}{k}")].is_string(), "annotation {k} missing");
+        }
+    }
+    assert_eq!(
+        target["config"]["digest"], src["config"]["digest"],
+        "config is carried over unchanged"
+    );
+
+    // Each converted layer, fetched back from the registry: verified export (index checked against the
+    // manifest's annotation), e2fsck, mount, compare with GNU tar's extraction of the source layer.
+    for (i, l) in layers.iter().enumerate() {
+        let blob = tmp.path().join(format!("l{i}.blob"));
+        fetch_blob(
+            &reg,
+            "test/img",
+            l["digest"].as_str().unwrap(),
+            l["size"].as_u64().unwrap(),
+            &blob,
+        );
+        let img = tmp.path().join(format!("l{i}.img"));
+        let idx_digest = l["annotations"]["containerd.io/snapshot/lazyblk/index-digest"]
+            .as_str()
+            .unwrap();
+        run_ok(
+            lazyblk()
+                .args(["layer", "export", "--index-digest", idx_digest])
+                .arg(&blob)
+                .arg("-o")
+                .arg(&img),
+        );
+        e2fsck(&img);
+        let src_layer = tmp.path().join(format!("src{i}.tgz"));
+        let sl = &src["layers"][i];
+        fetch_blob(
+            &reg,
+            "test/img",
+            sl["digest"].as_str().unwrap(),
+            sl["size"].as_u64().unwrap(),
+            &src_layer,
+        );
+        let reference = tmp.path().join(format!("ref{i}"));
+        gnu_tar_extract(&src_layer, &reference);
+        let m = Mount::loop_ro(&img, &tmp.path().join(format!("m{i}")));
+        let got = snapshot(&m.dir);
+        let mut expected = oci_semantics(snapshot(&reference));
+        set_implicit_dirs(&src_layer, &mut expected);
+        assert_same_tree(&expected, &got);
+        if i == 0 {
+            assert!(got.entries.len() > 1000, "the Debian rootfs layer");
+        } else {
+            let wo = &got.entries["usr/share/doc"];
+            assert_eq!(
+                (wo.kind, wo.rdev),
+                ('c', Some((0, 0))),
+                "deleted directory is a whiteout"
+            );
+            assert_eq!(
+                std::fs::read(m.dir.join("etc/apt/NEW")).unwrap(),
+                b"replaced by layer 2\n"
+            );
+        }
+    }
+
+    // Idempotence: converting again uploads nothing and gives the same digests.
+    let again = convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("{r}/test/img:v2-lazyblk"),
+    ]);
+    assert_eq!(again["uploaded_bytes"], 0);
+    assert_eq!(again["target_digest"], s["target_digest"]);
+
+    // layout → registry and registry → layout give the same manifest (conversion is deterministic).
+    let from_layout = convert(&[
+        &format!("oci:{}:v2", layout.display()),
+        &format!("{r}/other/img:v2"),
+    ]);
+    assert_eq!(from_layout["target_digest"], s["target_digest"]);
+    let out_layout = tmp.path().join("out");
+    let to_layout = convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("oci:{}:conv", out_layout.display()),
+    ]);
+    assert_eq!(to_layout["target_digest"], s["target_digest"]);
+    // A runtime that does not know lazyblk refuses the image (never a wrong rootfs).
+    let umoci = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:conv", out_layout.display()))
+        .arg(tmp.path().join("bundle"))
+        .output()
+        .unwrap();
+    assert!(!umoci.status.success());
+    assert!(
+        String::from_utf8_lossy(&umoci.stderr).contains("application/vnd.lazyblk.layer.v1+ext4")
+    );
+
+    // Multi-platform index, new tag: both platforms kept.
+    let multi = convert(&[
+        &format!("{r}/test/img:multi"),
+        &format!("{r}/test/img:multi-lazyblk"),
+    ]);
+    assert_eq!(multi["manifests"].as_array().unwrap().len(), 2);
+    let ix = skopeo_raw(&format!("{r}/test/img:multi-lazyblk"));
+    let plats: Vec<String> = ix["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(plats, ["amd64", "arm64"]);
+    let only = convert(&[
+        &format!("{r}/test/img:multi"),
+        &format!("{r}/test/img:arm-only"),
+        "--platform",
+        "linux/arm64",
+    ]);
+    assert_eq!(only["manifests"].as_array().unwrap().len(), 1);
+
+    // Referrer mode: the original index is untouched, the fallback tag lists one artifact per platform,
+    // and the lookup finds them.
+    let before = skopeo_raw(&format!("{r}/test/img:multi"));
+    let refs = convert(&["--referrer", &format!("{r}/test/img:multi")]);
+    assert_eq!(refs["mode"], "referrer");
+    assert_eq!(
+        skopeo_raw(&format!("{r}/test/img:multi")),
+        before,
+        "original image must not change"
+    );
+    for m in before["manifests"].as_array().unwrap() {
+        let tag = m["digest"].as_str().unwrap().replacen(':', "-", 1);
+        let fallback = skopeo_raw(&format!("{r}/test/img:{tag}"));
+        let arts = fallback["manifests"].as_array().unwrap();
+        assert_eq!(arts.len(), 1);
+        assert_eq!(arts[0]["artifactType"], "application/vnd.lazyblk.image.v1");
+        let art = skopeo_raw(&format!(
+            "{r}/test/img@{}",
+            arts[0]["digest"].as_str().unwrap()
+        ));
+        assert_eq!(art["subject"]["digest"], m["digest"]);
+    }
+    let found = json(run_ok(
+        lazyblk()
+            .args(["referrers", "--plain-http", "--json"])
+            .arg(format!("{r}/test/img:multi")),
+    ));
+    assert_eq!(found.as_array().unwrap().len(), 2);
+    // Referrer conversion is idempotent too: the fallback index still has one entry per platform.
+    convert(&["--referrer", &format!("{r}/test/img:multi")]);
+    let tag = before["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .replacen(':', "-", 1);
+    assert_eq!(
+        skopeo_raw(&format!("{r}/test/img:{tag}"))["manifests"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn conversion_errors_are_clear_and_push_nothing() {
+    if !tools_ok() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let r = &reg.addr;
+    // A small image in a layout, built with umoci from a tiny rootfs.
+    let layout = tmp.path().join("small");
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["new", "--image"])
+            .arg(format!("{}:t", layout.display())),
+    );
+    let bundle = tmp.path().join("b");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:t", layout.display()))
+            .arg(&bundle),
+    );
+    std::fs::write(bundle.join("rootfs/hello"), b"hi").unwrap();
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image"])
+            .arg(format!("{}:t", layout.display()))
+            .arg(&bundle),
+    );
+    // Corrupt the layer blob: conversion fails naming the digest, and the target tag never appears.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(&mdigest)).unwrap())
+            .unwrap();
+    let ldigest = manifest["layers"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let lpath = layout.join("blobs/sha256").join(&ldigest);
+    let mut b = std::fs::read(&lpath).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0xff;
+    std::fs::write(&lpath, &b).unwrap();
+    let out = lazyblk()
+        .args(["convert", "--plain-http"])
+        .arg(format!("oci:{}:t", layout.display()))
+        .arg(format!("{r}/bad/img:t"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("digest mismatch") && err.contains(&ldigest),
+        "{err}"
+    );
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{r}/bad/img:t"))
+        .output()
+        .unwrap();
+    assert!(
+        !inspect.status.success(),
+        "nothing may be tagged after a failed conversion"
+    );
+    // Unsupported layers (zstd:chunked, foreign) are refused by name.
+    let mut index = index.clone();
+    for (tag, patch, needle) in [
+        (
+            "chunked",
+            serde_json::json!({"annotations": {"io.github.containers.zstd-chunked.manifest-checksum": "sha256:00"}}),
+            "zstd:chunked",
+        ),
+        (
+            "foreign",
+            serde_json::json!({"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}),
+            "foreign",
+        ),
+    ] {
+        let mut m2 = manifest.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            m2["layers"][0][k] = v.clone();
+        }
+        let m2b = serde_json::to_vec(&m2).unwrap();
+        let m2d = hex::encode(lazyblk::format::sha256(&m2b));
+        std::fs::write(layout.join("blobs/sha256").join(&m2d), &m2b).unwrap();
+        index["manifests"].as_array_mut().unwrap().push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{m2d}"), "size": m2b.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag}}));
+        std::fs::write(
+            layout.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
+        let out = lazyblk()
+            .args(["convert", "--plain-http"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("{r}/bad/img:{tag}"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // An unreachable registry.
+    let out = lazyblk()
+        .args([
+            "convert",
+            "--plain-http",
+            "127.0.0.1:1/nothing/here:t",
+            "127.0.0.1:1/x:y",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
