@@ -10,6 +10,7 @@
 pub mod blobfile;
 pub mod cli;
 pub mod convert;
+pub mod device;
 pub mod ext4;
 pub mod fetch;
 pub mod image;

@@ -1,5 +1,6 @@
 //! The `lazyblk` command line.
 
+mod attach;
 mod image;
 mod layer;
 pub mod serve;
@@ -23,6 +24,12 @@ enum Command {
     /// Work with single layers: convert, export, inspect.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
+    /// Expose a layer as a read-only block device (prints the device; Ctrl-C/SIGTERM detaches).
+    Attach(attach::AttachArgs),
+    /// List devices attached by lazyblk.
+    Ls(attach::LsArgs),
+    /// Detach a device (or `all`).
+    Detach(attach::DetachArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
     Convert(image::ConvertImageArgs),
     /// List the lazyblk referrer artifacts of an image.
@@ -44,6 +51,9 @@ pub fn main() -> Result<()> {
         Command::Layer(c) => layer::run(c),
         Command::Serve(a) => serve::run(a),
         Command::Convert(a) => image::convert(a),
+        Command::Attach(a) => attach::attach(a),
+        Command::Ls(a) => attach::ls(a),
+        Command::Detach(a) => attach::detach(a),
         Command::Referrers(a) => image::referrers(a),
     }
 }

@@ -1,0 +1,184 @@
+//! `lazyblk attach`, `lazyblk ls`, `lazyblk detach`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use super::serve::SourceArgs;
+use crate::device::{choose, list, Attachment, Backend};
+use crate::fetch::{open_source, BlockSource};
+
+const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
+
+/// Arguments of `lazyblk attach`.
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Blob file, http(s) URL, or REGISTRY/REPO@sha256:DIGEST.
+    source: String,
+    /// Kernel interface for the device.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Also mount the ext4 read-only here.
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// State directory.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// Serve Prometheus metrics on this address.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    #[command(flatten)]
+    src: SourceArgs,
+}
+
+/// Runs `lazyblk attach` in the foreground until SIGINT/SIGTERM, then detaches cleanly.
+pub fn attach(a: AttachArgs) -> Result<()> {
+    let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let opts = a.src.options()?;
+    let engine = rt
+        .block_on(open_source(&a.source, &opts))
+        .with_context(|| format!("opening {}", a.source))?;
+    if let Some(addr) = &a.metrics_addr {
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("metrics listen {addr}"))?;
+        rt.spawn(crate::fetch::metrics::serve_metrics(
+            l,
+            vec![(engine.name().to_string(), engine.metrics())],
+        ));
+    }
+    if a.src.fill {
+        let e = engine.clone();
+        let rate = (a.src.fill_rate_mib > 0).then_some(a.src.fill_rate_mib << 20);
+        rt.spawn(async move {
+            if let Err(err) = e.background_fill(rate).await {
+                tracing::error!(layer = %e.name(), error = %err, "background fill stopped");
+            }
+        });
+    }
+    let name = engine.name().to_string();
+    let source: Arc<dyn BlockSource> = Arc::new(engine);
+    let att = match backend {
+        Backend::Loop => Attachment::attach_loop(
+            source,
+            rt.handle().clone(),
+            &name,
+            &a.run_dir,
+            a.mount.as_deref(),
+        )
+        .context("attaching with the loop backend")?,
+        other => bail!("backend {other:?} is not available"),
+    };
+    println!("{}", att.state().device);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
+    let dev = att.state().device.clone();
+    att.detach().with_context(|| format!("detaching {dev}"))?;
+    tracing::info!(device = %dev, "detached");
+    Ok(())
+}
+
+/// Arguments of `lazyblk ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// State directory.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+/// Lists attached devices.
+pub fn ls(a: LsArgs) -> Result<()> {
+    let devs = list(&a.run_dir);
+    if a.json {
+        let v: Vec<_> = devs
+            .iter()
+            .map(|(s, alive)| serde_json::json!({"state": s, "serving": alive}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<7} {:>12} {:>8} {:<8} SOURCE",
+        "DEVICE", "BACKEND", "SIZE", "PID", "STATE"
+    );
+    for (s, alive) in devs {
+        println!(
+            "{:<12} {:<7} {:>12} {:>8} {:<8} {}",
+            s.device,
+            format!("{:?}", s.backend).to_lowercase(),
+            s.size,
+            s.pid,
+            if alive { "serving" } else { "dead" },
+            s.source
+        );
+    }
+    Ok(())
+}
+
+/// Arguments of `lazyblk detach`.
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// `/dev/loopN` (or `loopN`), or `all`.
+    device: String,
+    /// State directory.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+/// Asks the serving process of a device to detach it, and waits.
+pub fn detach(a: DetachArgs) -> Result<()> {
+    let want = a.device.trim_start_matches("/dev/").to_string();
+    let devs = list(&a.run_dir);
+    let targets: Vec<_> = devs
+        .iter()
+        .filter(|(s, _)| want == "all" || s.device.trim_start_matches("/dev/") == want)
+        .collect();
+    if targets.is_empty() {
+        bail!("{} is not attached by lazyblk (see lazyblk ls)", a.device);
+    }
+    for (s, alive) in targets {
+        if !alive {
+            eprintln!(
+                "{}: serving process {} is gone; removing its state",
+                s.device, s.pid
+            );
+            let _ = std::fs::remove_file(
+                a.run_dir
+                    .join("devices")
+                    .join(format!("{}.json", s.device.trim_start_matches("/dev/"))),
+            );
+            continue;
+        }
+        // SAFETY: sending SIGTERM to a pid read from our own state file.
+        unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
+        let state = a
+            .run_dir
+            .join("devices")
+            .join(format!("{}.json", s.device.trim_start_matches("/dev/")));
+        let started = std::time::Instant::now();
+        while state.exists() {
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                bail!("{}: still attached after 30 s (is it in use?)", s.device);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        println!("{} detached", s.device);
+    }
+    Ok(())
+}

@@ -1,0 +1,242 @@
+//! Exposing a layer as a kernel block device.
+//!
+//! Backends: `loop` (a loop device over a one-file FUSE export of the virtual disk; works on any kernel
+//! with loop and FUSE). The ublk and kernel-NBD backends are not built yet: `auto` picks `loop` and says
+//! which modules a better backend would need.
+
+pub mod fuse_file;
+pub mod loopdev;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fetch::BlockSource;
+use fuse_file::{DiskFs, DISK_NAME};
+use loopdev::LoopDevice;
+
+/// Which kernel interface carries the block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The best one available.
+    Auto,
+    /// ublk (`ublk_drv`).
+    Ublk,
+    /// Kernel NBD (`nbd`).
+    Nbd,
+    /// loop over a FUSE-exported file.
+    Loop,
+}
+
+/// What the running kernel offers.
+pub fn probe() -> (bool, bool, bool) {
+    let ublk = Path::new("/dev/ublk-control").exists();
+    let nbd = Path::new("/sys/module/nbd").exists();
+    let lp = Path::new("/dev/loop-control").exists() && Path::new("/dev/fuse").exists();
+    (ublk, nbd, lp)
+}
+
+/// Picks the backend for `wanted`, or explains what is missing.
+pub fn choose(wanted: Backend) -> Result<Backend, String> {
+    let (ublk, nbd, lp) = probe();
+    match wanted {
+        Backend::Ublk | Backend::Nbd => Err(format!(
+            "the {wanted:?} backend is not built yet (kernel support here: ublk_drv {}, nbd {}); use --backend loop",
+            if ublk { "present" } else { "missing" },
+            if nbd { "present" } else { "missing" }
+        )),
+        Backend::Loop | Backend::Auto if lp => {
+            if wanted == Backend::Auto {
+                tracing::info!(ublk, nbd, "using the loop backend (FUSE in the data path; see docs/operations.md)");
+            }
+            Ok(Backend::Loop)
+        }
+        _ => Err("no usable backend: the loop backend needs /dev/loop-control (module loop) and /dev/fuse (module fuse)".into()),
+    }
+}
+
+/// Persisted description of an attached device (for `lazyblk ls`, `detach`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// `/dev/loopN`.
+    pub device: String,
+    /// Backend.
+    pub backend: Backend,
+    /// The layer source.
+    pub source: String,
+    /// Disk size in bytes.
+    pub size: u64,
+    /// Serving process.
+    pub pid: u32,
+    /// Where the ext4 is mounted, if `--mount` was given.
+    pub mount: Option<PathBuf>,
+}
+
+/// A live attachment; everything is undone on [`Attachment::detach`] or drop.
+pub struct Attachment {
+    state: DeviceState,
+    state_file: PathBuf,
+    work: PathBuf,
+    mounted: Option<PathBuf>,
+    loopdev: Option<LoopDevice>,
+    fuse: Option<fuser::BackgroundSession>,
+}
+
+impl Attachment {
+    /// Attaches `source` with the loop backend under `run_dir`, optionally mounting the ext4 read-only.
+    pub fn attach_loop(
+        source: Arc<dyn BlockSource>,
+        rt: tokio::runtime::Handle,
+        name: &str,
+        run_dir: &Path,
+        mount: Option<&Path>,
+    ) -> std::io::Result<Attachment> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir.join("devices"))?;
+        let work = run_dir.join(format!("attach-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(work.join("fuse"))?;
+        let size = source.size();
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::FSName("lazyblk".into()),
+            fuser::MountOption::Subtype("lazyblk".into()),
+        ];
+        cfg.n_threads = Some(2);
+        let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
+        let mut a = Attachment {
+            state: DeviceState {
+                device: String::new(),
+                backend: Backend::Loop,
+                source: name.to_string(),
+                size,
+                pid: std::process::id(),
+                mount: None,
+            },
+            state_file: PathBuf::new(),
+            work: work.clone(),
+            mounted: None,
+            loopdev: None,
+            fuse: Some(fuse),
+        };
+        let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
+        a.state.device = lo.path().display().to_string();
+        a.loopdev = Some(lo);
+        if let Some(dir) = mount {
+            mount_ext4_ro(Path::new(&a.state.device), dir)?;
+            a.mounted = Some(dir.to_path_buf());
+            a.state.mount = Some(dir.to_path_buf());
+        }
+        let dev_name = a.state.device.trim_start_matches("/dev/").to_string();
+        a.state_file = run_dir.join("devices").join(format!("{dev_name}.json"));
+        std::fs::write(
+            &a.state_file,
+            serde_json::to_vec_pretty(&a.state).expect("state serialises"),
+        )?;
+        Ok(a)
+    }
+
+    /// The device state.
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    /// Unmounts, detaches the loop device, unmounts FUSE and removes the state.
+    pub fn detach(mut self) -> std::io::Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> std::io::Result<()> {
+        let mut first_err = None;
+        if let Some(dir) = self.mounted.take() {
+            if let Err(e) = umount(&dir) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(lo) = self.loopdev.take() {
+            if let Err(e) = lo.detach() {
+                first_err.get_or_insert(e);
+            }
+        }
+        drop(self.fuse.take());
+        let _ = std::fs::remove_file(&self.state_file);
+        let _ = std::fs::remove_dir(self.work.join("fuse"));
+        let _ = std::fs::remove_dir(&self.work);
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+fn cstr(p: &Path) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::other("path contains NUL"))
+}
+
+/// Mounts the ext4 on `dev` read-only at `dir`.
+pub fn mount_ext4_ro(dev: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (d, m) = (cstr(dev)?, cstr(dir)?);
+    let fs = c"ext4";
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call; data is null.
+    let r = unsafe {
+        libc::mount(
+            d.as_ptr(),
+            m.as_ptr(),
+            fs.as_ptr(),
+            libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("mounting {} on {}: {e}", dev.display(), dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Unmounts `dir`.
+pub fn umount(dir: &Path) -> std::io::Result<()> {
+    let m = cstr(dir)?;
+    // SAFETY: `m` is a valid NUL-terminated path.
+    if unsafe { libc::umount2(m.as_ptr(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Every recorded device under `run_dir`, with whether its serving process is alive.
+pub fn list(run_dir: &Path) -> Vec<(DeviceState, bool)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(run_dir.join("devices")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(b) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(s) = serde_json::from_slice::<DeviceState>(&b) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(s.pid as libc::pid_t, 0) } == 0;
+        out.push((s, alive));
+    }
+    out.sort_by(|a, b| a.0.device.cmp(&b.0.device));
+    out
+}

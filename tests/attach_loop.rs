@@ -1,0 +1,125 @@
+//! `lazyblk attach` with the loop backend on the host kernel: attach, mount, compare the tree, `ls`,
+//! `detach`, and nothing left behind.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::layer::{LayerTar, DEF, DIR, M};
+use common::*;
+
+#[test]
+fn attach_mount_compare_detach() {
+    if !privileged() {
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists()
+        || !std::path::Path::new("/dev/loop-control").exists()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs /dev/fuse and /dev/loop-control"
+        );
+        eprintln!("SKIPPED: no /dev/fuse or /dev/loop-control");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    t.dir("etc", DIR);
+    t.file("etc/hostname", DEF, b"lazyblk\n");
+    t.pax(&[("SCHILY.xattr.user.k", b"v")]);
+    t.file(
+        "big",
+        M {
+            mode: 0o600,
+            uid: 33,
+            gid: 33,
+            ..DEF
+        },
+        &b"0123456789abcdef".repeat(300_000),
+    );
+    t.symlink("link", "etc/hostname");
+    t.file(".wh.removed", DEF, b"");
+    let tar = tmp.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = tmp.path().join("l.blob");
+    convert(&tar, &blob);
+    let run = tmp.path().join("run");
+    let mnt = tmp.path().join("mnt");
+    let child = lazyblk()
+        .args(["attach", "--backend", "loop", "--mount"])
+        .arg(&mnt)
+        .arg("--run-dir")
+        .arg(&run)
+        .arg(&blob)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let dev = line.trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "attach printed {line:?}");
+    // The device is read-only and the mount shows the layer.
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{}/ro", &dev[5..]))
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    let reference = tmp.path().join("ref");
+    gnu_tar_extract(&tar, &reference);
+    let mut expected = oci_semantics(snapshot(&reference));
+    set_implicit_dirs(&tar, &mut expected);
+    assert_same_tree(&expected, &snapshot(&mnt));
+    assert!(
+        std::fs::write(mnt.join("new"), b"x").is_err(),
+        "read-only mount"
+    );
+    let ls = run_ok(lazyblk().args(["ls", "--json", "--run-dir"]).arg(&run));
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(v[0]["state"]["device"], dev.as_str());
+    assert_eq!(v[0]["serving"], true);
+    // Detach through the CLI: the serving process exits cleanly and removes everything.
+    run_ok(lazyblk().args(["detach", "all", "--run-dir"]).arg(&run));
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "attach exited with {status}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(mnt.to_str().unwrap()),
+        "ext4 still mounted"
+    );
+    assert!(
+        !mounts.contains(run.to_str().unwrap()),
+        "FUSE still mounted"
+    );
+    let backing = std::fs::read_to_string(format!("/sys/block/{}/loop/backing_file", &dev[5..]))
+        .unwrap_or_default();
+    assert!(
+        !backing.contains(run.to_str().unwrap()),
+        "loop device still attached to our file"
+    );
+    assert!(
+        std::fs::read_dir(run.join("devices"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "state left behind"
+    );
+}
+
+/// Kills the attach process if the test fails half-way (its own SIGTERM handler then detaches).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
