@@ -7,18 +7,6 @@ use common::layer::{LayerTar, DEF, DIR, M};
 use common::*;
 use tar::EntryType;
 
-fn noise(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// vfs_cap_data revision 2 granting cap_net_bind_service (permitted + effective).
 fn capability() -> Vec<u8> {
     let mut v = Vec::new();

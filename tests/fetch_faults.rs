@@ -12,18 +12,6 @@ use common::*;
 use lazyblk::fetch::diskcache::DiskCache;
 use lazyblk::fetch::{open_source, EngineOptions, SourceOptions};
 
-fn noise(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// (blob bytes, raw image bytes) of a layer of a few MiB.
 fn layer() -> (Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();

@@ -13,18 +13,6 @@ use common::layer::{LayerTar, DEF, DIR};
 use common::registry::Registry;
 use common::*;
 
-fn noise(n: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// A converted test layer (random and text files, several MiB) and its raw export.
 struct Fixture {
     dir: tempfile::TempDir,

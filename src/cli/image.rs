@@ -7,33 +7,10 @@ use clap::Args;
 use lazyblk_image_format::Codec;
 
 use crate::convert::ConvertOptions;
-use crate::fetch::registry::RegistryOptions;
 use crate::image::convert::{convert_image, default_work_dir, find_referrers, ImageConvertOptions};
 use crate::image::ImageRef;
 
-/// Registry access options.
-#[derive(Debug, Args, Clone)]
-pub struct RegistryArgs {
-    /// Plain HTTP to registries (only for registries you trust on this network).
-    #[arg(long)]
-    pub plain_http: bool,
-    /// containerd-style certs.d directory with REGISTRY/hosts.toml.
-    #[arg(long)]
-    pub hosts_dir: Option<PathBuf>,
-    /// Docker config with credentials (default ~/.docker/config.json).
-    #[arg(long)]
-    pub docker_config: Option<PathBuf>,
-}
-
-impl RegistryArgs {
-    fn options(&self) -> RegistryOptions {
-        RegistryOptions {
-            plain_http: self.plain_http,
-            hosts_dir: self.hosts_dir.clone(),
-            docker_config: self.docker_config.clone(),
-        }
-    }
-}
+use super::RegistryArgs;
 
 /// Arguments of `lazyblk convert`.
 #[derive(Debug, Args)]

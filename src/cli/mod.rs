@@ -5,8 +5,12 @@ mod image;
 mod layer;
 pub mod serve;
 
+use std::path::PathBuf;
+
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::fetch::registry::RegistryOptions;
 
 /// Block-device lazy loader for container images.
 #[derive(Debug, Parser)]
@@ -55,5 +59,30 @@ pub fn main() -> Result<()> {
         Command::Ls(a) => attach::ls(a),
         Command::Detach(a) => attach::detach(a),
         Command::Referrers(a) => image::referrers(a),
+    }
+}
+
+/// Registry access options.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Plain HTTP to registries (only for registries you trust on this network).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// containerd-style certs.d directory with REGISTRY/hosts.toml.
+    #[arg(long)]
+    pub hosts_dir: Option<PathBuf>,
+    /// Docker config with credentials (default ~/.docker/config.json).
+    #[arg(long)]
+    pub docker_config: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// The registry options these flags describe.
+    pub fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            plain_http: self.plain_http,
+            hosts_dir: self.hosts_dir.clone(),
+            docker_config: self.docker_config.clone(),
+        }
     }
 }

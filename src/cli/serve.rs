@@ -9,7 +9,6 @@ use clap::Args;
 use lazyblk_image_format::parse_digest;
 
 use crate::fetch::diskcache::DiskCache;
-use crate::fetch::registry::RegistryOptions;
 use crate::fetch::{open_source, BlockSource, EngineOptions, SourceOptions};
 
 /// Options shared by every command that opens a layer source.
@@ -25,15 +24,9 @@ pub struct SourceArgs {
     /// Index length (annotation `index-length`).
     #[arg(long, requires = "index_offset")]
     pub index_length: Option<u64>,
-    /// Talk plain HTTP to the registry (only for registries you trust on this network).
-    #[arg(long)]
-    pub plain_http: bool,
-    /// containerd-style certs.d directory with REGISTRY/hosts.toml (mirrors, per-host scheme).
-    #[arg(long)]
-    pub hosts_dir: Option<PathBuf>,
-    /// Docker config with registry credentials (default: ~/.docker/config.json).
-    #[arg(long)]
-    pub docker_config: Option<PathBuf>,
+    /// Registry access.
+    #[command(flatten)]
+    pub registry: super::RegistryArgs,
     /// Persistent chunk cache directory (shared by all layers).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -84,11 +77,7 @@ impl SourceArgs {
             bail!("--read-deadline must be positive");
         }
         Ok(SourceOptions {
-            registry: RegistryOptions {
-                plain_http: self.plain_http,
-                hosts_dir: self.hosts_dir.clone(),
-                docker_config: self.docker_config.clone(),
-            },
+            registry: self.registry.options(),
             index,
             trusted_index_digest: trusted,
             engine: EngineOptions {

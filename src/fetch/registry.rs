@@ -14,7 +14,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE};
 use reqwest::{StatusCode, Url};
 
-use super::remote::{classify, content_length, ranged_body, redact, FetchError, RangeReader};
+use super::remote::{classify, head_size, ranged_body, redact, FetchError, RangeReader};
 use super::BoxFuture;
 
 /// `registry/repository@sha256:digest`.
@@ -459,20 +459,7 @@ impl RegistryBlob {
         if !resp.status().is_redirection() {
             return Ok(resp);
         }
-        let base = resp.url().clone();
-        let loc = resp
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                FetchError::permanent(
-                    "http_4xx",
-                    format!("{}: redirect without Location", redact(&base)),
-                )
-            })?;
-        let target = base.join(loc).map_err(|e| {
-            FetchError::permanent("http_4xx", format!("{}: bad redirect: {e}", redact(&base)))
-        })?;
+        let target = redirect_target(&resp)?;
         let resp = build(self.repo.http(), target.clone())
             .send()
             .await
@@ -482,6 +469,24 @@ impl RegistryBlob {
         }
         Ok(resp)
     }
+}
+
+/// Where a 3xx response points (its Location resolved against the request URL).
+pub fn redirect_target(resp: &reqwest::Response) -> Result<Url, FetchError> {
+    let base = resp.url();
+    let loc = resp
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            FetchError::permanent(
+                "http_4xx",
+                format!("{}: redirect without Location", redact(base)),
+            )
+        })?;
+    base.join(loc).map_err(|e| {
+        FetchError::permanent("http_4xx", format!("{}: bad redirect: {e}", redact(base)))
+    })
 }
 
 /// `Authorization: Basic ...` for `c`, marked sensitive.
@@ -546,23 +551,7 @@ impl RangeReader for RegistryBlob {
     fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>> {
         Box::pin(async move {
             let resp = self.send(true, None).await?;
-            if !resp.status().is_success() {
-                return Err(FetchError {
-                    message: format!("{}: HTTP {} for HEAD", self.describe(), resp.status()),
-                    retryable: resp.status().is_server_error(),
-                    kind: if resp.status().is_server_error() {
-                        "http_5xx"
-                    } else {
-                        "http_4xx"
-                    },
-                });
-            }
-            content_length(&resp).ok_or_else(|| {
-                FetchError::permanent(
-                    "http_4xx",
-                    format!("{}: no Content-Length", self.describe()),
-                )
-            })
+            head_size(&resp, &self.describe())
         })
     }
 

@@ -197,26 +197,31 @@ impl RangeReader for HttpRange {
                 .send()
                 .await
                 .map_err(|e| classify(e, &what))?;
-            if !resp.status().is_success() {
-                return Err(FetchError {
-                    message: format!("{what}: HTTP {} for HEAD", resp.status()),
-                    retryable: resp.status().is_server_error(),
-                    kind: if resp.status().is_server_error() {
-                        "http_5xx"
-                    } else {
-                        "http_4xx"
-                    },
-                });
-            }
-            content_length(&resp).ok_or_else(|| {
-                FetchError::permanent("http_4xx", format!("{what}: no Content-Length"))
-            })
+            head_size(&resp, &what)
         })
     }
 
     fn describe(&self) -> String {
         redact(&self.url)
     }
+}
+
+/// The blob size from a HEAD response: its status must be 2xx and it must carry Content-Length.
+pub fn head_size(resp: &reqwest::Response, what: &str) -> Result<u64, FetchError> {
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(FetchError {
+            message: format!("{what}: HTTP {status} for HEAD"),
+            retryable: status.is_server_error(),
+            kind: if status.is_server_error() {
+                "http_5xx"
+            } else {
+                "http_4xx"
+            },
+        });
+    }
+    content_length(resp)
+        .ok_or_else(|| FetchError::permanent("http_4xx", format!("{what}: no Content-Length")))
 }
 
 /// The Content-Length header of a response (reqwest's `content_length` is 0 for HEAD).

@@ -326,49 +326,38 @@ async fn convert_manifest(
     } else {
         &m.config.media_type
     };
-    let bytes = if !ctx.opts.referrer {
-        let mut annotations = BTreeMap::new();
-        annotations.insert(
-            SOURCE_MANIFEST_ANNOTATION.to_string(),
-            subject.digest.clone(),
-        );
-        let man = Manifest {
-            schema_version: 2,
-            media_type: Some(OCI_MANIFEST.into()),
-            artifact_type: None,
-            config: Descriptor::new(config_type, &m.config.digest, m.config.size),
-            layers,
-            subject: None,
-            annotations,
-        };
-        serde_json::to_vec(&man).expect("manifest serialises")
-    } else {
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        SOURCE_MANIFEST_ANNOTATION.to_string(),
+        subject.digest.clone(),
+    );
+    let mut man = Manifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::new(config_type, &m.config.digest, m.config.size),
+        layers,
+        subject: None,
+        annotations,
+    };
+    if ctx.opts.referrer {
+        // An artifact: empty config, the original manifest as subject.
+        let empty = sha256_str(EMPTY_JSON);
         ctx.dst
-            .put_blob_bytes(Bytes::from_static(EMPTY_JSON), &sha256_str(EMPTY_JSON))
+            .put_blob_bytes(Bytes::from_static(EMPTY_JSON), &empty)
             .await?;
-        let mut annotations = BTreeMap::new();
-        annotations.insert(
-            SOURCE_MANIFEST_ANNOTATION.to_string(),
-            subject.digest.clone(),
-        );
-        let man = Manifest {
-            schema_version: 2,
-            media_type: Some(OCI_MANIFEST.into()),
-            artifact_type: Some(LAZYBLK_ARTIFACT.into()),
-            config: Descriptor::new(OCI_EMPTY, &sha256_str(EMPTY_JSON), EMPTY_JSON.len() as u64),
-            layers,
-            subject: Some(subject.clone()),
-            annotations,
-        };
-        let bytes = serde_json::to_vec(&man).expect("manifest serialises");
+        man.artifact_type = Some(LAZYBLK_ARTIFACT.into());
+        man.config = Descriptor::new(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64);
+        man.subject = Some(subject.clone());
+    }
+    let bytes = serde_json::to_vec(&man).expect("manifest serialises");
+    if ctx.opts.referrer {
         let digest = sha256_str(&bytes);
-        let indexed = ctx.dst.put_manifest(&digest, &bytes, OCI_MANIFEST).await?;
-        if !indexed {
+        if !ctx.dst.put_manifest(&digest, &bytes, OCI_MANIFEST).await? {
             add_to_fallback_tag(ctx.dst, &subject.digest, &man, &digest, bytes.len() as u64)
                 .await?;
         }
-        bytes
-    };
+    }
     Ok((
         ManifestSummary {
             platform: platform.map(|p| p.name()),

@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::oci::{Descriptor, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use super::ImageError;
-use crate::fetch::registry::{registry_client, RegistryOptions, RepoClient};
+use crate::fetch::registry::{redirect_target, registry_client, RegistryOptions, RepoClient};
 use crate::fetch::remote::redact;
 use crate::fetch::BoxFuture;
 
@@ -93,6 +93,51 @@ fn check_digest(digest: &str) -> Result<&str, ImageError> {
 
 const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
+/// Writes a blob to a file while checking it against its descriptor: never more bytes than the size,
+/// and the SHA-256 at the end.
+struct VerifyingFile<'d> {
+    file: std::fs::File,
+    hasher: Sha256,
+    written: u64,
+    desc: &'d Descriptor,
+}
+
+impl<'d> VerifyingFile<'d> {
+    fn create(path: &Path, desc: &'d Descriptor) -> Result<Self, ImageError> {
+        check_digest(&desc.digest)?;
+        Ok(VerifyingFile {
+            file: std::fs::File::create(path)?,
+            hasher: Sha256::new(),
+            written: 0,
+            desc,
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), ImageError> {
+        self.written += data.len() as u64;
+        if self.written > self.desc.size {
+            return Err(ImageError(format!(
+                "blob {}: more than the {} bytes its descriptor says",
+                self.desc.digest, self.desc.size
+            )));
+        }
+        self.hasher.update(data);
+        self.file.write_all(data)?;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(), ImageError> {
+        let got = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        if self.written != self.desc.size || got != self.desc.digest {
+            return Err(ImageError(format!(
+                "blob {}: digest mismatch (got {got}, {} of {} bytes): corrupt source",
+                self.desc.digest, self.written, self.desc.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A repository in a registry.
 pub struct RegistryStore {
     repo: RepoClient,
@@ -131,15 +176,7 @@ impl RegistryStore {
             )
             .await?;
         if resp.status().is_redirection() {
-            let base = resp.url().clone();
-            let loc = resp
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let target = base
-                .join(loc)
-                .map_err(|e| ImageError(format!("bad redirect: {e}")))?;
+            let target = redirect_target(&resp)?;
             return self
                 .repo
                 .http()
@@ -254,32 +291,15 @@ impl ImageStore for RegistryStore {
             if !resp.status().is_success() {
                 return Err(Self::status_error(&format!("GET blob {}", desc.digest), resp).await);
             }
-            let mut f = std::fs::File::create(path)?;
-            let mut h = Sha256::new();
-            let mut n = 0u64;
+            let mut out = VerifyingFile::create(path, desc)?;
             while let Some(chunk) = resp
                 .chunk()
                 .await
                 .map_err(|e| ImageError(format!("blob {}: {}", desc.digest, e.without_url())))?
             {
-                n += chunk.len() as u64;
-                if n > desc.size {
-                    return Err(ImageError(format!(
-                        "blob {}: more than the {} bytes its descriptor says",
-                        desc.digest, desc.size
-                    )));
-                }
-                h.update(&chunk);
-                f.write_all(&chunk)?;
+                out.write(&chunk)?;
             }
-            let got = format!("sha256:{}", hex::encode(h.finalize()));
-            if n != desc.size || got != desc.digest {
-                return Err(ImageError(format!(
-                    "blob {}: digest mismatch (got {got}, {n} of {} bytes): corrupt source, nothing converted",
-                    desc.digest, desc.size
-                )));
-            }
-            Ok(())
+            out.finish()
         })
     }
 
@@ -599,30 +619,18 @@ impl ImageStore for LayoutStore {
         path: &'a Path,
     ) -> BoxFuture<'a, Result<(), ImageError>> {
         Box::pin(async move {
-            let src = self.blob_path(&desc.digest)?;
-            let mut input = std::fs::File::open(&src)?;
-            let mut out = std::fs::File::create(path)?;
-            let mut h = Sha256::new();
+            let mut input = std::fs::File::open(self.blob_path(&desc.digest)?)?;
+            let mut out = VerifyingFile::create(path, desc)?;
             let mut buf = vec![0u8; 1 << 20];
-            let mut n = 0u64;
             loop {
                 use std::io::Read;
                 let k = input.read(&mut buf)?;
                 if k == 0 {
                     break;
                 }
-                h.update(&buf[..k]);
-                out.write_all(&buf[..k])?;
-                n += k as u64;
+                out.write(&buf[..k])?;
             }
-            let got = format!("sha256:{}", hex::encode(h.finalize()));
-            if n != desc.size || got != desc.digest {
-                return Err(ImageError(format!(
-                    "blob {}: digest mismatch (got {got}): corrupt source",
-                    desc.digest
-                )));
-            }
-            Ok(())
+            out.finish()
         })
     }
 

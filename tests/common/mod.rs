@@ -373,3 +373,16 @@ for p in sorted(parents - names):
         }
     }
 }
+
+/// Deterministic incompressible bytes (xorshift).
+pub fn noise(n: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
