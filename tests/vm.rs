@@ -1,6 +1,6 @@
 //! Real-kernel tests in a VM (Debian's 6.12 kernel under QEMU TCG; these hosts have no nbd/ublk and
-//! KVM does not work): the loop backend attaches, mounts and serves every file correctly, and the
-//! guest kernel has the ublk and nbd drivers the other backends will use.
+//! KVM does not work): the kernel NBD backend (generic netlink, socketpairs) and the loop backend each
+//! attach, mount read-only and serve every file correctly, then detach cleanly.
 
 mod common;
 
@@ -10,7 +10,7 @@ use common::layer::{LayerTar, DEF, DIR};
 use common::*;
 
 #[test]
-fn loop_backend_in_a_real_6_12_kernel() {
+fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
     let have = Command::new("sh")
         .arg("-c")
         .arg("command -v qemu-system-x86_64 && command -v cpio && test -x /bin/busybox")
@@ -52,7 +52,7 @@ fn loop_backend_in_a_real_6_12_kernel() {
         Command::new(format!("{root}/tools/vm/prepare.sh"))
             .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
             .arg(&payload)
-            .arg(format!("{root}/tools/vm/guest-attach.sh")),
+            .arg(format!("{root}/tools/vm/guest-backends.sh")),
     );
     let out = Command::new(format!("{root}/tools/vm/run.sh"))
         .arg("600")
@@ -64,7 +64,20 @@ fn loop_backend_in_a_real_6_12_kernel() {
         out.status.success(),
         "guest test failed; console:\n{console}"
     );
-    assert!(console.contains("checksums ok: 40 files"), "{console}");
+    for backend in ["nbd", "loop"] {
+        assert!(
+            console.contains(&format!("{backend}: checksums ok: 40 files")),
+            "{backend}: {console}"
+        );
+        assert!(
+            console.contains(&format!("{backend}: detached cleanly")),
+            "{backend}: {console}"
+        );
+    }
+    assert!(
+        console.contains("nbd: attached /dev/nbd") && console.contains("read-only=1"),
+        "{console}"
+    );
     assert!(
         console.contains("ublk-control: yes, nbd: yes"),
         "guest kernel lacks ublk/nbd: {console}"

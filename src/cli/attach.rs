@@ -72,6 +72,18 @@ pub fn attach(a: AttachArgs) -> Result<()> {
             a.mount.as_deref(),
         )
         .context("attaching with the loop backend")?,
+        Backend::Nbd => {
+            let timeout = (opts.engine.read_deadline.as_secs() + 30).max(30);
+            Attachment::attach_nbd(
+                source,
+                rt.handle().clone(),
+                &name,
+                &a.run_dir,
+                a.mount.as_deref(),
+                timeout,
+            )
+            .context("attaching with the kernel NBD backend")?
+        }
         other => bail!("backend {other:?} is not available"),
     };
     println!("{}", att.state().device);

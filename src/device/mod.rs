@@ -1,11 +1,13 @@
 //! Exposing a layer as a kernel block device.
 //!
-//! Backends: `loop` (a loop device over a one-file FUSE export of the virtual disk; works on any kernel
-//! with loop and FUSE). The ublk and kernel-NBD backends are not built yet: `auto` picks `loop` and says
-//! which modules a better backend would need.
+//! Backends: `nbd` (the kernel NBD driver connected over generic netlink to lazyblk's own NBD server
+//! on socketpairs: no FUSE) and `loop` (a loop device over a one-file FUSE export of the virtual disk;
+//! works on any kernel with loop and FUSE). ublk is not built yet. `auto` picks nbd, then loop.
 
 pub mod fuse_file;
 pub mod loopdev;
+pub mod nbd_kernel;
+pub mod netlink;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,19 +43,33 @@ pub fn probe() -> (bool, bool, bool) {
 /// Picks the backend for `wanted`, or explains what is missing.
 pub fn choose(wanted: Backend) -> Result<Backend, String> {
     let (ublk, nbd, lp) = probe();
+    let missing = |what: &str, module: &str| {
+        format!("the {what} backend needs the {module} kernel module, which is not loaded")
+    };
     match wanted {
-        Backend::Ublk | Backend::Nbd => Err(format!(
-            "the {wanted:?} backend is not built yet (kernel support here: ublk_drv {}, nbd {}); use --backend loop",
-            if ublk { "present" } else { "missing" },
-            if nbd { "present" } else { "missing" }
+        Backend::Ublk => Err(format!(
+            "the ublk backend is not built yet (ublk_drv here: {}); use --backend nbd or loop",
+            if ublk { "present" } else { "missing" }
         )),
-        Backend::Loop | Backend::Auto if lp => {
-            if wanted == Backend::Auto {
-                tracing::info!(ublk, nbd, "using the loop backend (FUSE in the data path; see docs/operations.md)");
-            }
+        Backend::Nbd if nbd => Ok(Backend::Nbd),
+        Backend::Nbd => Err(missing("nbd", "nbd")
+            + if lp {
+                "; --backend loop would work here"
+            } else {
+                ""
+            }),
+        Backend::Loop if lp => Ok(Backend::Loop),
+        Backend::Loop => Err(missing("loop", "loop (and fuse)")),
+        Backend::Auto if nbd => Ok(Backend::Nbd),
+        Backend::Auto if lp => {
+            tracing::info!(
+                ublk,
+                nbd,
+                "using the loop backend (FUSE in the data path; see docs/operations.md)"
+            );
             Ok(Backend::Loop)
         }
-        _ => Err("no usable backend: the loop backend needs /dev/loop-control (module loop) and /dev/fuse (module fuse)".into()),
+        Backend::Auto => Err("no usable backend: need the nbd module, or loop and fuse".into()),
     }
 }
 
@@ -82,6 +98,7 @@ pub struct Attachment {
     mounted: Option<PathBuf>,
     loopdev: Option<LoopDevice>,
     fuse: Option<fuser::BackgroundSession>,
+    nbd: Option<nbd_kernel::KernelNbd>,
 }
 
 impl Attachment {
@@ -126,10 +143,55 @@ impl Attachment {
             mounted: None,
             loopdev: None,
             fuse: Some(fuse),
+            nbd: None,
         };
         let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
         a.state.device = lo.path().display().to_string();
         a.loopdev = Some(lo);
+        a.finish(run_dir, mount)?;
+        Ok(a)
+    }
+
+    /// Attaches `source` as `/dev/nbdN` through the kernel NBD driver.
+    pub fn attach_nbd(
+        source: Arc<dyn BlockSource>,
+        rt: tokio::runtime::Handle,
+        name: &str,
+        run_dir: &Path,
+        mount: Option<&Path>,
+        timeout_secs: u64,
+    ) -> std::io::Result<Attachment> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir.join("devices"))?;
+        let size = source.size();
+        let nbd = nbd_kernel::KernelNbd::connect(source, &rt, 2, timeout_secs)?;
+        let mut a = Attachment {
+            state: DeviceState {
+                device: nbd.path(),
+                backend: Backend::Nbd,
+                source: name.to_string(),
+                size,
+                pid: std::process::id(),
+                mount: None,
+            },
+            state_file: PathBuf::new(),
+            work: run_dir.join(format!("attach-{}", std::process::id())),
+            mounted: None,
+            loopdev: None,
+            fuse: None,
+            nbd: Some(nbd),
+        };
+        a.finish(run_dir, mount)?;
+        Ok(a)
+    }
+
+    /// Mounts (if asked) and records the state file.
+    fn finish(&mut self, run_dir: &Path, mount: Option<&Path>) -> std::io::Result<()> {
+        let a = self;
+        // The device must be usable before it is mounted or announced.
         if let Some(dir) = mount {
             mount_ext4_ro(Path::new(&a.state.device), dir)?;
             a.mounted = Some(dir.to_path_buf());
@@ -141,7 +203,7 @@ impl Attachment {
             &a.state_file,
             serde_json::to_vec_pretty(&a.state).expect("state serialises"),
         )?;
-        Ok(a)
+        Ok(())
     }
 
     /// The device state.
@@ -163,6 +225,11 @@ impl Attachment {
         }
         if let Some(lo) = self.loopdev.take() {
             if let Err(e) = lo.detach() {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(nbd) = self.nbd.take() {
+            if let Err(e) = nbd.disconnect() {
                 first_err.get_or_insert(e);
             }
         }
