@@ -1,6 +1,8 @@
 //! Real-kernel tests in a VM (Debian's 6.12 kernel under QEMU TCG; these hosts have no nbd/ublk and
 //! KVM does not work): the kernel NBD backend (generic netlink, socketpairs) and the loop backend each
-//! attach, mount read-only and serve every file correctly, then detach cleanly.
+//! attach, mount read-only and serve every file correctly, then detach cleanly; and the NBD server is
+//! killed with SIGKILL while a reader loops over every file, `lazyblk recover` takes the device over and
+//! the reader sees no error.
 
 mod common;
 
@@ -52,7 +54,8 @@ fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
         Command::new(format!("{root}/tools/vm/prepare.sh"))
             .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
             .arg(&payload)
-            .arg(format!("{root}/tools/vm/guest-backends.sh")),
+            .arg(format!("{root}/tools/vm/guest-backends.sh"))
+            .arg(format!("{root}/tools/vm/guest-crash.sh")),
     );
     let out = Command::new(format!("{root}/tools/vm/run.sh"))
         .arg("600")

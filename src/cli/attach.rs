@@ -63,7 +63,7 @@ pub fn attach(a: AttachArgs) -> Result<()> {
     }
     let name = engine.name().to_string();
     let source: Arc<dyn BlockSource> = Arc::new(engine);
-    let att = match backend {
+    let mut att = match backend {
         Backend::Loop => Attachment::attach_loop(
             source,
             rt.handle().clone(),
@@ -86,20 +86,81 @@ pub fn attach(a: AttachArgs) -> Result<()> {
         }
         other => bail!("backend {other:?} is not available"),
     };
+    att.set_source_args(serde_json::json!({"spec": a.source, "args": a.src}))?;
     println!("{}", att.state().device);
     use std::io::Write;
     std::io::stdout().flush()?;
+    wait_for_signal(&rt)?;
+    let dev = att.state().device.clone();
+    att.detach().with_context(|| format!("detaching {dev}"))?;
+    tracing::info!(device = %dev, "detached");
+    Ok(())
+}
+
+fn wait_for_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        Ok::<_, std::io::Error>(())
-    })?;
-    let dev = att.state().device.clone();
-    att.detach().with_context(|| format!("detaching {dev}"))?;
-    tracing::info!(device = %dev, "detached");
+        Ok(())
+    })
+}
+
+/// Arguments of `lazyblk recover`.
+#[derive(Debug, Args)]
+pub struct RecoverArgs {
+    /// State directory.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+/// Resumes every NBD device whose serving process died, serving them in the foreground until
+/// SIGINT/SIGTERM (then they are detached like with `attach`).
+pub fn recover(a: RecoverArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut adopted = Vec::new();
+    for (state, alive) in list(&a.run_dir) {
+        if alive {
+            continue;
+        }
+        if state.backend != Backend::Nbd {
+            eprintln!("{}: the {:?} backend cannot be resumed (its FUSE export died with the server); run `lazyblk detach {}`", state.device, state.backend, state.device);
+            continue;
+        }
+        let spec = state.source_args["spec"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let src: SourceArgs = serde_json::from_value(state.source_args["args"].clone())
+            .with_context(|| format!("{}: no recorded source options", state.device))?;
+        let opts = src.options()?;
+        let engine = rt
+            .block_on(open_source(&spec, &opts))
+            .with_context(|| format!("{}: reopening {spec}", state.device))?;
+        let device = state.device.clone();
+        let source_args = state.source_args.clone();
+        let mut att =
+            Attachment::adopt_nbd(state, Arc::new(engine), rt.handle().clone(), &a.run_dir)
+                .with_context(|| format!("{device}: NBD_CMD_RECONFIGURE"))?;
+        att.set_source_args(source_args)?;
+        println!("{device} recovered");
+        adopted.push(att);
+    }
+    if adopted.is_empty() {
+        println!("nothing to recover");
+        return Ok(());
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    wait_for_signal(&rt)?;
+    for att in adopted {
+        let dev = att.state().device.clone();
+        att.detach().with_context(|| format!("detaching {dev}"))?;
+    }
     Ok(())
 }
 

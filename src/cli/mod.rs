@@ -34,6 +34,8 @@ enum Command {
     Ls(attach::LsArgs),
     /// Detach a device (or `all`).
     Detach(attach::DetachArgs),
+    /// Resume devices whose serving process died (kernel NBD: reconnect without failing reads).
+    Recover(attach::RecoverArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
     Convert(image::ConvertImageArgs),
     /// List the lazyblk referrer artifacts of an image.
@@ -58,12 +60,13 @@ pub fn main() -> Result<()> {
         Command::Attach(a) => attach::attach(a),
         Command::Ls(a) => attach::ls(a),
         Command::Detach(a) => attach::detach(a),
+        Command::Recover(a) => attach::recover(a),
         Command::Referrers(a) => image::referrers(a),
     }
 }
 
 /// Registry access options.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RegistryArgs {
     /// Plain HTTP to registries (only for registries you trust on this network).
     #[arg(long)]

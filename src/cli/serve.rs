@@ -11,8 +11,9 @@ use lazyblk_image_format::parse_digest;
 use crate::fetch::diskcache::DiskCache;
 use crate::fetch::{open_source, BlockSource, EngineOptions, SourceOptions};
 
-/// Options shared by every command that opens a layer source.
-#[derive(Debug, Args, Clone)]
+/// Options shared by every command that opens a layer source (persisted with an attached device so
+/// `lazyblk recover` can reopen it).
+#[derive(Debug, Args, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SourceArgs {
     /// Trusted index digest (`sha256:...`, the descriptor's `index-digest` annotation).
     #[arg(long)]

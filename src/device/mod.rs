@@ -88,6 +88,9 @@ pub struct DeviceState {
     pub pid: u32,
     /// Where the ext4 is mounted, if `--mount` was given.
     pub mount: Option<PathBuf>,
+    /// How the source was opened (opaque to this module; `lazyblk recover` reopens it the same way).
+    #[serde(default)]
+    pub source_args: serde_json::Value,
 }
 
 /// A live attachment; everything is undone on [`Attachment::detach`] or drop.
@@ -137,6 +140,7 @@ impl Attachment {
                 size,
                 pid: std::process::id(),
                 mount: None,
+                source_args: serde_json::Value::Null,
             },
             state_file: PathBuf::new(),
             work: work.clone(),
@@ -176,6 +180,7 @@ impl Attachment {
                 size,
                 pid: std::process::id(),
                 mount: None,
+                source_args: serde_json::Value::Null,
             },
             state_file: PathBuf::new(),
             work: run_dir.join(format!("attach-{}", std::process::id())),
@@ -186,6 +191,44 @@ impl Attachment {
         };
         a.finish(run_dir, mount)?;
         Ok(a)
+    }
+
+    /// Takes over a kernel NBD device whose serving process died: new sockets through
+    /// `NBD_CMD_RECONFIGURE`; the kernel resubmits the requests it was holding. The mount (if any) was
+    /// never lost and is left as it is.
+    pub fn adopt_nbd(
+        mut state: DeviceState,
+        source: Arc<dyn BlockSource>,
+        rt: tokio::runtime::Handle,
+        run_dir: &Path,
+    ) -> std::io::Result<Attachment> {
+        let index: u32 = state
+            .device
+            .trim_start_matches("/dev/nbd")
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("{} is not an NBD device", state.device)))?;
+        let nbd = nbd_kernel::KernelNbd::reconnect(index, source, &rt, 2)?;
+        state.pid = std::process::id();
+        let mut a = Attachment {
+            mounted: state.mount.clone(),
+            state,
+            state_file: PathBuf::new(),
+            work: run_dir.join(format!("attach-{}", std::process::id())),
+            loopdev: None,
+            fuse: None,
+            nbd: Some(nbd),
+        };
+        a.finish(run_dir, None)?;
+        Ok(a)
+    }
+
+    /// Records the source options in the state file.
+    pub fn set_source_args(&mut self, v: serde_json::Value) -> std::io::Result<()> {
+        self.state.source_args = v;
+        std::fs::write(
+            &self.state_file,
+            serde_json::to_vec_pretty(&self.state).expect("state serialises"),
+        )
     }
 
     /// Mounts (if asked) and records the state file.

@@ -12,6 +12,7 @@ use crate::nbd::proto::tflag;
 
 const NBD_CMD_CONNECT: u8 = 1;
 const NBD_CMD_DISCONNECT: u8 = 2;
+const NBD_CMD_RECONFIGURE: u8 = 3;
 const NBD_GENL_VERSION: u8 = 1;
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
@@ -51,34 +52,18 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 
 impl KernelNbd {
     /// Connects a free NBD device to `source` with `connections` sockets; reads time out in the kernel
-    /// after `timeout_secs` (the engine's own deadline should be shorter).
+    /// after `timeout_secs` (the engine's own deadline should be shorter), and a dead server has as long
+    /// to come back (`lazyblk recover`) before queued reads fail.
     pub fn connect(
         source: Arc<dyn BlockSource>,
         rt: &tokio::runtime::Handle,
         connections: usize,
         timeout_secs: u64,
     ) -> io::Result<KernelNbd> {
-        let mut genl = GenlSocket::open()?;
-        let family = genl.family("nbd")?;
-        let mut kernel_ends = Vec::new();
-        let mut tasks = Vec::new();
-        let mut socks = Attrs::default();
-        for _ in 0..connections.max(1) {
-            let (kernel, ours) = socketpair()?;
-            let std_sock = std::os::unix::net::UnixStream::from(ours);
-            std_sock.set_nonblocking(true)?;
-            let stream = {
-                let _guard = rt.enter();
-                tokio::net::UnixStream::from_std(std_sock)?
-            };
-            tasks.push(rt.spawn(crate::nbd::transmission(stream, source.clone(), false)));
-            let mut item = Attrs::default();
-            item.u32(NBD_SOCK_FD, kernel.as_raw_fd() as u32);
-            socks.nested(NBD_SOCK_ITEM, &item);
-            kernel_ends.push(kernel);
-        }
+        let size = source.size();
+        let (socks, kernel_ends, tasks) = Self::sockets(source, rt, connections)?;
         let mut a = Attrs::default();
-        a.u64(NBD_ATTR_SIZE_BYTES, source.size())
+        a.u64(NBD_ATTR_SIZE_BYTES, size)
             .u64(NBD_ATTR_BLOCK_SIZE_BYTES, 4096)
             .u64(
                 NBD_ATTR_SERVER_FLAGS,
@@ -89,6 +74,8 @@ impl KernelNbd {
             .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, timeout_secs)
             .u64(NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT)
             .nested(NBD_ATTR_SOCKETS, &socks);
+        let mut genl = GenlSocket::open()?;
+        let family = genl.family("nbd")?;
         let reply = genl.request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, &a)?;
         // The kernel holds its own references to the sockets now.
         drop(kernel_ends);
@@ -106,6 +93,56 @@ impl KernelNbd {
                 )
             })?;
         Ok(KernelNbd { index, tasks })
+    }
+
+    /// Gives device `index` new connections served from `source` (after its server died).
+    pub fn reconnect(
+        index: u32,
+        source: Arc<dyn BlockSource>,
+        rt: &tokio::runtime::Handle,
+        connections: usize,
+    ) -> io::Result<KernelNbd> {
+        let (socks, kernel_ends, tasks) = Self::sockets(source, rt, connections)?;
+        let mut a = Attrs::default();
+        a.u32(NBD_ATTR_INDEX, index)
+            .nested(NBD_ATTR_SOCKETS, &socks);
+        let mut genl = GenlSocket::open()?;
+        let family = genl.family("nbd")?;
+        genl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, &a)?;
+        drop(kernel_ends);
+        Ok(KernelNbd { index, tasks })
+    }
+
+    /// `connections` socketpairs: our ends served by the transmission loop, the kernel's ends listed
+    /// in an `NBD_ATTR_SOCKETS` attribute.
+    #[allow(clippy::type_complexity)]
+    fn sockets(
+        source: Arc<dyn BlockSource>,
+        rt: &tokio::runtime::Handle,
+        connections: usize,
+    ) -> io::Result<(
+        Attrs,
+        Vec<OwnedFd>,
+        Vec<tokio::task::JoinHandle<io::Result<()>>>,
+    )> {
+        let mut kernel_ends = Vec::new();
+        let mut tasks = Vec::new();
+        let mut socks = Attrs::default();
+        for _ in 0..connections.max(1) {
+            let (kernel, ours) = socketpair()?;
+            let std_sock = std::os::unix::net::UnixStream::from(ours);
+            std_sock.set_nonblocking(true)?;
+            let stream = {
+                let _guard = rt.enter();
+                tokio::net::UnixStream::from_std(std_sock)?
+            };
+            tasks.push(rt.spawn(crate::nbd::transmission(stream, source.clone(), false)));
+            let mut item = Attrs::default();
+            item.u32(NBD_SOCK_FD, kernel.as_raw_fd() as u32);
+            socks.nested(NBD_SOCK_ITEM, &item);
+            kernel_ends.push(kernel);
+        }
+        Ok((socks, kernel_ends, tasks))
     }
 
     /// `/dev/nbdN`.

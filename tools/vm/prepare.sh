@@ -3,11 +3,12 @@
 # and filesystem modules (decompressed), and an initramfs with busybox, the lazyblk binary and its
 # shared libraries, a test payload directory and a guest test script.
 #
-#   [LAZYBLK_BIN=path] tools/vm/prepare.sh PAYLOAD_DIR GUEST_SCRIPT   -> .cache/vm/{vmlinuz,initrd.gz}
+#   [LAZYBLK_BIN=path] tools/vm/prepare.sh PAYLOAD_DIR GUEST_SCRIPT...   -> .cache/vm/{vmlinuz,initrd.gz}
+# The guest runs the scripts in order; the run passes only if all of them exit 0.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 payload=$1
-script=$2
+shift
 kver=6.12.107+deb12-amd64
 vm=.cache/vm
 mkdir -p "$vm"
@@ -40,7 +41,16 @@ for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
   cp -L "$lib" "$root$lib"
 done
 cp -a "$payload"/. "$root/payload/"
-cp "$script" "$root/test.sh"
+mkdir -p "$root/tests"
+{
+  echo '#!/bin/sh'
+  echo 'rc=0'
+  for script in "$@"; do
+    cp "$script" "$root/tests/$(basename "$script")"
+    echo "sh /tests/$(basename "$script") || { echo \"$(basename "$script") FAILED\"; rc=1; }"
+  done
+  echo 'exit $rc'
+} >"$root/test.sh"
 chmod +x "$root/test.sh"
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
