@@ -45,9 +45,23 @@ fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
             hex::encode(lazyblk::format::sha256(&body))
         ));
     }
+    t.dir("keep", DIR)
+        .file("keep/a", DEF, b"a")
+        .file("keep/b", DEF, b"b");
     let tar = tmp.path().join("l.tar");
     std::fs::write(&tar, t.finish()).unwrap();
     convert(&tar, &payload.join("layer.blob"));
+    // An upper layer: a whiteout and an opaque directory.
+    let mut u = LayerTar::new();
+    u.dir("data", DIR).file("data/.wh.f1", DEF, b"");
+    u.dir("keep", DIR).file("keep/.wh..wh..opq", DEF, b"").file(
+        "keep/new",
+        DEF,
+        b"from the upper layer",
+    );
+    let utar = tmp.path().join("u.tar");
+    std::fs::write(&utar, u.finish()).unwrap();
+    convert(&utar, &payload.join("upper.blob"));
     std::fs::write(payload.join("SHA256SUMS"), sums).unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
     run_ok(
@@ -55,7 +69,9 @@ fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
             .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
             .arg(&payload)
             .arg(format!("{root}/tools/vm/guest-backends.sh"))
-            .arg(format!("{root}/tools/vm/guest-crash.sh")),
+            .arg(format!("{root}/tools/vm/guest-crash.sh"))
+            .arg(format!("{root}/tools/vm/guest-overlay.sh"))
+            .arg(format!("{root}/tools/vm/guest-dead.sh")),
     );
     let out = Command::new(format!("{root}/tools/vm/run.sh"))
         .arg("600")
