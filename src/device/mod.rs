@@ -105,6 +105,27 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// An attachment with nothing attached yet (the backends fill in their parts).
+    fn new(device: String, backend: Backend, source: &str, size: u64, work: PathBuf) -> Attachment {
+        Attachment {
+            state: DeviceState {
+                device,
+                backend,
+                source: source.to_string(),
+                size,
+                pid: std::process::id(),
+                mount: None,
+                source_args: serde_json::Value::Null,
+            },
+            state_file: PathBuf::new(),
+            work,
+            mounted: None,
+            loopdev: None,
+            fuse: None,
+            nbd: None,
+        }
+    }
+
     /// Attaches `source` with the loop backend under `run_dir`, optionally mounting the ext4 read-only.
     pub fn attach_loop(
         source: Arc<dyn BlockSource>,
@@ -114,10 +135,6 @@ impl Attachment {
         mount: Option<&Path>,
     ) -> std::io::Result<Attachment> {
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(run_dir.join("devices"))?;
         let work = run_dir.join(format!("attach-{}", std::process::id()));
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -132,23 +149,8 @@ impl Attachment {
         ];
         cfg.n_threads = Some(2);
         let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
-        let mut a = Attachment {
-            state: DeviceState {
-                device: String::new(),
-                backend: Backend::Loop,
-                source: name.to_string(),
-                size,
-                pid: std::process::id(),
-                mount: None,
-                source_args: serde_json::Value::Null,
-            },
-            state_file: PathBuf::new(),
-            work: work.clone(),
-            mounted: None,
-            loopdev: None,
-            fuse: Some(fuse),
-            nbd: None,
-        };
+        let mut a = Attachment::new(String::new(), Backend::Loop, name, size, work.clone());
+        a.fuse = Some(fuse);
         let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
         a.state.device = lo.path().display().to_string();
         a.loopdev = Some(lo);
@@ -165,30 +167,11 @@ impl Attachment {
         mount: Option<&Path>,
         timeout_secs: u64,
     ) -> std::io::Result<Attachment> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(run_dir.join("devices"))?;
         let size = source.size();
         let nbd = nbd_kernel::KernelNbd::connect(source, &rt, 2, timeout_secs)?;
-        let mut a = Attachment {
-            state: DeviceState {
-                device: nbd.path(),
-                backend: Backend::Nbd,
-                source: name.to_string(),
-                size,
-                pid: std::process::id(),
-                mount: None,
-                source_args: serde_json::Value::Null,
-            },
-            state_file: PathBuf::new(),
-            work: run_dir.join(format!("attach-{}", std::process::id())),
-            mounted: None,
-            loopdev: None,
-            fuse: None,
-            nbd: Some(nbd),
-        };
+        let work = run_dir.join(format!("attach-{}", std::process::id()));
+        let mut a = Attachment::new(nbd.path(), Backend::Nbd, name, size, work);
+        a.nbd = Some(nbd);
         a.finish(run_dir, mount)?;
         Ok(a)
     }
@@ -240,6 +223,11 @@ impl Attachment {
             a.mounted = Some(dir.to_path_buf());
             a.state.mount = Some(dir.to_path_buf());
         }
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(run_dir.join("devices"))?;
         let dev_name = a.state.device.trim_start_matches("/dev/").to_string();
         a.state_file = run_dir.join("devices").join(format!("{dev_name}.json"));
         std::fs::write(
