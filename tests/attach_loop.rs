@@ -111,6 +111,46 @@ fn attach_mount_compare_detach() {
     );
 }
 
+#[test]
+fn daemon_mode_returns_once_the_device_is_ready() {
+    if !privileged() {
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        assert!(std::env::var_os("CI").is_none(), "CI needs /dev/fuse");
+        eprintln!("SKIPPED: no /dev/fuse");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    t.file("hello", DEF, b"from a daemon\n");
+    let tar = tmp.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = tmp.path().join("l.blob");
+    convert(&tar, &blob);
+    let run = tmp.path().join("run");
+    let mnt = tmp.path().join("mnt");
+    let out = run_ok(
+        lazyblk()
+            .args(["attach", "--daemon", "--backend", "loop", "--mount"])
+            .arg(&mnt)
+            .arg("--run-dir")
+            .arg(&run)
+            .arg(&blob),
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(dev.starts_with("/dev/loop"), "{dev:?}");
+    // The command has returned; the device keeps serving from the background process.
+    assert_eq!(
+        std::fs::read(mnt.join("hello")).unwrap(),
+        b"from a daemon\n"
+    );
+    run_ok(lazyblk().args(["detach", &dev, "--run-dir"]).arg(&run));
+    assert!(!std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .contains(mnt.to_str().unwrap()));
+}
+
 /// Kills the attach process if the test fails half-way (its own SIGTERM handler then detaches).
 struct KillOnDrop(std::process::Child);
 

@@ -29,13 +29,64 @@ pub struct AttachArgs {
     /// Serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Return once the device is ready, leaving a background process serving it (log in RUN_DIR).
+    #[arg(long)]
+    daemon: bool,
     #[command(flatten)]
     src: SourceArgs,
+}
+
+/// Re-runs this command without `--daemon` in a new session, waits for the device line, prints it.
+fn daemonize(run_dir: &std::path::Path) -> Result<()> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(run_dir)?;
+    let log_path = run_dir.join(format!("attach-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path)?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and only detaches the child from our session and terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim().is_empty() {
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        bail!(
+            "attach failed:\n{}",
+            log.lines()
+                .rev()
+                .take(10)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    print!("{line}");
+    Ok(())
 }
 
 /// Runs `lazyblk attach` in the foreground until SIGINT/SIGTERM, then detaches cleanly.
 pub fn attach(a: AttachArgs) -> Result<()> {
     let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
+    if a.daemon {
+        return daemonize(&a.run_dir);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
