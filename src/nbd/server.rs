@@ -333,25 +333,17 @@ pub async fn transmission<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                         let _ = tx.send(parts).await;
                     });
                 }
-                cmd::WRITE => {
-                    // Drain the payload so the stream stays in sync, then refuse.
-                    let mut left = len as u64;
-                    let mut buf = vec![0u8; 64 << 10];
-                    while left > 0 {
-                        let k = left.min(buf.len() as u64) as usize;
-                        r.read_exact(&mut buf[..k]).await?;
-                        left -= k as u64;
+                cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES => {
+                    if kind == cmd::WRITE {
+                        // Drain the payload so the stream stays in sync, then refuse like the others.
+                        let mut left = len as u64;
+                        let mut buf = vec![0u8; 64 << 10];
+                        while left > 0 {
+                            let k = left.min(buf.len() as u64) as usize;
+                            r.read_exact(&mut buf[..k]).await?;
+                            left -= k as u64;
+                        }
                     }
-                    send(reply_for(
-                        structured,
-                        cookie,
-                        errno::EPERM,
-                        "read-only export",
-                        None,
-                    ))
-                    .await?;
-                }
-                cmd::TRIM | cmd::WRITE_ZEROES => {
                     send(reply_for(
                         structured,
                         cookie,
