@@ -1,8 +1,9 @@
 //! Real-kernel tests in a VM (Debian's 6.12 kernel under QEMU TCG; these hosts have no nbd/ublk and
-//! KVM does not work): the kernel NBD backend (generic netlink, socketpairs) and the loop backend each
-//! attach, mount read-only and serve every file correctly, then detach cleanly; and the NBD server is
-//! killed with SIGKILL while a reader loops over every file, `lazyblk recover` takes the device over and
-//! the reader sees no error.
+//! KVM does not work): the ublk, kernel NBD and loop backends each attach, mount read-only, serve every
+//! file correctly and read back identical to the raw image (random and sequential), show in `lazyblk
+//! ls`, then detach cleanly; the ublk and NBD servers are killed with SIGKILL while a reader loops over
+//! every file and a supervising `lazyblk recover --watch` takes the device over with the reader seeing
+//! no error; two layers stack under overlayfs; a server that never comes back gives EIO, not a hang.
 
 mod common;
 
@@ -12,7 +13,7 @@ use common::layer::{LayerTar, DEF, DIR};
 use common::*;
 
 #[test]
-fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
+fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
     let have = Command::new("sh")
         .arg("-c")
         .arg("command -v qemu-system-x86_64 && command -v cpio && test -x /bin/busybox")
@@ -83,18 +84,35 @@ fn nbd_and_loop_backends_in_a_real_6_12_kernel() {
         out.status.success(),
         "guest test failed; console:\n{console}"
     );
-    for backend in ["nbd", "loop"] {
+    for backend in ["ublk", "nbd", "loop"] {
+        for line in [
+            "checksums ok: 40 files",
+            "random reads ok: 64 blocks",
+            "sequential read identical",
+            "listed",
+            "detached cleanly",
+        ] {
+            assert!(
+                console.contains(&format!("{backend}: {line}")),
+                "{backend}: {line}: {console}"
+            );
+        }
+    }
+    for mode in ["ublk", "nbd", "ublk-idle"] {
         assert!(
-            console.contains(&format!("{backend}: checksums ok: 40 files")),
-            "{backend}: {console}"
-        );
-        assert!(
-            console.contains(&format!("{backend}: detached cleanly")),
-            "{backend}: {console}"
+            console.contains(&format!("crash-{mode}: supervisor said after"))
+                && console.contains(&format!("crash-{mode}: reader rounds ok=")),
+            "crash test {mode} did not run: {console}"
         );
     }
     assert!(
-        console.contains("nbd: attached /dev/nbd") && console.contains("read-only=1"),
+        console.contains("dead: read failed after") && console.contains("dead-ublk: reader exit=1"),
+        "{console}"
+    );
+    assert!(
+        console.contains("nbd: attached /dev/nbd")
+            && console.contains("ublk: attached /dev/ublkb")
+            && console.contains("read-only=1"),
         "{console}"
     );
     assert!(

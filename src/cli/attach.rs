@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::serve::SourceArgs;
-use crate::device::{choose, list, Attachment, Backend};
+use crate::device::{choose, list, ublk::UblkOptions, Attachment, Backend, DeviceState};
 use crate::fetch::{open_source, BlockSource};
 
 const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
@@ -32,6 +32,12 @@ pub struct AttachArgs {
     /// Return once the device is ready, leaving a background process serving it (log in RUN_DIR).
     #[arg(long)]
     daemon: bool,
+    /// ublk: hardware queues (one serving thread each).
+    #[arg(long, default_value_t = 1)]
+    ublk_queues: u16,
+    /// ublk: requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    ublk_depth: u16,
     #[command(flatten)]
     src: SourceArgs,
 }
@@ -113,8 +119,22 @@ pub fn attach(a: AttachArgs) -> Result<()> {
         });
     }
     let name = engine.name().to_string();
+    let metrics = engine.metrics();
     let source: Arc<dyn BlockSource> = Arc::new(engine);
     let mut att = match backend {
+        Backend::Ublk => Attachment::attach_ublk(
+            source,
+            rt.handle().clone(),
+            &name,
+            &a.run_dir,
+            a.mount.as_deref(),
+            UblkOptions {
+                queues: a.ublk_queues,
+                depth: a.ublk_depth,
+                ..UblkOptions::default()
+            },
+        )
+        .context("attaching with the ublk backend")?,
         Backend::Loop => Attachment::attach_loop(
             source,
             rt.handle().clone(),
@@ -135,8 +155,9 @@ pub fn attach(a: AttachArgs) -> Result<()> {
             )
             .context("attaching with the kernel NBD backend")?
         }
-        other => bail!("backend {other:?} is not available"),
+        Backend::Auto => unreachable!("choose() resolves auto"),
     };
+    att.publish_stats(metrics, rt.handle());
     att.set_source_args(serde_json::json!({"spec": a.source, "args": a.src}))?;
     println!("{}", att.state().device);
     use std::io::Write;
@@ -165,49 +186,131 @@ pub struct RecoverArgs {
     /// State directory.
     #[arg(long, default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
+    /// Keep running: take over any device whose server dies later too (run this as a service so a
+    /// restarted supervisor resumes every device).
+    #[arg(long)]
+    watch: bool,
 }
 
-/// Resumes every NBD device whose serving process died, serving them in the foreground until
-/// SIGINT/SIGTERM (then they are detached like with `attach`).
+/// Holds `RUN_DIR/recover.lock`: one recoverer at a time, or two would fight over a device.
+fn recover_lock(run_dir: &std::path::Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(run_dir)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(run_dir.join("recover.lock"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+        bail!(
+            "another `lazyblk recover` holds {}",
+            run_dir.join("recover.lock").display()
+        );
+    }
+    Ok(f)
+}
+
+/// Reopens the source recorded for `state` and takes the device over.
+fn adopt(
+    state: DeviceState,
+    rt: &tokio::runtime::Runtime,
+    run_dir: &std::path::Path,
+) -> Result<Attachment> {
+    let spec = state.source_args["spec"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let src: SourceArgs = serde_json::from_value(state.source_args["args"].clone())
+        .with_context(|| format!("{}: no recorded source options", state.device))?;
+    let opts = src.options()?;
+    let engine = rt
+        .block_on(open_source(&spec, &opts))
+        .with_context(|| format!("{}: reopening {spec}", state.device))?;
+    let metrics = engine.metrics();
+    if src.fill {
+        let e = engine.clone();
+        let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
+        rt.spawn(async move {
+            if let Err(err) = e.background_fill(rate).await {
+                tracing::error!(layer = %e.name(), error = %err, "background fill stopped");
+            }
+        });
+    }
+    let device = state.device.clone();
+    let source_args = state.source_args.clone();
+    let source: Arc<dyn BlockSource> = Arc::new(engine);
+    let mut att = match state.backend {
+        Backend::Nbd => Attachment::adopt_nbd(state, source, rt.handle().clone(), run_dir)
+            .with_context(|| format!("{device}: NBD_CMD_RECONFIGURE"))?,
+        Backend::Ublk => Attachment::adopt_ublk(state, source, rt.handle().clone(), run_dir)
+            .with_context(|| format!("{device}: ublk user recovery"))?,
+        other => bail!(
+            "{device}: the {other:?} backend cannot be resumed (its FUSE export died with the \
+             server); run `lazyblk detach {device}`"
+        ),
+    };
+    att.set_source_args(source_args)?;
+    att.publish_stats(metrics, rt.handle());
+    Ok(att)
+}
+
+/// Resumes every ublk and NBD device whose serving process died, serving them in the foreground
+/// until SIGINT/SIGTERM (then they are detached like with `attach`). With `--watch`, keeps looking.
 pub fn recover(a: RecoverArgs) -> Result<()> {
+    let _lock = recover_lock(&a.run_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut adopted = Vec::new();
-    for (state, alive) in list(&a.run_dir) {
-        if alive {
-            continue;
+    let mut adopted: Vec<Attachment> = Vec::new();
+    let mut given_up = std::collections::HashSet::new();
+    use std::io::Write;
+    loop {
+        for (state, alive) in list(&a.run_dir) {
+            if alive || given_up.contains(&state.device) {
+                continue;
+            }
+            let device = state.device.clone();
+            match adopt(state, &rt, &a.run_dir) {
+                Ok(att) => {
+                    println!("{device} recovered");
+                    tracing::info!(device = %device, "recovered");
+                    adopted.push(att);
+                }
+                Err(e) => {
+                    eprintln!("{device}: cannot recover: {e:#}");
+                    tracing::error!(device = %device, error = format!("{e:#}"), "recovery failed");
+                    given_up.insert(device);
+                }
+            }
+            std::io::stdout().flush()?;
         }
-        if state.backend != Backend::Nbd {
-            eprintln!("{}: the {:?} backend cannot be resumed (its FUSE export died with the server); run `lazyblk detach {}`", state.device, state.backend, state.device);
-            continue;
+        if !a.watch {
+            break;
         }
-        let spec = state.source_args["spec"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let src: SourceArgs = serde_json::from_value(state.source_args["args"].clone())
-            .with_context(|| format!("{}: no recorded source options", state.device))?;
-        let opts = src.options()?;
-        let engine = rt
-            .block_on(open_source(&spec, &opts))
-            .with_context(|| format!("{}: reopening {spec}", state.device))?;
-        let device = state.device.clone();
-        let source_args = state.source_args.clone();
-        let mut att =
-            Attachment::adopt_nbd(state, Arc::new(engine), rt.handle().clone(), &a.run_dir)
-                .with_context(|| format!("{device}: NBD_CMD_RECONFIGURE"))?;
-        att.set_source_args(source_args)?;
-        println!("{device} recovered");
-        adopted.push(att);
+        let stop = rt.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => Ok::<bool, std::io::Error>(true),
+                _ = term.recv() => Ok(true),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => Ok(false),
+            }
+        })?;
+        if stop {
+            return detach_all(adopted);
+        }
     }
     if adopted.is_empty() {
         println!("nothing to recover");
         return Ok(());
     }
-    use std::io::Write;
     std::io::stdout().flush()?;
     wait_for_signal(&rt)?;
+    detach_all(adopted)
+}
+
+fn detach_all(adopted: Vec<Attachment>) -> Result<()> {
     for att in adopted {
         let dev = att.state().device.clone();
         att.detach().with_context(|| format!("detaching {dev}"))?;
@@ -232,21 +335,36 @@ pub fn ls(a: LsArgs) -> Result<()> {
     if a.json {
         let v: Vec<_> = devs
             .iter()
-            .map(|(s, alive)| serde_json::json!({"state": s, "serving": alive}))
+            .map(|(s, alive)| {
+                let stats = crate::device::stats(&a.run_dir, &s.device);
+                serde_json::json!({"state": s, "serving": alive, "stats": stats})
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!(
-        "{:<12} {:<7} {:>12} {:>8} {:<8} SOURCE",
-        "DEVICE", "BACKEND", "SIZE", "PID", "STATE"
+        "{:<12} {:<7} {:>12} {:>6} {:>9} {:>7} {:>8} {:<8} SOURCE",
+        "DEVICE", "BACKEND", "SIZE", "FILL", "READS", "ERRORS", "PID", "STATE"
     );
     for (s, alive) in devs {
+        let st = crate::device::stats(&a.run_dir, &s.device);
+        let (fill, reads, errors) = match (&st, alive) {
+            (Some(st), true) => (
+                format!("{:.0}%", st.fill * 100.0),
+                st.reads.to_string(),
+                st.read_errors.to_string(),
+            ),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<12} {:<7} {:>12} {:>8} {:<8} {}",
+            "{:<12} {:<7} {:>12} {:>6} {:>9} {:>7} {:>8} {:<8} {}",
             s.device,
             format!("{:?}", s.backend).to_lowercase(),
             s.size,
+            fill,
+            reads,
+            errors,
             s.pid,
             if alive { "serving" } else { "dead" },
             s.source
@@ -279,9 +397,10 @@ pub fn detach(a: DetachArgs) -> Result<()> {
     for (s, alive) in targets {
         if !alive {
             eprintln!(
-                "{}: serving process {} is gone; removing its state",
+                "{}: serving process {} is gone; removing the device and its state",
                 s.device, s.pid
             );
+            remove_orphan(s)?;
             let _ = std::fs::remove_file(
                 a.run_dir
                     .join("devices")
@@ -305,4 +424,38 @@ pub fn detach(a: DetachArgs) -> Result<()> {
         println!("{} detached", s.device);
     }
     Ok(())
+}
+
+/// Removes a device nobody serves, so that reads it holds fail with EIO instead of waiting for a
+/// recovery that will not come. (A loop device over a dead FUSE export already fails them.)
+fn remove_orphan(s: &DeviceState) -> Result<()> {
+    let detach_mount = || {
+        if let Some(dir) = &s.mount {
+            if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+                // SAFETY: `c` is a valid NUL-terminated path; a failure leaves the mount as it was.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    };
+    match s.backend {
+        Backend::Ublk => {
+            crate::device::ublk::delete_orphan(crate::device::ublk_id(&s.device)?, detach_mount)
+                .with_context(|| format!("deleting {}", s.device))
+        }
+        Backend::Nbd => {
+            let index: u32 = s
+                .device
+                .trim_start_matches("/dev/nbd")
+                .parse()
+                .with_context(|| format!("{} is not an NBD device", s.device))?;
+            let r = crate::device::nbd_kernel::disconnect_index(index)
+                .with_context(|| format!("disconnecting {}", s.device));
+            detach_mount();
+            r
+        }
+        _ => {
+            detach_mount();
+            Ok(())
+        }
+    }
 }

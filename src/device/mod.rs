@@ -1,13 +1,15 @@
 //! Exposing a layer as a kernel block device.
 //!
-//! Backends: `nbd` (the kernel NBD driver connected over generic netlink to lazyblk's own NBD server
-//! on socketpairs: no FUSE) and `loop` (a loop device over a one-file FUSE export of the virtual disk;
-//! works on any kernel with loop and FUSE). ublk is not built yet. `auto` picks nbd, then loop.
+//! Backends: `ublk` (`ublk_drv` through libublk, with user recovery), `nbd` (the kernel NBD driver
+//! connected over generic netlink to lazyblk's own NBD server on socketpairs) and `loop` (a loop device
+//! over a one-file FUSE export of the virtual disk; works on any kernel with loop and FUSE, but a
+//! crashed server breaks it). `auto` picks ublk, then nbd, then loop.
 
 pub mod fuse_file;
 pub mod loopdev;
 pub mod nbd_kernel;
 pub mod netlink;
+pub mod ublk;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,22 +46,28 @@ pub fn probe() -> (bool, bool, bool) {
 pub fn choose(wanted: Backend) -> Result<Backend, String> {
     let (ublk, nbd, lp) = probe();
     let missing = |what: &str, module: &str| {
-        format!("the {what} backend needs the {module} kernel module, which is not loaded")
+        let others: Vec<&str> = [("ublk", ublk), ("nbd", nbd), ("loop", lp)]
+            .iter()
+            .filter(|(n, ok)| *ok && *n != what)
+            .map(|(n, _)| *n)
+            .collect();
+        format!(
+            "the {what} backend needs the {module} kernel module, which is not loaded here{}",
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; --backend {} would work", others.join(" or --backend "))
+            }
+        )
     };
     match wanted {
-        Backend::Ublk => Err(format!(
-            "the ublk backend is not built yet (ublk_drv here: {}); use --backend nbd or loop",
-            if ublk { "present" } else { "missing" }
-        )),
+        Backend::Ublk if ublk => Ok(Backend::Ublk),
+        Backend::Ublk => Err(missing("ublk", "ublk_drv (/dev/ublk-control)")),
         Backend::Nbd if nbd => Ok(Backend::Nbd),
-        Backend::Nbd => Err(missing("nbd", "nbd")
-            + if lp {
-                "; --backend loop would work here"
-            } else {
-                ""
-            }),
+        Backend::Nbd => Err(missing("nbd", "nbd")),
         Backend::Loop if lp => Ok(Backend::Loop),
         Backend::Loop => Err(missing("loop", "loop (and fuse)")),
+        Backend::Auto if ublk => Ok(Backend::Ublk),
         Backend::Auto if nbd => Ok(Backend::Nbd),
         Backend::Auto if lp => {
             tracing::info!(
@@ -69,7 +77,9 @@ pub fn choose(wanted: Backend) -> Result<Backend, String> {
             );
             Ok(Backend::Loop)
         }
-        Backend::Auto => Err("no usable backend: need the nbd module, or loop and fuse".into()),
+        Backend::Auto => {
+            Err("no usable backend: need the ublk_drv or nbd module, or loop and fuse".into())
+        }
     }
 }
 
@@ -102,6 +112,8 @@ pub struct Attachment {
     loopdev: Option<LoopDevice>,
     fuse: Option<fuser::BackgroundSession>,
     nbd: Option<nbd_kernel::KernelNbd>,
+    ublk: Option<ublk::UblkDevice>,
+    stats: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Attachment {
@@ -123,6 +135,8 @@ impl Attachment {
             loopdev: None,
             fuse: None,
             nbd: None,
+            ublk: None,
+            stats: None,
         }
     }
 
@@ -200,9 +214,79 @@ impl Attachment {
             loopdev: None,
             fuse: None,
             nbd: Some(nbd),
+            ublk: None,
+            stats: None,
         };
         a.finish(run_dir, None)?;
         Ok(a)
+    }
+
+    /// Attaches `source` as `/dev/ublkbN` (read-only, recoverable when the driver allows it).
+    pub fn attach_ublk(
+        source: Arc<dyn BlockSource>,
+        rt: tokio::runtime::Handle,
+        name: &str,
+        run_dir: &Path,
+        mount: Option<&Path>,
+        opts: ublk::UblkOptions,
+    ) -> std::io::Result<Attachment> {
+        let size = source.size();
+        let dev = ublk::UblkDevice::create(source, &rt, opts)?;
+        let work = run_dir.join(format!("attach-{}", std::process::id()));
+        let mut a = Attachment::new(dev.path(), Backend::Ublk, name, size, work);
+        a.ublk = Some(dev);
+        a.finish(run_dir, mount)?;
+        Ok(a)
+    }
+
+    /// Takes over a ublk device whose server died (user recovery; the kernel reissues the reads it
+    /// held). The mount (if any) was never lost and is left as it is.
+    pub fn adopt_ublk(
+        mut state: DeviceState,
+        source: Arc<dyn BlockSource>,
+        rt: tokio::runtime::Handle,
+        run_dir: &Path,
+    ) -> std::io::Result<Attachment> {
+        let id = ublk_id(&state.device)?;
+        let dev = ublk::UblkDevice::recover(id, source, &rt)?;
+        state.pid = std::process::id();
+        let mut a = Attachment::new(
+            state.device.clone(),
+            Backend::Ublk,
+            &state.source,
+            state.size,
+            run_dir.join(format!("attach-{}", std::process::id())),
+        );
+        a.mounted = state.mount.clone();
+        a.state = state;
+        a.ublk = Some(dev);
+        a.finish(run_dir, None)?;
+        Ok(a)
+    }
+
+    /// Keeps `RUN_DIR/devices/<dev>.stats.json` (fill, reads, errors; read by `lazyblk ls`) current.
+    pub fn publish_stats(
+        &mut self,
+        metrics: Arc<crate::fetch::metrics::Metrics>,
+        rt: &tokio::runtime::Handle,
+    ) {
+        let path = stats_path(&self.state_file);
+        self.stats = Some(rt.spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            loop {
+                let v = DeviceStats {
+                    fill: metrics.fill_ratio(),
+                    reads: metrics.reads.load(Relaxed),
+                    read_errors: metrics.read_errors.load(Relaxed),
+                    fetched_bytes: metrics.fetched_bytes.load(Relaxed),
+                };
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, serde_json::to_vec(&v).expect("stats serialise")).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }));
     }
 
     /// Records the source options in the state file.
@@ -264,7 +348,16 @@ impl Attachment {
                 first_err.get_or_insert(e);
             }
         }
+        if let Some(dev) = self.ublk.take() {
+            if let Err(e) = dev.delete() {
+                first_err.get_or_insert(e);
+            }
+        }
         drop(self.fuse.take());
+        if let Some(t) = self.stats.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(stats_path(&self.state_file));
         let _ = std::fs::remove_file(&self.state_file);
         let _ = std::fs::remove_dir(self.work.join("fuse"));
         let _ = std::fs::remove_dir(&self.work);
@@ -276,6 +369,39 @@ impl Drop for Attachment {
     fn drop(&mut self) {
         let _ = self.teardown();
     }
+}
+
+/// Live counters of a device, published by its serving process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// Fraction of the layer's stored chunks in the cache, 0..=1.
+    pub fill: f64,
+    /// Reads served.
+    pub reads: u64,
+    /// Reads answered with an error.
+    pub read_errors: u64,
+    /// Bytes fetched from the source.
+    pub fetched_bytes: u64,
+}
+
+fn stats_path(state_file: &Path) -> PathBuf {
+    state_file.with_extension("stats.json")
+}
+
+/// The last counters a device's serving process published.
+pub fn stats(run_dir: &Path, device: &str) -> Option<DeviceStats> {
+    let f = run_dir
+        .join("devices")
+        .join(format!("{}.stats.json", device.trim_start_matches("/dev/")));
+    serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+}
+
+/// `N` of `/dev/ublkbN`.
+pub fn ublk_id(device: &str) -> std::io::Result<u32> {
+    device
+        .trim_start_matches("/dev/ublkb")
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{device} is not a ublk device")))
 }
 
 fn cstr(p: &Path) -> std::io::Result<std::ffi::CString> {
@@ -325,16 +451,31 @@ pub fn list(run_dir: &Path) -> Vec<(DeviceState, bool)> {
         return out;
     };
     for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !name.ends_with(".json") || name.ends_with(".stats.json") {
+            continue;
+        }
         let Ok(b) = std::fs::read(e.path()) else {
             continue;
         };
         let Ok(s) = serde_json::from_slice::<DeviceState>(&b) else {
             continue;
         };
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(s.pid as libc::pid_t, 0) } == 0;
+        let alive = process_alive(s.pid);
         out.push((s, alive));
     }
     out.sort_by(|a, b| a.0.device.cmp(&b.0.device));
     out
+}
+
+/// Whether `pid` is a running process (a zombie that nobody reaped yet counts as dead).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
 }

@@ -152,14 +152,20 @@ impl KernelNbd {
 
     /// Disconnects the device (the kernel closes its sockets; the serving tasks end).
     pub fn disconnect(self) -> io::Result<()> {
-        let mut genl = GenlSocket::open()?;
-        let family = genl.family("nbd")?;
-        let mut a = Attrs::default();
-        a.u32(NBD_ATTR_INDEX, self.index);
-        genl.request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &a)?;
+        disconnect_index(self.index)?;
         for t in self.tasks {
             t.abort();
         }
         Ok(())
     }
+}
+
+/// Disconnects `/dev/nbd<index>` whoever serves it (queued requests fail with EIO).
+pub fn disconnect_index(index: u32) -> io::Result<()> {
+    let mut genl = GenlSocket::open()?;
+    let family = genl.family("nbd")?;
+    let mut a = Attrs::default();
+    a.u32(NBD_ATTR_INDEX, index);
+    genl.request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, &a)?;
+    Ok(())
 }

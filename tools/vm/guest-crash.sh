@@ -1,28 +1,56 @@
 #!/bin/sh
-# Guest crash test (kernel NBD): a reader loops over every file (page cache dropped each round, so reads
-# reach the device) while the serving process is killed with SIGKILL and `lazyblk recover` takes the
-# device over with NBD_CMD_RECONFIGURE. The reader must see zero errors.
-lazyblk attach /payload/layer.blob --backend nbd --mount /mnt/c --run-dir /run/lazyblk > /tmp/dev 2>/tmp/attach.err &
-pid=$!
-for i in $(seq 1 300); do [ -s /tmp/dev ] && break; sleep 0.1; done
-[ -s /tmp/dev ] || { echo "crash: attach failed: $(cat /tmp/attach.err)"; exit 1; }
-(
-  ok=0; fail=0
-  for i in $(seq 1 6); do
+# Guest crash test, for ublk and kernel NBD: a reader loops over every file (page cache dropped each
+# round, so reads reach the device) while the serving process is killed with SIGKILL. A supervising
+# `lazyblk recover --watch`, started beforehand, notices and takes the device over (ublk user recovery
+# with reissue; NBD_CMD_RECONFIGURE). The reader must see zero errors. `ublk-idle`: the same with no
+# read in flight at the kill (the kernel quiesces the device without a request to requeue).
+rc=0
+for mode in ublk nbd ublk-idle; do
+  backend=${mode%-idle}
+  run=/run/lazyblk-crash-$mode
+  mnt=/mnt/c-$mode
+  rm -f /tmp/stop /tmp/reader /tmp/recover
+  lazyblk attach /payload/layer.blob --backend $backend --mount $mnt --run-dir $run > /tmp/dev 2>/tmp/attach.err &
+  pid=$!
+  for i in $(seq 1 300); do [ -s /tmp/dev ] && break; sleep 0.1; done
+  [ -s /tmp/dev ] || { echo "crash-$mode: attach failed: $(cat /tmp/attach.err)"; rc=1; continue; }
+  lazyblk recover --watch --run-dir $run > /tmp/recover 2>/tmp/recover.err &
+  wpid=$!
+  if [ $mode != ublk-idle ]; then
+    (
+      ok=0; fail=0; longest=0
+      while [ ! -e /tmp/stop ]; do
+        s=$(date +%s)
+        echo 3 > /proc/sys/vm/drop_caches
+        if (cd $mnt && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1); then ok=$((ok+1)); else fail=$((fail+1)); grep -v ': OK' /tmp/round.log | head -3; fi
+        d=$(( $(date +%s) - s )); [ $d -gt $longest ] && longest=$d
+      done
+      echo "crash-$mode: reader rounds ok=$ok fail=$fail longest=${longest}s" > /tmp/reader
+    ) &
+    rpid=$!
+  fi
+  sleep 2
+  kill -9 $pid
+  t0=$(date +%s)
+  echo "crash-$mode: killed the serving process"
+  for i in $(seq 1 600); do grep -q recovered /tmp/recover 2>/dev/null && break; sleep 0.1; done
+  echo "crash-$mode: supervisor said after $(( $(date +%s) - t0 ))s: $(cat /tmp/recover)"
+  grep -q "recovered" /tmp/recover || { rc=1; tail -5 /tmp/recover.err; for t in /proc/$wpid/task/*; do echo "$t $(cat $t/comm) $(cat $t/wchan)"; done; }
+  if [ $mode = ublk-idle ]; then
     echo 3 > /proc/sys/vm/drop_caches
-    if (cd /mnt/c && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1); then ok=$((ok+1)); else fail=$((fail+1)); grep -v ': OK' /tmp/round.log | head -3; fi
-  done
-  echo "crash: reader rounds ok=$ok fail=$fail" > /tmp/reader
-) &
-rpid=$!
-sleep 1
-kill -9 $pid
-echo "crash: killed the serving process"
-sleep 1
-lazyblk recover --run-dir /run/lazyblk > /tmp/recover 2>/tmp/recover.err &
-for i in $(seq 1 300); do [ -s /tmp/recover ] && break; sleep 0.1; done
-echo "crash: $(cat /tmp/recover) $(cat /tmp/recover.err | tail -1)"
-wait $rpid
-cat /tmp/reader
-lazyblk detach all --run-dir /run/lazyblk
-grep -q "fail=0" /tmp/reader
+    (cd $mnt && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1) && ok=1 || ok=0
+    echo "crash-$mode: reader rounds ok=$ok fail=$((1-ok)) (after recovery)" > /tmp/reader
+  else
+    sleep 3
+    touch /tmp/stop
+    wait $rpid
+  fi
+  cat /tmp/reader
+  grep -q "fail=0" /tmp/reader || rc=1
+  grep -q "ok=0 " /tmp/reader && { echo "crash-$mode: reader never completed a round"; rc=1; }
+  lazyblk ls --run-dir $run
+  kill $wpid
+  wait $wpid || { echo "crash-$mode: supervisor exited with an error: $(tail -3 /tmp/recover.err)"; rc=1; }
+  if grep -q " $mnt " /proc/mounts; then echo "crash-$mode: still mounted"; rc=1; fi
+done
+exit $rc

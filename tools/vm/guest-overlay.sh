@@ -1,11 +1,12 @@
 #!/bin/sh
-# Guest test: two converted layers, each attached through kernel NBD and mounted read-only, stacked with
-# overlayfs (upper first): the upper layer's whiteout hides a lower file, its opaque directory hides the
+# Guest test: two converted layers, the lower through kernel NBD and the upper through ublk (`auto`
+# picks ublk here), each mounted read-only, stacked with overlayfs (upper first): the upper layer's whiteout hides a lower file, its opaque directory hides the
 # lower directory's content, and everything else of the lower layer shows through.
 set -e
 n=0
-for l in layer upper; do
-  lazyblk attach /payload/$l.blob --backend nbd --mount /mnt/o-$l --run-dir /run/lazyblk > /tmp/o-$l &
+for lb in layer:nbd upper:auto; do
+  l=${lb%:*}
+  lazyblk attach /payload/$l.blob --backend ${lb#*:} --mount /mnt/o-$l --run-dir /run/lazyblk > /tmp/o-$l &
   for i in $(seq 1 300); do [ -s /tmp/o-$l ] && break; sleep 0.1; done
   [ -s /tmp/o-$l ] || { echo "overlay: attach $l failed"; exit 1; }
 done
