@@ -1,6 +1,7 @@
 //! The `lazyblk` command line.
 
 mod attach;
+mod bench;
 mod image;
 mod layer;
 pub mod serve;
@@ -34,7 +35,7 @@ enum Command {
     Ls(attach::LsArgs),
     /// Detach a device (or `all`).
     Detach(attach::DetachArgs),
-    /// Resume devices whose serving process died (kernel NBD: reconnect without failing reads).
+    /// Resume devices whose serving process died (ublk user recovery, NBD reconnect); `--watch` keeps at it.
     Recover(attach::RecoverArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
     Convert(image::ConvertImageArgs),
@@ -42,6 +43,9 @@ enum Command {
     Referrers(image::ReferrersArgs),
     /// Serve a layer (file, URL or registry blob) read-only over NBD, fetching lazily.
     Serve(serve::ServeArgs),
+    /// Benchmarks (block-device reads).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the command line; the binary's `main` calls this.
@@ -62,6 +66,7 @@ pub fn main() -> Result<()> {
         Command::Detach(a) => attach::detach(a),
         Command::Recover(a) => attach::recover(a),
         Command::Referrers(a) => image::referrers(a),
+        Command::Bench(c) => bench::run(c),
     }
 }
 
