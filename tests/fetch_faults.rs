@@ -233,3 +233,45 @@ async fn disk_cache_survives_restart_and_rejects_damage() {
         "damaged entries must never be served"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_memory_are_served_at_once_and_only_when_cached() {
+    let (blob, raw) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let e = Arc::new(
+        open_source(&srv.url, &opts(Duration::from_secs(30)))
+            .await
+            .unwrap(),
+    );
+    let size = raw.len() as u64;
+    // Nothing cached yet: a read touching a stored chunk cannot be served at once.
+    let stored = (0..e.index().chunk_count())
+        .find(|&c| !e.index().entry(c).blob_range().is_empty())
+        .unwrap();
+    let at = e.index().chunk_offset(stored);
+    assert!(e.read_cached(at, 4096).is_none());
+    let fetched = srv.ranges().len();
+    // Fill the memory cache, then read at random from a thread outside the runtime (as a ublk queue
+    // thread does): every answer is immediate, correct, and costs no request.
+    read_all(&e).await.unwrap();
+    let requests = srv.ranges().len();
+    assert!(requests > fetched);
+    let (e2, raw2) = (e.clone(), raw.clone());
+    std::thread::spawn(move || {
+        let mut x = 99u64;
+        for _ in 0..500 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let len = 1 + (x >> 40) % (700 << 10);
+            let off = (x >> 5) % (size - len);
+            let got = e2
+                .read_cached(off, len as usize)
+                .expect("cached after a full read");
+            assert!(got[..] == raw2[off as usize..(off + len) as usize]);
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(srv.ranges().len(), requests);
+}

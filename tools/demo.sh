@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end (run as root): installs what it needs, builds lazyblk, builds a real Debian
 # rootfs layer, converts it to a lazyblk blob, verifies it, attaches it lazily as a block device with the
-# best backend this kernel has (today: loop over a one-file FUSE export; ublk and kernel NBD are not
-# built yet), mounts it read-only, reads from it and detaches.
+# best backend this kernel has (ublk, else kernel NBD, else loop over a one-file FUSE export), mounts it
+# read-only, reads from it and detaches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then
@@ -13,6 +13,8 @@ need=()
 for t in debootstrap:debootstrap e2fsck:e2fsprogs mount:mount zstd:zstd; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
+# libclang: libublk generates its kernel bindings with bindgen at build time.
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || need+=(libclang-dev)
 if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

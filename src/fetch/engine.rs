@@ -98,6 +98,8 @@ struct Inner {
     cached: Mutex<Vec<bool>>,
     zeros: Bytes,
     metrics: Arc<Metrics>,
+    /// The runtime the engine was made on, for readahead started outside it (ublk queue threads).
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// Calls `f` with retries (exponential backoff with jitter) until it succeeds, fails permanently, or the
@@ -285,6 +287,7 @@ impl Engine {
                 cached: Mutex::new(cached),
                 opts,
                 metrics,
+                rt: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -321,6 +324,71 @@ impl Engine {
             }
         }
         res
+    }
+
+    /// Serves a read at once if every chunk it covers is a zero chunk or in the memory cache, without
+    /// awaiting anything (callers outside the runtime, like ublk queue threads, skip two thread hops);
+    /// `None` means take the async path ([`Engine::read`]).
+    pub fn read_cached(&self, offset: u64, len: usize) -> Option<Bytes> {
+        let mut out = vec![0u8; len];
+        self.read_cached_into(offset, &mut out)
+            .then(|| Bytes::from(out))
+    }
+
+    /// [`Engine::read_cached`] into `buf` (one copy, straight from the cached chunks); false, with
+    /// `buf` unspecified, if some chunk is not in memory.
+    pub fn read_cached_into(&self, offset: u64, buf: &mut [u8]) -> bool {
+        let started = Instant::now();
+        let inner = &self.inner;
+        let idx = &inner.index;
+        let len = buf.len();
+        let Ok(chunks) = idx.chunks_for(offset, len as u64) else {
+            return false;
+        };
+        if len == 0 {
+            return false;
+        }
+        let mut parts = Vec::with_capacity((chunks.end - chunks.start) as usize);
+        {
+            let mut mem = inner.mem.lock().expect("mem lock");
+            for c in chunks.clone() {
+                if idx.entry(c).kind == ChunkKind::Zero {
+                    parts.push(None);
+                } else {
+                    match mem.get(&c) {
+                        Some(b) => parts.push(Some(b.clone())),
+                        None => return false,
+                    }
+                }
+            }
+        }
+        inner
+            .metrics
+            .mem_hits
+            .fetch_add(parts.iter().flatten().count() as u64, Relaxed);
+        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
+        if prev_end == offset && inner.opts.readahead_chunks > 0 {
+            let to = (chunks.end + inner.opts.readahead_chunks).min(idx.chunk_count());
+            if chunks.end < to {
+                self.spawn_prefetch(chunks.end..to);
+            }
+        }
+        let mut skip = (offset - idx.chunk_offset(chunks.start)) as usize;
+        let mut done = 0;
+        for (c, p) in chunks.zip(&parts) {
+            let clen = idx.chunk_len(c) as usize;
+            let take = (clen - skip).min(len - done);
+            match p {
+                Some(b) => buf[done..done + take].copy_from_slice(&b[skip..skip + take]),
+                None => buf[done..done + take].fill(0),
+            }
+            done += take;
+            skip = 0;
+        }
+        inner.metrics.reads.fetch_add(1, Relaxed);
+        inner.metrics.read_bytes.fetch_add(len as u64, Relaxed);
+        inner.metrics.read_latency.observe(started.elapsed());
+        true
     }
 
     async fn read_inner(&self, offset: u64, len: usize) -> Result<Bytes, ReadError> {
@@ -384,10 +452,15 @@ impl Engine {
 
     fn spawn_prefetch(&self, chunks: std::ops::Range<u64>) {
         let me = self.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let deadline = Instant::now() + me.inner.opts.read_deadline;
             let _ = me.get_chunks(chunks, deadline, true).await;
-        });
+        };
+        match (&self.inner.rt, tokio::runtime::Handle::try_current()) {
+            (_, Ok(h)) => drop(h.spawn(task)),
+            (Some(h), Err(_)) => drop(h.spawn(task)),
+            (None, Err(_)) => {}
+        }
     }
 
     /// The decompressed contents of `chunks`, in order. Chunks already being fetched are awaited, not
@@ -708,6 +781,9 @@ impl BlockSource for Engine {
     }
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, ReadError>> {
         Box::pin(self.read(offset, len))
+    }
+    fn read_now_into(&self, offset: u64, buf: &mut [u8]) -> bool {
+        self.read_cached_into(offset, buf)
     }
     fn prefetch(&self, offset: u64, len: u64) {
         if let Ok(chunks) = self.inner.index.chunks_for(offset, len) {

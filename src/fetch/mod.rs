@@ -57,6 +57,12 @@ pub trait BlockSource: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Reads `len` bytes at `offset`.
     fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, ReadError>>;
+    /// Fills `buf` with the bytes at `offset` if that can be done at once from memory, without
+    /// awaiting (device backends try this first from their own threads); false means use
+    /// [`BlockSource::read_at`]. Default: never.
+    fn read_now_into(&self, _offset: u64, _buf: &mut [u8]) -> bool {
+        false
+    }
     /// Hints that `len` bytes at `offset` will be read soon (NBD_CMD_CACHE, readahead). Default: ignore.
     fn prefetch(&self, _offset: u64, _len: u64) {}
 }
