@@ -94,7 +94,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn device(a: DeviceArgs) -> Result<()> {
-    if a.block == 0 || a.block % 512 != 0 || a.seq_kib == 0 {
+    if a.block == 0 || !a.block.is_multiple_of(512) || a.seq_kib == 0 {
         bail!("--block must be a non-zero multiple of 512 and --seq-kib non-zero");
     }
     let f = std::fs::OpenOptions::new()
