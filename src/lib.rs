@@ -15,5 +15,6 @@ pub mod ext4;
 pub mod fetch;
 pub mod image;
 pub mod nbd;
+pub mod snapshotter;
 
 pub use lazyblk_image_format as format;

@@ -10,7 +10,7 @@ if [[ $EUID -ne 0 ]]; then
   exit 1
 fi
 need=()
-for t in debootstrap:debootstrap e2fsck:e2fsprogs mount:mount zstd:zstd; do
+for t in debootstrap:debootstrap e2fsck:e2fsprogs mount:mount zstd:zstd protoc:protobuf-compiler; do
   command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
 done
 # libclang: libublk generates its kernel bindings with bindgen at build time.

@@ -8,8 +8,9 @@ for tool in e2fsck mount tar debootstrap; do
   command -v "$tool" >/dev/null || missing+=("$tool")
 done
 compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=("libclang (for libublk's bindgen)")
+command -v protoc >/dev/null || missing+=("protoc (containerd's API)")
 if ((${#missing[@]})); then
-  echo "missing: ${missing[*]} (apt-get install e2fsprogs mount tar debootstrap libclang-dev)" >&2
+  echo "missing: ${missing[*]} (apt-get install e2fsprogs mount tar debootstrap libclang-dev protobuf-compiler)" >&2
   exit 1
 fi
 if [[ -z "${LAZYBLK_ROOTFS_TAR:-}" ]]; then

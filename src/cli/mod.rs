@@ -4,7 +4,9 @@ mod attach;
 mod bench;
 mod image;
 mod layer;
+mod pull;
 pub mod serve;
+mod snapshotter;
 
 use std::path::PathBuf;
 
@@ -43,6 +45,10 @@ enum Command {
     Referrers(image::ReferrersArgs),
     /// Serve a layer (file, URL or registry blob) read-only over NBD, fetching lazily.
     Serve(serve::ServeArgs),
+    /// The containerd snapshotter (proxy plugin): remote layers on block devices.
+    Snapshotter(snapshotter::SnapshotterArgs),
+    /// Pull an image into containerd for the lazyblk snapshotter (remote layers are not downloaded).
+    Pull(pull::PullArgs),
     /// Benchmarks (block-device reads).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -67,6 +73,8 @@ pub fn main() -> Result<()> {
         Command::Recover(a) => attach::recover(a),
         Command::Referrers(a) => image::referrers(a),
         Command::Bench(c) => bench::run(c),
+        Command::Snapshotter(a) => snapshotter::run(a),
+        Command::Pull(a) => pull::run(a),
     }
 }
 

@@ -1,0 +1,129 @@
+//! `lazyblk snapshotter`: the containerd proxy snapshotter daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::RegistryArgs;
+use crate::device::{choose, Backend};
+use crate::snapshotter::layers::{LayerOptions, Layers};
+use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
+use crate::snapshotter::service::{Service, Snapshotter};
+
+/// Arguments of `lazyblk snapshotter`.
+#[derive(Debug, Args)]
+pub struct SnapshotterArgs {
+    /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`).
+    #[arg(long, default_value = "/run/lazyblk/lazyblk.sock")]
+    address: PathBuf,
+    /// State directory (snapshots, metadata, layer mounts, cache).
+    #[arg(
+        long,
+        default_value = "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk"
+    )]
+    root: PathBuf,
+    /// Block-device backend for remote layers.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Seconds an unused remote layer stays attached.
+    #[arg(long, default_value_t = 60)]
+    grace_secs: u64,
+    /// Fetch every attached layer completely in the background.
+    #[arg(long)]
+    fill: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Tells systemd (Type=notify) that the socket is ready, if it is watching.
+fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let path = path.to_string_lossy().to_string();
+    let r = if let Some(abs) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())
+            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+    } else {
+        sock.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "sd_notify");
+    }
+}
+
+/// Runs the snapshotter until SIGINT/SIGTERM.
+pub fn run(a: SnapshotterArgs) -> Result<()> {
+    let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
+    let mut attach_args = Vec::new();
+    if a.registry.plain_http {
+        attach_args.push("--plain-http".to_string());
+    }
+    if let Some(d) = &a.registry.hosts_dir {
+        attach_args.extend(["--hosts-dir".to_string(), d.display().to_string()]);
+    }
+    if let Some(d) = &a.registry.docker_config {
+        attach_args.extend(["--docker-config".to_string(), d.display().to_string()]);
+    }
+    if a.fill {
+        attach_args.push("--fill".to_string());
+    }
+    let layers = Layers::new(LayerOptions {
+        exe: std::env::current_exe()?,
+        mount_dir: a.root.join("layers"),
+        run_dir: a.root.join("run"),
+        cache_dir: a.root.join("cache"),
+        backend,
+        attach_args,
+        grace: Duration::from_secs(a.grace_secs),
+    })?;
+    let snap = Arc::new(Snapshotter::open(&a.root, layers)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        if let Some(dir) = a.address.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // A socket left by a previous run (crash, kill -9) would make bind fail.
+        if std::fs::symlink_metadata(&a.address).is_ok() {
+            std::fs::remove_file(&a.address)
+                .with_context(|| format!("removing stale {}", a.address.display()))?;
+        }
+        let listener = tokio::net::UnixListener::bind(&a.address)
+            .with_context(|| format!("listening on {}", a.address.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&a.address, std::fs::Permissions::from_mode(0o600))?;
+        tracing::info!(address = %a.address.display(), root = %a.root.display(), ?backend, "snapshotter ready");
+        eprintln!("lazyblk snapshotter listening on {}", a.address.display());
+        sd_notify_ready();
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        tonic::transport::Server::builder()
+            .add_service(SnapshotsServer::new(Service(snap)))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+            .context("gRPC server")?;
+        let _ = std::fs::remove_file(&a.address);
+        Ok::<(), anyhow::Error>(())
+    })
+}

@@ -1,0 +1,8 @@
+//! The containerd snapshotter (a proxy plugin speaking `containerd.services.snapshots.v1`).
+
+pub mod filters;
+pub mod layers;
+pub mod proto;
+pub mod pull;
+pub mod service;
+pub mod store;

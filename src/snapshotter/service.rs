@@ -1,0 +1,640 @@
+//! `containerd.services.snapshots.v1.Snapshots`, served to containerd as a proxy plugin.
+//!
+//! Local snapshots work like containerd's overlayfs snapshotter (`ROOT/snapshots/<id>/{fs,work}`;
+//! active snapshots are overlay mounts over their parents, or a bind mount without parents), so
+//! ordinary layers are unpacked by containerd into them. A Prepare whose labels carry
+//! `containerd.io/snapshot.ref` and the lazyblk layer annotations (forwarded by containerd's unpacker
+//! from the descriptor, plus the CRI image-ref/layer-digest labels) records the layer as committed under
+//! that name with a remote marker and answers AlreadyExists, so containerd skips the download; the
+//! layer's block device is attached (and its ext4 mounted read-only) when a snapshot on top of it
+//! needs its mounts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tonic::{Request, Response, Status};
+
+use super::filters::{Fields, Filters};
+use super::layers::Layers;
+use super::proto::snapshots as pb;
+use super::proto::types::Mount;
+use super::store::{now, Kind, Remote, Snapshot, Store, StoreError};
+
+/// Label naming the committed snapshot a Prepare targets (containerd's remote-snapshot protocol).
+pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
+/// Image reference label (set by CRI and by `lazyblk pull`).
+pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+/// Layer digest label (set by CRI and by `lazyblk pull`).
+pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// Prefix of the converter's layer annotations.
+pub const LAZYBLK_PREFIX: &str = "containerd.io/snapshot/lazyblk/";
+
+/// The service state.
+pub struct Snapshotter {
+    root: PathBuf,
+    store: Mutex<Store>,
+    layers: Layers,
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        tracing::error!(error = %e, "snapshot store");
+        Status::internal(e.to_string())
+    }
+}
+
+fn ts((s, n): (i64, i32)) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: s,
+        nanos: n,
+    })
+}
+
+fn info(key: &str, s: &Snapshot) -> pb::Info {
+    pb::Info {
+        name: key.to_string(),
+        parent: s.parent.clone(),
+        kind: s.kind.proto(),
+        created_at: ts(s.created),
+        updated_at: ts(s.updated),
+        labels: s.labels.clone().into_iter().collect(),
+    }
+}
+
+struct Named<'a>(&'a str, &'a Snapshot);
+
+impl Fields for Named<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        match path {
+            [f] if f == "name" => Some(self.0.to_string()),
+            [f] if f == "parent" => Some(self.1.parent.clone()),
+            [f] if f == "kind" => Some(
+                match self.1.kind {
+                    Kind::View => "view",
+                    Kind::Active => "active",
+                    Kind::Committed => "committed",
+                }
+                .to_string(),
+            ),
+            [l, rest @ ..] if l == "labels" && !rest.is_empty() => {
+                self.1.labels.get(&rest.join(".")).cloned()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The remote layer described by Prepare labels, if they describe one.
+pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Remote>, Status> {
+    let get = |k: &str| labels.get(&format!("{LAZYBLK_PREFIX}{k}"));
+    let Some(index_digest) = get("index-digest") else {
+        return Ok(None);
+    };
+    let bad = |what: &str| Status::invalid_argument(format!("lazyblk layer labels: {what}"));
+    let num = |k: &str| -> Result<u64, Status> {
+        get(k)
+            .ok_or_else(|| bad(&format!("{LAZYBLK_PREFIX}{k} missing")))?
+            .parse()
+            .map_err(|_| bad(&format!("{LAZYBLK_PREFIX}{k} is not a number")))
+    };
+    let image_ref = labels.get(LABEL_IMAGE_REF).ok_or_else(|| {
+        bad(&format!(
+            "{LABEL_IMAGE_REF} missing (pull with `lazyblk pull`, or CRI with snapshot annotations)"
+        ))
+    })?;
+    let digest = labels
+        .get(LABEL_LAYER_DIGEST)
+        .ok_or_else(|| bad(&format!("{LABEL_LAYER_DIGEST} missing")))?;
+    let (registry, repository) = match crate::image::ImageRef::parse(image_ref) {
+        Ok(crate::image::ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        }) => (registry, repository),
+        _ => {
+            return Err(bad(&format!(
+                "image ref {image_ref:?} is not a registry reference"
+            )))
+        }
+    };
+    lazyblk_image_format::parse_digest(digest).map_err(|e| bad(&e.to_string()))?;
+    Ok(Some(Remote {
+        source: format!("{registry}/{repository}@{digest}"),
+        index_offset: num("index-offset")?,
+        index_length: num("index-length")?,
+        index_digest: index_digest.clone(),
+        image_size: num("image-size")?,
+    }))
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, not crossing mounts.
+fn disk_usage(dir: &Path) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut inodes) = (0i64, 0i64);
+    let Ok(top) = std::fs::symlink_metadata(dir) else {
+        return (0, 0);
+    };
+    let dev = top.dev();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.dev() != dev || !seen.insert(m.ino()) {
+                continue;
+            }
+            inodes += 1;
+            bytes += m.blocks() as i64 * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+fn opt_str(s: &str) -> String {
+    s.replace(',', "\\,")
+}
+
+impl Snapshotter {
+    /// Opens the state under `root`.
+    pub fn open(root: &Path, layers: Layers) -> Result<Snapshotter, StoreError> {
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| StoreError::Db(e.to_string()))?;
+        let store = Store::open(&root.join("metadata.redb"))?;
+        Ok(Snapshotter {
+            root: root.to_path_buf(),
+            store: Mutex::new(store),
+            layers,
+        })
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    /// The directory a committed snapshot contributes as a lower layer (attaching remote layers).
+    fn lower(&self, key: &str, s: &Snapshot) -> Result<PathBuf, Status> {
+        match &s.remote {
+            Some(r) => self.layers.ensure(s.id, r).map_err(|e| {
+                tracing::error!(snapshot = key, layer = %r.source, error = %e, "remote layer unavailable");
+                Status::unavailable(format!("remote layer {} ({key}): {e}", r.source))
+            }),
+            None => Ok(self.dir(s.id).join("fs")),
+        }
+    }
+
+    fn mounts_of(&self, store: &Store, key: &str) -> Result<Vec<Mount>, Status> {
+        let s = store
+            .get(key)
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+        let parents = if s.kind == Kind::Committed {
+            store.chain(key)
+        } else {
+            store.chain(&s.parent)
+        };
+        let lowers = parents
+            .iter()
+            .map(|(k, p)| self.lower(k, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let m = |ty: &str, source: &Path, options: Vec<String>| Mount {
+            r#type: ty.to_string(),
+            source: source.display().to_string(),
+            target: String::new(),
+            options,
+        };
+        let lowerdir = || {
+            format!(
+                "lowerdir={}",
+                lowers
+                    .iter()
+                    .map(|p| opt_str(&p.display().to_string()))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            )
+        };
+        Ok(match s.kind {
+            Kind::Active if lowers.is_empty() => vec![m(
+                "bind",
+                &self.dir(s.id).join("fs"),
+                vec!["rbind".into(), "rw".into()],
+            )],
+            Kind::Active => {
+                let d = self.dir(s.id);
+                vec![m(
+                    "overlay",
+                    Path::new("overlay"),
+                    vec![
+                        format!("workdir={}", opt_str(&d.join("work").display().to_string())),
+                        format!("upperdir={}", opt_str(&d.join("fs").display().to_string())),
+                        lowerdir(),
+                    ],
+                )]
+            }
+            _ if lowers.is_empty() => vec![m(
+                "bind",
+                &self.dir(s.id).join("fs"),
+                vec!["rbind".into(), "ro".into()],
+            )],
+            _ if lowers.len() == 1 => {
+                vec![m("bind", &lowers[0], vec!["rbind".into(), "ro".into()])]
+            }
+            _ => vec![m(
+                "overlay",
+                Path::new("overlay"),
+                vec!["ro".into(), lowerdir()],
+            )],
+        })
+    }
+
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<Mount>, Status> {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("empty snapshot key"));
+        }
+        let mut store = self.store.lock().expect("store lock");
+        if store.get(key).is_some() {
+            return Err(Status::already_exists(format!(
+                "snapshot {key} already exists"
+            )));
+        }
+        if !parent.is_empty() {
+            match store.get(parent) {
+                None => return Err(Status::not_found(format!("parent snapshot {parent}"))),
+                Some(p) if p.kind != Kind::Committed => {
+                    return Err(Status::failed_precondition(format!(
+                        "parent {parent} is not committed"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let target = labels.get(LABEL_TARGET).cloned();
+        if let (Some(target), Some(remote)) = (target, remote_from_labels(&labels)?) {
+            let target = target.as_str();
+            if store.get(target).is_some() {
+                return Err(Status::already_exists(format!(
+                    "target snapshot {target} exists"
+                )));
+            }
+            let id = store.alloc_id();
+            let t = now();
+            let usage = (remote.image_size as i64, 0);
+            tracing::info!(target = %target, layer = %remote.source, "remote layer recorded");
+            store.put(
+                target,
+                Snapshot {
+                    id,
+                    kind: Kind::Committed,
+                    parent: parent.to_string(),
+                    labels,
+                    created: t,
+                    updated: t,
+                    usage,
+                    remote: Some(remote),
+                },
+                None,
+            )?;
+            return Err(Status::already_exists(format!(
+                "target snapshot {target} (remote lazyblk layer)"
+            )));
+        }
+        let id = store.alloc_id();
+        let d = self.dir(id);
+        let mk = || -> std::io::Result<()> {
+            std::fs::create_dir_all(d.join("fs"))?;
+            if kind == Kind::Active {
+                std::fs::create_dir_all(d.join("work"))?;
+            }
+            Ok(())
+        };
+        mk().map_err(|e| Status::internal(format!("creating {}: {e}", d.display())))?;
+        let t = now();
+        store.put(
+            key,
+            Snapshot {
+                id,
+                kind,
+                parent: parent.to_string(),
+                labels,
+                created: t,
+                updated: t,
+                usage: (0, 0),
+                remote: None,
+            },
+            None,
+        )?;
+        match self.mounts_of(&store, key) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // Do not leave a snapshot whose layers could not be mounted.
+                let _ = store.remove(key);
+                let _ = std::fs::remove_dir_all(&d);
+                Err(e)
+            }
+        }
+    }
+
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Status> {
+        let mut store = self.store.lock().expect("store lock");
+        if store.get(name).is_some() {
+            return Err(Status::already_exists(format!(
+                "snapshot {name} already exists"
+            )));
+        }
+        let mut s = store
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+        if s.kind != Kind::Active {
+            return Err(Status::failed_precondition(format!("{key} is not active")));
+        }
+        s.usage = disk_usage(&self.dir(s.id).join("fs"));
+        s.kind = Kind::Committed;
+        s.labels.extend(labels);
+        s.updated = now();
+        store.put(name, s.clone(), Some(key))?;
+        let _ = std::fs::remove_dir_all(self.dir(s.id).join("work"));
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<(), Status> {
+        let mut store = self.store.lock().expect("store lock");
+        let s = store
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+        if store.has_children(key) {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {key} has children"
+            )));
+        }
+        store.remove(key)?;
+        drop(store);
+        if s.remote.is_some() {
+            if let Err(e) = self.layers.release(s.id) {
+                tracing::error!(snapshot = key, error = %e, "detaching a removed layer");
+            }
+            let _ = std::fs::remove_dir(self.layers.mountpoint(s.id));
+        } else {
+            let d = self.dir(s.id);
+            let trash = self.root.join("snapshots").join(format!("rm-{}", s.id));
+            if std::fs::rename(&d, &trash).is_ok() {
+                let _ = std::fs::remove_dir_all(&trash);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remote layers attached but used by no active or view snapshot.
+    fn unused_layers(&self) -> Vec<u64> {
+        let store = self.store.lock().expect("store lock");
+        let mut used = std::collections::HashSet::new();
+        for (_, s) in store.all() {
+            if s.kind != Kind::Committed {
+                for (_, p) in store.chain(&s.parent) {
+                    used.insert(p.id);
+                }
+            }
+        }
+        self.layers
+            .attached_ids()
+            .into_iter()
+            .filter(|id| !used.contains(id))
+            .collect()
+    }
+
+    /// Detaches layers nothing uses (after the grace period, if still unused).
+    pub fn schedule_release(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let first = me.unused_layers();
+            if first.is_empty() {
+                return;
+            }
+            std::thread::sleep(me.layers.grace());
+            let now = me.unused_layers();
+            for id in first.into_iter().filter(|i| now.contains(i)) {
+                if let Err(e) = me.layers.release(id) {
+                    tracing::error!(layer = id, error = %e, "detaching an unused layer");
+                }
+            }
+        });
+    }
+
+    fn update(&self, info: pb::Info, paths: Vec<String>) -> Result<pb::Info, Status> {
+        let mut store = self.store.lock().expect("store lock");
+        let key = info.name.clone();
+        let mut s = store
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+        let paths = if paths.is_empty() {
+            vec!["labels".to_string()]
+        } else {
+            paths
+        };
+        for p in paths {
+            if p == "labels" {
+                s.labels = info.labels.clone().into_iter().collect();
+            } else if let Some(l) = p.strip_prefix("labels.") {
+                match info.labels.get(l) {
+                    Some(v) => {
+                        s.labels.insert(l.to_string(), v.clone());
+                    }
+                    None => {
+                        s.labels.remove(l);
+                    }
+                }
+            } else {
+                return Err(Status::invalid_argument(format!(
+                    "cannot update field {p:?} of a snapshot"
+                )));
+            }
+        }
+        s.updated = now();
+        store.put(&key, s.clone(), None)?;
+        Ok(self::info(&key, &s))
+    }
+
+    /// Removes directories and mounts no snapshot owns (after crashes mid-operation).
+    fn cleanup(&self) -> Result<(), Status> {
+        let store = self.store.lock().expect("store lock");
+        let ids: std::collections::HashSet<String> =
+            store.all().map(|(_, s)| s.id.to_string()).collect();
+        drop(store);
+        if let Ok(rd) = std::fs::read_dir(self.root.join("snapshots")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if !ids.contains(&name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tonic service (every call runs on the blocking pool: it touches the disk and may attach).
+#[derive(Clone)]
+pub struct Service(pub Arc<Snapshotter>);
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("snapshotter task: {e}")))?
+}
+
+fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl pb::snapshots_server::Snapshots for Service {
+    async fn prepare(
+        &self,
+        r: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let s = self.0.clone();
+        let mounts =
+            blocking(move || s.create(Kind::Active, &r.key, &r.parent, labels(r.labels))).await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse { mounts }))
+    }
+
+    async fn view(
+        &self,
+        r: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let s = self.0.clone();
+        let mounts =
+            blocking(move || s.create(Kind::View, &r.key, &r.parent, labels(r.labels))).await?;
+        Ok(Response::new(pb::ViewSnapshotResponse { mounts }))
+    }
+
+    async fn mounts(
+        &self,
+        r: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
+        let r = r.into_inner();
+        let s = self.0.clone();
+        let mounts = blocking(move || {
+            let store = s.store.lock().expect("store lock");
+            s.mounts_of(&store, &r.key)
+        })
+        .await?;
+        Ok(Response::new(pb::MountsResponse { mounts }))
+    }
+
+    async fn commit(&self, r: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = r.into_inner();
+        let s = self.0.clone();
+        blocking(move || s.commit(&r.name, &r.key, labels(r.labels))).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, r: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let r = r.into_inner();
+        let s = self.0.clone();
+        blocking(move || s.remove(&r.key)).await?;
+        self.0.schedule_release();
+        Ok(Response::new(()))
+    }
+
+    async fn stat(
+        &self,
+        r: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let key = r.into_inner().key;
+        let store = self.0.store.lock().expect("store lock");
+        let s = store
+            .get(&key)
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(info(&key, s)),
+        }))
+    }
+
+    async fn update(
+        &self,
+        r: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        let i = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update without info"))?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let s = self.0.clone();
+        let info = blocking(move || s.update(i, paths)).await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(info),
+        }))
+    }
+
+    type ListStream =
+        futures::stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
+
+    async fn list(
+        &self,
+        r: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let f = Filters::parse(&r.into_inner().filters).map_err(Status::invalid_argument)?;
+        let store = self.0.store.lock().expect("store lock");
+        let infos: Vec<pb::Info> = store
+            .all()
+            .filter(|(k, s)| f.matches(&Named(k, s)))
+            .map(|(k, s)| info(k, s))
+            .collect();
+        let pages: Vec<_> = infos
+            .chunks(100)
+            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
+            .collect();
+        Ok(Response::new(futures::stream::iter(pages)))
+    }
+
+    async fn usage(
+        &self,
+        r: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let key = r.into_inner().key;
+        let s = self.0.clone();
+        let (size, inodes) = blocking(move || {
+            let store = s.store.lock().expect("store lock");
+            let snap = store
+                .get(&key)
+                .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+            Ok(match snap.kind {
+                // The writable upper directory is local: measure it now.
+                Kind::Active => disk_usage(&s.dir(snap.id).join("fs")),
+                _ => snap.usage,
+            })
+        })
+        .await?;
+        Ok(Response::new(pb::UsageResponse { size, inodes }))
+    }
+
+    async fn cleanup(&self, _r: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let s = self.0.clone();
+        blocking(move || s.cleanup()).await?;
+        self.0.schedule_release();
+        Ok(Response::new(()))
+    }
+}
