@@ -208,6 +208,11 @@ fn recover_lock(run_dir: &std::path::Path) -> Result<std::fs::File> {
             run_dir.join("recover.lock").display()
         );
     }
+    // Who holds it (for operators and tests; the lock itself is the flock).
+    let _ = std::fs::write(
+        run_dir.join("recover.pid"),
+        format!("{}\n", std::process::id()),
+    );
     Ok(f)
 }
 
