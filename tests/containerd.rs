@@ -62,6 +62,8 @@ fn wait_for(path: &Path, what: &str) {
 }
 
 struct Env {
+    /// Directory with containerd, ctr and containerd-shim-runc-v2.
+    bin: PathBuf,
     dir: PathBuf,
     sock: PathBuf,
     snap_sock: PathBuf,
@@ -70,9 +72,31 @@ struct Env {
 
 impl Env {
     fn ctr(&self, ns: &str) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = Command::new(self.bin.join("ctr"));
         c.arg("-a").arg(&self.sock).args(["-n", ns]);
         c
+    }
+
+    fn start_containerd(&self, config: &str) -> Daemon {
+        std::fs::write(self.dir.join("containerd.toml"), config).unwrap();
+        let path = format!(
+            "{}:{}",
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let d = Daemon(
+            Command::new(self.bin.join("containerd"))
+                .arg("--config")
+                .arg(self.dir.join("containerd.toml"))
+                .env("PATH", path)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.join("containerd.log")).unwrap())
+                .spawn()
+                .unwrap(),
+            "containerd",
+        );
+        wait_for(&self.sock, "containerd");
+        d
     }
 
     fn start_snapshotter(&self) -> Daemon {
@@ -108,6 +132,7 @@ impl Env {
 /// Undoes everything on the way out, also when an assertion fails: containers, the serving
 /// processes (own sessions, so they would outlive the test), the recovery supervisor, mounts.
 struct Cleanup {
+    ctr: PathBuf,
     env_sock: PathBuf,
     root: PathBuf,
     containers: Vec<(String, String)>,
@@ -128,7 +153,7 @@ impl Drop for Cleanup {
         }
         for (ns, c) in &self.containers {
             let ctr = |args: &[&str]| {
-                let _ = Command::new("ctr")
+                let _ = Command::new(&self.ctr)
                     .arg("-a")
                     .arg(&self.env_sock)
                     .args(["-n", ns])
@@ -208,10 +233,10 @@ fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> Stri
     ])))
 }
 
-#[test]
-fn containerd_runs_images_from_lazyblk_layers() {
-    if !have(&["containerd", "ctr", "runc", "skopeo", "umoci", "curl"]) {
-        return;
+/// The common preconditions; None means skip.
+fn setup(tools: &[&str]) -> Option<(PathBuf, Registry)> {
+    if !have(tools) {
+        return None;
     }
     let Some(rootfs) = std::env::var_os("LAZYBLK_ROOTFS_TAR").map(PathBuf::from) else {
         assert!(
@@ -219,16 +244,20 @@ fn containerd_runs_images_from_lazyblk_layers() {
             "CI must set LAZYBLK_ROOTFS_TAR"
         );
         eprintln!("SKIPPED: LAZYBLK_ROOTFS_TAR not set");
-        return;
+        return None;
     };
     if !privileged() {
-        return;
+        return None;
     }
-    let Some(reg) = Registry::start() else { return };
-    let r = reg.addr.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
+    let reg = Registry::start()?;
+    Some((rootfs, reg))
+}
 
+/// Pushes `test/app:web` (the Debian rootfs, a layer with deletions and a replaced directory, a
+/// layer with a static busybox), converts it to `web-lazyblk`, and assembles `mixed` (the converted
+/// base layer under the original tar.gz second layer).
+fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
+    let r = reg.addr.clone();
     // Image: the Debian rootfs, a layer with deletions/replaced dir, a layer with static busybox.
     let layout = dir.join("layout");
     run_ok(
@@ -313,38 +342,37 @@ fn containerd_runs_images_from_lazyblk_layers() {
         &format!("@{}", mpath.display()),
         &format!("http://{r}/v2/test/app/manifests/mixed"),
     ]));
+}
+
+#[test]
+fn containerd_runs_images_from_lazyblk_layers() {
+    let Some((rootfs, reg)) = setup(&["containerd", "ctr", "runc", "skopeo", "umoci", "curl"])
+    else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    build_images(&dir, &reg, &rootfs);
 
     // containerd 1.6 with the lazyblk proxy plugin.
     let env = Env {
+        bin: PathBuf::from("/usr/bin"),
         sock: dir.join("containerd.sock"),
         snap_sock: dir.join("lazyblk.sock"),
         root: dir.join("lazyblk"),
         dir: dir.clone(),
     };
-    std::fs::write(
-        dir.join("containerd.toml"),
-        format!(
-            "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
     let mut snapd = Some(env.start_snapshotter());
-    let _containerd = Daemon(
-        Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("containerd.toml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("containerd.log")).unwrap())
-            .spawn()
-            .unwrap(),
-        "containerd",
-    );
-    wait_for(&env.sock, "containerd");
+    let _containerd = env.start_containerd(&format!(
+        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
+        d = dir.display()
+    ));
     let image = format!("{r}/test/app:web-lazyblk");
     let id = std::process::id();
     let (web1, web2) = (format!("web1-{id}"), format!("web2-{id}"));
     let _cleanup = Cleanup {
+        ctr: env.bin.join("ctr"),
         env_sock: env.sock.clone(),
         root: env.root.clone(),
         containers: vec![
@@ -503,5 +531,135 @@ fn containerd_runs_images_from_lazyblk_layers() {
         "{seen}"
     );
 
+    drop(snapd);
+}
+
+#[test]
+fn containerd_2_pulls_lazyblk_images_through_the_transfer_service() {
+    let Some(bin) = std::env::var_os("LAZYBLK_CONTAINERD2_DIR").map(PathBuf::from) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set LAZYBLK_CONTAINERD2_DIR (tools/get-containerd2.sh)"
+        );
+        eprintln!("SKIPPED: LAZYBLK_CONTAINERD2_DIR not set (tools/get-containerd2.sh)");
+        return;
+    };
+    let Some((rootfs, reg)) = setup(&["runc", "skopeo", "umoci", "curl"]) else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    build_images(&dir, &reg, &rootfs);
+    let env = Env {
+        bin,
+        sock: dir.join("containerd.sock"),
+        snap_sock: dir.join("lazyblk.sock"),
+        root: dir.join("lazyblk"),
+        dir: dir.clone(),
+    };
+    let snapd = env.start_snapshotter();
+    // The configuration deploy/containerd/config-2.x.toml documents: remote-snapshot annotations
+    // exported to the proxy, and an unpack entry for lazyblk in the transfer service.
+    let _containerd = env.start_containerd(&format!(
+        r#"version = 3
+root = "{d}/croot"
+state = "{d}/cstate"
+disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{d}/containerd.sock"
+[proxy_plugins.lazyblk]
+  type = "snapshot"
+  address = "{d}/lazyblk.sock"
+  [proxy_plugins.lazyblk.exports]
+    enable_remote_snapshot_annotations = "true"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "overlayfs"
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "lazyblk"
+"#,
+        d = dir.display()
+    ));
+    let version = stdout(run_ok(env.ctr("default").arg("version")));
+    assert!(
+        version.contains("Version:  2.") || version.contains("v2."),
+        "{version}"
+    );
+    let id = std::process::id();
+    let web = format!("web-{id}");
+    let _cleanup = Cleanup {
+        ctr: env.bin.join("ctr"),
+        env_sock: env.sock.clone(),
+        root: env.root.clone(),
+        containers: vec![("default".into(), web.clone())],
+    };
+    // containerd's own pull (transfer service): every lazyblk layer is taken remotely.
+    let image = format!("{r}/test/app:web-lazyblk");
+    run_ok(env.ctr("default").args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+    ]));
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert_eq!(
+        log.matches("remote layer recorded").count(),
+        3,
+        "containerd 2's unpacker did not hand the layers over: {log}"
+    );
+    let port = free_port();
+    run_ok(env.ctr("default").args([
+        "run",
+        "-d",
+        "--net-host",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+        &web,
+        "/bin/busybox-static",
+        "httpd",
+        "-f",
+        "-p",
+        &format!("127.0.0.1:{port}"),
+        "-h",
+        "/srv/app",
+    ]));
+    let (body, ready) = http_ready(port);
+    assert_eq!(body.trim(), "<h1>lazyblk</h1>");
+    eprintln!("containerd 2: ready after {ready:?}");
+    // `lazyblk pull` (containerd's gRPC API) works against 2.x too: the mixed image.
+    let mixed_ref = format!("{r}/test/app:mixed");
+    let out = stdout(run_ok(
+        lazyblk()
+            .args([
+                "pull",
+                &mixed_ref,
+                "--plain-http",
+                "--namespace",
+                "mixed",
+                "--address",
+            ])
+            .arg(&env.sock),
+    ));
+    assert!(out.contains("1 remote layer(s), 1 unpacked"), "{out}");
+    let seen = stdout(run_ok(env.ctr("mixed").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &mixed_ref,
+        &format!("m2-{id}"),
+        "sh",
+        "-c",
+        "cat /etc/apt/NEW /srv/app/index.html",
+    ])));
+    assert!(
+        seen.contains("replaced by layer 2") && seen.contains("<h1>lazyblk</h1>"),
+        "{seen}"
+    );
     drop(snapd);
 }

@@ -120,7 +120,7 @@ fn converts_real_images_between_registries_and_layouts() {
     assert_eq!(layers.len(), 2);
     let src = skopeo_raw(&format!("{r}/test/img:v2"));
     for (i, l) in layers.iter().enumerate() {
-        assert_eq!(l["mediaType"], "application/vnd.lazyblk.layer.v1+ext4");
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.lazyblk+ext4");
         let a = &l["annotations"];
         let p = "containerd.io/snapshot/lazyblk/";
         assert_eq!(a[format!("{p}source-digest")], src["layers"][i]["digest"]);
@@ -225,7 +225,7 @@ fn converts_real_images_between_registries_and_layouts() {
         .unwrap();
     assert!(!umoci.status.success());
     assert!(
-        String::from_utf8_lossy(&umoci.stderr).contains("application/vnd.lazyblk.layer.v1+ext4")
+        String::from_utf8_lossy(&umoci.stderr).contains("application/vnd.oci.image.layer.v1.lazyblk+ext4")
     );
 
     // Multi-platform index, new tag: both platforms kept.

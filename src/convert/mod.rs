@@ -133,7 +133,7 @@ impl From<&BlobSummary> for BlobInfo {
 }
 
 /// Media type of a lazyblk layer blob.
-pub const MEDIA_TYPE: &str = "application/vnd.lazyblk.layer.v1+ext4";
+pub const MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.lazyblk+ext4";
 /// Prefix of the descriptor annotations (containerd forwards `containerd.io/snapshot/*` to snapshotters).
 pub const ANNOTATION_PREFIX: &str = "containerd.io/snapshot/lazyblk/";
 
