@@ -120,7 +120,10 @@ fn converts_real_images_between_registries_and_layouts() {
     assert_eq!(layers.len(), 2);
     let src = skopeo_raw(&format!("{r}/test/img:v2"));
     for (i, l) in layers.iter().enumerate() {
-        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.lazyblk+ext4");
+        assert_eq!(
+            l["mediaType"],
+            "application/vnd.oci.image.layer.v1.lazyblk+ext4"
+        );
         let a = &l["annotations"];
         let p = "containerd.io/snapshot/lazyblk/";
         assert_eq!(a[format!("{p}source-digest")], src["layers"][i]["digest"]);
@@ -224,9 +227,8 @@ fn converts_real_images_between_registries_and_layouts() {
         .output()
         .unwrap();
     assert!(!umoci.status.success());
-    assert!(
-        String::from_utf8_lossy(&umoci.stderr).contains("application/vnd.oci.image.layer.v1.lazyblk+ext4")
-    );
+    assert!(String::from_utf8_lossy(&umoci.stderr)
+        .contains("application/vnd.oci.image.layer.v1.lazyblk+ext4"));
 
     // Multi-platform index, new tag: both platforms kept.
     let multi = convert(&[

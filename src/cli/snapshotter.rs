@@ -13,29 +13,84 @@ use crate::snapshotter::layers::{LayerOptions, Layers};
 use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
 use crate::snapshotter::service::{Service, Snapshotter};
 
-/// Arguments of `lazyblk snapshotter`.
+/// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
-    /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`).
-    #[arg(long, default_value = "/run/lazyblk/lazyblk.sock")]
-    address: PathBuf,
-    /// State directory (snapshots, metadata, layer mounts, cache).
-    #[arg(
-        long,
-        default_value = "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk"
-    )]
-    root: PathBuf,
-    /// Block-device backend for remote layers.
-    #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
-    /// Seconds an unused remote layer stays attached.
-    #[arg(long, default_value_t = 60)]
-    grace_secs: u64,
+    /// TOML file with any of: address, root, backend, grace_secs, fill, plain_http, hosts_dir,
+    /// docker_config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`)
+    /// [default: /run/lazyblk/lazyblk.sock].
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// State directory (snapshots, metadata, layer mounts, cache)
+    /// [default: /var/lib/containerd/io.containerd.snapshotter.v1.lazyblk].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Block-device backend for remote layers [default: auto].
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+    /// Seconds an unused remote layer stays attached [default: 60].
+    #[arg(long)]
+    grace_secs: Option<u64>,
     /// Fetch every attached layer completely in the background.
     #[arg(long)]
     fill: bool,
     #[command(flatten)]
     registry: RegistryArgs,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    address: Option<PathBuf>,
+    root: Option<PathBuf>,
+    backend: Option<Backend>,
+    grace_secs: Option<u64>,
+    fill: Option<bool>,
+    plain_http: Option<bool>,
+    hosts_dir: Option<PathBuf>,
+    docker_config: Option<PathBuf>,
+}
+
+/// Effective settings.
+struct Settings {
+    address: PathBuf,
+    root: PathBuf,
+    backend: Backend,
+    grace_secs: u64,
+    fill: bool,
+    registry: RegistryArgs,
+}
+
+fn settings(a: SnapshotterArgs) -> Result<Settings> {
+    let c: ConfigFile = match &a.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{}", p.display()))?,
+        None => ConfigFile::default(),
+    };
+    Ok(Settings {
+        address: a
+            .address
+            .or(c.address)
+            .unwrap_or_else(|| "/run/lazyblk/lazyblk.sock".into()),
+        root: a
+            .root
+            .or(c.root)
+            .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into()),
+        backend: a.backend.or(c.backend).unwrap_or(Backend::Auto),
+        grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
+        fill: a.fill || c.fill.unwrap_or(false),
+        registry: RegistryArgs {
+            plain_http: a.registry.plain_http || c.plain_http.unwrap_or(false),
+            hosts_dir: a.registry.hosts_dir.or(c.hosts_dir),
+            docker_config: a.registry.docker_config.or(c.docker_config),
+        },
+    })
 }
 
 /// Tells systemd (Type=notify) that the socket is ready, if it is watching.
@@ -62,6 +117,7 @@ fn sd_notify_ready() {
 
 /// Runs the snapshotter until SIGINT/SIGTERM.
 pub fn run(a: SnapshotterArgs) -> Result<()> {
+    let a = settings(a)?;
     let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
     let mut attach_args = Vec::new();
@@ -126,4 +182,34 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
         let _ = std::fs::remove_file(&a.address);
         Ok::<(), anyhow::Error>(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_parses_and_flags_override_it() {
+        let c: ConfigFile =
+            toml::from_str(include_str!("../../deploy/lazyblk-snapshotter.toml")).unwrap();
+        assert_eq!(c.backend, Some(Backend::Auto));
+        assert_eq!(c.fill, Some(true));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "grace_secs = 5\nbackend = \"nbd\"\n").unwrap();
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: SnapshotterArgs,
+        }
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap(), "--backend", "loop"]);
+        let s = settings(t.a).unwrap();
+        assert_eq!(s.backend, Backend::Loop);
+        assert_eq!(s.grace_secs, 5);
+        assert_eq!(s.address, PathBuf::from("/run/lazyblk/lazyblk.sock"));
+        std::fs::write(&p, "grace = 5\n").unwrap();
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
+        assert!(settings(t.a).is_err(), "unknown keys are refused");
+    }
 }
