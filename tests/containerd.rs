@@ -265,7 +265,7 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
             env!("CARGO_MANIFEST_DIR"),
             "/tools/make-test-image.sh"
         ))
-        .arg(&rootfs)
+        .arg(rootfs)
         .arg(&layout),
     );
     let work = dir.join("unpack");
