@@ -593,9 +593,62 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
         ctr: env.bin.join("ctr"),
         env_sock: env.sock.clone(),
         root: env.root.clone(),
-        containers: vec![("default".into(), web.clone())],
+        containers: vec![
+            ("default".into(), web.clone()),
+            ("default".into(), format!("ref-{id}")),
+        ],
     };
-    // containerd's own pull (transfer service): every lazyblk layer is taken remotely.
+    // The original image plus a `--referrer` artifact: containerd's own pull of the *original*
+    // image (transfer service) gets every layer from the artifact's lazyblk layers.
+    run_ok(lazyblk().args([
+        "convert",
+        &format!("{r}/test/app:web"),
+        "--referrer",
+        "--plain-http",
+    ]));
+    let original = format!("{r}/test/app:web");
+    run_ok(env.ctr("default").args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazyblk",
+        &original,
+    ]));
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert_eq!(
+        log.matches("remote layer recorded").count(),
+        3,
+        "the referrer's layers were not used: {log}"
+    );
+    assert!(log.contains("lazyblk referrer layers"), "{log}");
+    let content = stdout(run_ok(env.ctr("default").args(["content", "ls", "-q"])));
+    eprintln!(
+        "containerd 2 content store after the referrer pull: {} blobs",
+        content.lines().count()
+    );
+    let refweb = format!("ref-{id}");
+    let port0 = free_port();
+    run_ok(env.ctr("default").args([
+        "run",
+        "-d",
+        "--net-host",
+        "--snapshotter",
+        "lazyblk",
+        &original,
+        &refweb,
+        "/bin/busybox-static",
+        "httpd",
+        "-f",
+        "-p",
+        &format!("127.0.0.1:{port0}"),
+        "-h",
+        "/srv/app",
+    ]));
+    assert_eq!(http_ready(port0).0.trim(), "<h1>lazyblk</h1>");
+
+    // containerd's own pull of the converted image: every lazyblk layer is taken remotely (the
+    // same chain, so the snapshots recorded above are reused).
     let image = format!("{r}/test/app:web-lazyblk");
     run_ok(env.ctr("default").args([
         "image",
@@ -605,12 +658,13 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
         "lazyblk",
         &image,
     ]));
-    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
-    assert_eq!(
-        log.matches("remote layer recorded").count(),
-        3,
-        "containerd 2's unpacker did not hand the layers over: {log}"
-    );
+    let snaps = stdout(run_ok(env.ctr("default").args([
+        "snapshots",
+        "--snapshotter",
+        "lazyblk",
+        "ls",
+    ])));
+    assert_eq!(snaps.lines().count(), 1 + 3 + 1, "{snaps}");
     let port = free_port();
     run_ok(env.ctr("default").args([
         "run",

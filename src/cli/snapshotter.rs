@@ -11,7 +11,7 @@ use super::RegistryArgs;
 use crate::device::{choose, Backend};
 use crate::snapshotter::layers::{LayerOptions, Layers};
 use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
-use crate::snapshotter::service::{Service, Snapshotter};
+use crate::snapshotter::service::{ReferrerLookup, Service, Snapshotter};
 
 /// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
@@ -142,10 +142,11 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
         attach_args,
         grace: Duration::from_secs(a.grace_secs),
     })?;
-    let snap = Arc::new(Snapshotter::open(&a.root, layers)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let referrers = ReferrerLookup::new(rt.handle().clone(), a.registry.options());
+    let snap = Arc::new(Snapshotter::open(&a.root, layers, Some(referrers))?);
     rt.block_on(async move {
         if let Some(dir) = a.address.parent() {
             std::fs::create_dir_all(dir)?;

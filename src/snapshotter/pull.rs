@@ -25,7 +25,9 @@ use super::proto::snapshots::{
     StatSnapshotRequest,
 };
 use super::proto::types;
-use super::service::{LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET, LAZYBLK_PREFIX};
+use super::service::{
+    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET, LAZYBLK_PREFIX,
+};
 use crate::fetch::registry::RegistryOptions;
 use crate::image::oci::{parse_document, Descriptor, Document, Manifest};
 use crate::image::ImageRef;
@@ -356,7 +358,16 @@ async fn pull_leased(
             .await;
         match prepared {
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                if remote {
+                // Remote if the snapshotter says so (also for layers it found through a referrer).
+                let info = snaps
+                    .stat(ctx.req(StatSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key: chain.clone(),
+                    }))
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().info);
+                if remote || info.is_some_and(|i| i.labels.contains_key(LABEL_REMOTE)) {
                     report.remote_layers += 1;
                 } else {
                     report.existing_layers += 1;

@@ -29,12 +29,111 @@ pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Prefix of the converter's layer annotations.
 pub const LAZYBLK_PREFIX: &str = "containerd.io/snapshot/lazyblk/";
+/// Manifest digest label (set by CRI, containerd 2's transfer service and `lazyblk pull`).
+pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+/// Label lazyblk puts on the snapshots it serves remotely (value: the layer blob it reads).
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/lazyblk.remote";
+
+/// Finds lazyblk layers for ordinary image layers through `--referrer` artifacts.
+pub struct ReferrerLookup {
+    rt: tokio::runtime::Handle,
+    registry: crate::fetch::registry::RegistryOptions,
+    /// Manifest digest → (original layer digest → lazyblk layer source), negative results included.
+    cache: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, Remote>>>,
+}
+
+impl ReferrerLookup {
+    /// A lookup using `registry` options on runtime `rt`.
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        registry: crate::fetch::registry::RegistryOptions,
+    ) -> ReferrerLookup {
+        ReferrerLookup {
+            rt,
+            registry,
+            cache: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// The lazyblk layer converted from `layer_digest` of image manifest `manifest`, if a referrer
+    /// artifact of that manifest has one. Lookup failures are logged and mean "no".
+    fn find(&self, image_ref: &str, manifest: &str, layer_digest: &str) -> Option<Remote> {
+        if let Some(m) = self.cache.lock().expect("referrers lock").get(manifest) {
+            return m.get(layer_digest).cloned();
+        }
+        let Ok(crate::image::ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        }) = crate::image::ImageRef::parse(image_ref)
+        else {
+            return None;
+        };
+        let subject = crate::image::ImageRef::Registry {
+            registry: registry.clone(),
+            repository: repository.clone(),
+            reference: manifest.to_string(),
+        };
+        let found = self.rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                crate::image::convert::find_referrers(&subject, &self.registry),
+            )
+            .await
+        });
+        let mut map = std::collections::HashMap::new();
+        match found {
+            Ok(Ok(artifacts)) => {
+                for (_, _, man) in artifacts {
+                    for l in &man.layers {
+                        let labels: BTreeMap<String, String> = l.annotations.clone();
+                        let Some(src) = labels.get(&format!("{LAZYBLK_PREFIX}source-digest"))
+                        else {
+                            continue;
+                        };
+                        let mut with_ref = labels.clone();
+                        with_ref.insert(LABEL_IMAGE_REF.into(), image_ref.to_string());
+                        with_ref.insert(LABEL_LAYER_DIGEST.into(), l.digest.clone());
+                        if let Ok(Some(r)) = remote_from_labels(&with_ref) {
+                            map.insert(src.clone(), r);
+                        }
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(image = image_ref, manifest, error = %e, "referrer lookup failed; unpacking normally");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    image = image_ref,
+                    manifest,
+                    "referrer lookup timed out; unpacking normally"
+                );
+                return None;
+            }
+        }
+        tracing::info!(
+            image = image_ref,
+            manifest,
+            layers = map.len(),
+            "lazyblk referrer layers"
+        );
+        let r = map.get(layer_digest).cloned();
+        self.cache
+            .lock()
+            .expect("referrers lock")
+            .insert(manifest.to_string(), map);
+        r
+    }
+}
 
 /// The service state.
 pub struct Snapshotter {
     root: PathBuf,
     store: Mutex<Store>,
     layers: Layers,
+    referrers: Option<ReferrerLookup>,
 }
 
 impl From<StoreError> for Status {
@@ -163,7 +262,11 @@ fn opt_str(s: &str) -> String {
 
 impl Snapshotter {
     /// Opens the state under `root`.
-    pub fn open(root: &Path, layers: Layers) -> Result<Snapshotter, StoreError> {
+    pub fn open(
+        root: &Path,
+        layers: Layers,
+        referrers: Option<ReferrerLookup>,
+    ) -> Result<Snapshotter, StoreError> {
         std::fs::create_dir_all(root.join("snapshots"))
             .map_err(|e| StoreError::Db(e.to_string()))?;
         let store = Store::open(&root.join("metadata.redb"))?;
@@ -171,6 +274,7 @@ impl Snapshotter {
             root: root.to_path_buf(),
             store: Mutex::new(store),
             layers,
+            referrers,
         })
     }
 
@@ -280,8 +384,26 @@ impl Snapshotter {
             }
         }
         let target = labels.get(LABEL_TARGET).cloned();
-        if let (Some(target), Some(remote)) = (target, remote_from_labels(&labels)?) {
+        let remote = match remote_from_labels(&labels)? {
+            Some(r) => Some(r),
+            // An ordinary layer: a `--referrer` artifact of its image may have a lazyblk version.
+            None => match (
+                &target,
+                &self.referrers,
+                labels.get(LABEL_IMAGE_REF),
+                labels.get(LABEL_MANIFEST_DIGEST),
+                labels.get(LABEL_LAYER_DIGEST),
+            ) {
+                (Some(_), Some(look), Some(image), Some(manifest), Some(layer)) => {
+                    look.find(image, manifest, layer)
+                }
+                _ => None,
+            },
+        };
+        if let (Some(target), Some(remote)) = (target, remote) {
             let target = target.as_str();
+            let mut labels = labels;
+            labels.insert(LABEL_REMOTE.into(), remote.source.clone());
             if store.get(target).is_some() {
                 return Err(Status::already_exists(format!(
                     "target snapshot {target} exists"
