@@ -4,16 +4,21 @@
 //! ls`, then detach cleanly; the ublk and NBD servers are killed with SIGKILL while a reader loops over
 //! every file and a supervising `lazyblk recover --watch` takes the device over with the reader seeing
 //! no error; two layers stack under overlayfs; a server that never comes back gives EIO, not a hang.
+//! And the snapshotter with real containerd 1.6 + runc on ublk and NBD, killed together with a layer's
+//! serving process under a container's reads.
 
 mod common;
 
 use std::process::Command;
+use std::sync::Mutex;
 
 use common::layer::{LayerTar, DEF, DIR};
 use common::*;
 
-#[test]
-fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
+/// Both tests build and boot the one VM image under `.cache/vm`: one at a time.
+static VM: Mutex<()> = Mutex::new(());
+
+fn have_qemu() -> bool {
     let have = Command::new("sh")
         .arg("-c")
         .arg("command -v qemu-system-x86_64 && command -v cpio && test -x /bin/busybox")
@@ -25,8 +30,17 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
             "CI must install qemu-system-x86, cpio and busybox-static"
         );
         eprintln!("SKIPPED: qemu-system-x86_64, cpio or busybox-static missing");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
+    if !have_qemu() {
         return;
     }
+    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let payload = tmp.path().join("payload");
     std::fs::create_dir_all(&payload).unwrap();
@@ -119,4 +133,69 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
         console.contains("ublk-control: yes, nbd: yes"),
         "guest kernel lacks ublk/nbd: {console}"
     );
+}
+
+#[test]
+fn containerd_on_ublk_and_nbd_in_a_real_6_12_kernel() {
+    if !have_qemu() {
+        return;
+    }
+    for t in [
+        "containerd",
+        "runc",
+        "umoci",
+        "skopeo",
+        "docker-registry",
+        "curl",
+    ] {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            assert!(std::env::var_os("CI").is_none(), "{t} missing in CI");
+            eprintln!("SKIPPED: {t} not installed");
+            return;
+        }
+    }
+    let _vm = VM.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let payload = tmp.path().join("payload");
+    let root = env!("CARGO_MANIFEST_DIR");
+    run_ok(
+        Command::new(format!("{root}/tools/vm/make-containerd-payload.sh"))
+            .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
+            .arg(&payload),
+    );
+    run_ok(
+        Command::new(format!("{root}/tools/vm/prepare.sh"))
+            .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
+            .arg(&payload)
+            .arg(format!("{root}/tools/vm/guest-containerd.sh")),
+    );
+    let out = Command::new(format!("{root}/tools/vm/run.sh"))
+        .arg("900")
+        .output()
+        .unwrap();
+    let console =
+        std::fs::read_to_string(format!("{root}/.cache/vm/console.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "guest test failed; console:\n{console}"
+    );
+    for b in ["ublk", "nbd"] {
+        for line in [
+            "pull: 127.0.0.1:5000/test/tiny:lazyblk: 1 remote layer(s), 0 unpacked",
+            "http: <h1>lazyblk in a VM</h1>",
+            "killed the snapshotter and the layer's serving process",
+            "reader in the container: ok=40 fail=0",
+            "new container after the restart: <h1>lazyblk in a VM</h1>",
+        ] {
+            assert!(
+                console.contains(&format!("containerd-{b}: {line}")),
+                "{b}: {line}: {console}"
+            );
+        }
+    }
 }

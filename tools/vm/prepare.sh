@@ -41,6 +41,15 @@ for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
   cp -L "$lib" "$root$lib"
 done
 cp -a "$payload"/. "$root/payload/"
+# Shared libraries of any binaries the payload brings (payload/bin: containerd, runc, ...).
+if [[ -d "$payload/bin" ]]; then
+  for b in "$payload"/bin/*; do
+    for lib in $(ldd "$b" 2>/dev/null | grep -o '/[^ ]*'); do
+      mkdir -p "$root$(dirname "$lib")"
+      [[ -e "$root$lib" ]] || cp -L "$lib" "$root$lib"
+    done
+  done
+fi
 mkdir -p "$root/tests"
 {
   echo '#!/bin/sh'
