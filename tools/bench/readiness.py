@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Readiness benchmark: create -> first successful request, from a cold state, per mode.
+
+    sudo tools/bench/readiness.py [--runs 5] [--images nginx,numpy,large] [--out .cache/bench/readiness]
+
+Starts its own docker-registry, containerd (Debian's 1.6) with the lazyblk proxy snapshotter, and
+builds the images from Debian packages with the project's tools (tools/make-rootfs-layer.sh, umoci):
+  nginx  Debian + nginx-light, serving its default page
+  numpy  Debian + python3-numpy, an app that imports numpy, then serves HTTP
+  large  nginx + a 1 GiB layer of data the app never reads
+Modes, each run from a cold state (image, content, snapshots and lazyblk cache removed, page cache
+dropped): "overlayfs" (containerd's full pull + unpack) and "lazyblk" (`lazyblk pull` + lazily
+attached layers; loop backend on hosts without ublk/nbd). Measures pull, start (ctr run returns with
+the task running), ready (first HTTP 200), total, and bytes fetched from the registry. Writes
+results.json, results.md (medians and min-max) and readiness.svg (stacked bars) to --out.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, "target/release/lazyblk")
+PORT = 18080
+
+APPS = {
+    "nginx": ["sh", "-c", f"sed -i 's/listen 80 default_server;/listen {PORT} default_server;/; s/listen \\[::\\]:80 default_server;//' /etc/nginx/sites-enabled/default && exec nginx -g 'daemon off;'"],
+    "numpy": ["python3", "-c", f"import numpy, http.server; http.server.HTTPServer(('127.0.0.1', {PORT}), http.server.SimpleHTTPRequestHandler).serve_forever()"],
+}
+APPS["large"] = APPS["nginx"]
+BASE = {"nginx": "nginx", "numpy": "numpy", "large": "nginx"}
+PKGS = {"nginx": "nginx-light", "numpy": "python3-numpy"}
+
+
+def sh(*cmd, check=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_sock(path, what):
+    for _ in range(300):
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    sys.exit(f"{what} did not start")
+
+
+def build_image(name, work, reg):
+    """Pushes REG/bench/NAME:v1 and its lazyblk conversion :v1-lazyblk."""
+    base = BASE[name]
+    sh(os.path.join(ROOT, "tools/make-rootfs-layer.sh"), os.path.join(ROOT, ".cache"), base, PKGS[base])
+    layout = os.path.join(work, f"layout-{name}")
+    shutil.rmtree(layout, ignore_errors=True)
+    sh("umoci", "init", "--layout", layout)
+    sh("umoci", "new", "--image", f"{layout}:v1")
+    b = os.path.join(work, f"b-{name}")
+    sh("umoci", "unpack", "--image", f"{layout}:v1", b)
+    sh("tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
+       os.path.join(ROOT, ".cache", f"{base}.tar"), "-C", os.path.join(b, "rootfs"))
+    sh("umoci", "repack", "--image", f"{layout}:v1", b)
+    shutil.rmtree(b)
+    if name == "large":
+        sh("umoci", "unpack", "--image", f"{layout}:v1", b)
+        d = os.path.join(b, "rootfs/opt/data")
+        os.makedirs(d)
+        for i in range(16):
+            with open(os.path.join(d, f"blob{i}"), "wb") as f:
+                f.write(os.urandom(64 << 20))
+        sh("umoci", "repack", "--image", f"{layout}:v1", b)
+        shutil.rmtree(b)
+    sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
+    sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
+    sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk", "--plain-http")
+
+
+def manifest(reg, name, tag):
+    req = urllib.request.Request(f"http://{reg}/v2/bench/{name}/manifests/{tag}",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(req) as r:
+        body = r.read()
+    return json.loads(body), len(body)
+
+
+def http_ready(deadline=120):
+    t = time.monotonic()
+    while time.monotonic() - t < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic()
+        except Exception:
+            pass
+        time.sleep(0.005)
+    sys.exit("no HTTP 200")
+
+
+class Env:
+    def __init__(self, work):
+        self.work = work
+        self.sock = os.path.join(work, "containerd.sock")
+        self.snap_sock = os.path.join(work, "lazyblk.sock")
+        self.lb = os.path.join(work, "lb")
+        self.snapd = None
+
+    def ctr(self, *args, check=True):
+        return sh("ctr", "-a", self.sock, *args, check=check)
+
+    def start_snapshotter(self):
+        log = open(os.path.join(self.work, "snapshotter.log"), "a")
+        self.snapd = subprocess.Popen([BIN, "snapshotter", "--address", self.snap_sock, "--root", self.lb,
+                                       "--backend", "auto", "--plain-http", "--grace-secs", "0"], stderr=log)
+        for _ in range(300):
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(self.snap_sock)
+                s.close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        sys.exit("snapshotter did not start")
+
+    def stop_snapshotter(self):
+        if self.snapd:
+            self.snapd.send_signal(signal.SIGTERM)
+            self.snapd.wait(timeout=30)
+            self.snapd = None
+        run = os.path.join(self.lb, "run")
+        sh(BIN, "detach", "all", "--run-dir", run, check=False)
+        try:
+            os.kill(int(open(os.path.join(run, "recover.pid")).read()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+    def cold(self):
+        """Removes images, content and snapshots (containerd's GC removes lazyblk's, which detaches
+        their layers), empties lazyblk's chunk cache and drops the page cache. The snapshotter keeps
+        running (restarting it would only measure containerd's reconnect backoff)."""
+        for c in self.ctr("containers", "ls", "-q").stdout.split():
+            self.ctr("task", "kill", "-s", "SIGKILL", c, check=False)
+            time.sleep(0.2)
+            self.ctr("task", "rm", "-f", c, check=False)
+            self.ctr("containers", "rm", c, check=False)
+        imgs = self.ctr("images", "ls", "-q").stdout.split()
+        if imgs:
+            self.ctr("images", "rm", "--sync", *imgs, check=False)
+        run = os.path.join(self.lb, "run")
+        for _ in range(200):
+            if not glob.glob(os.path.join(run, "devices/*[0-9].json")):
+                break
+            time.sleep(0.05)
+        else:
+            sys.exit("lazyblk layers still attached after the images were removed")
+        cache = os.path.join(self.lb, "cache")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.makedirs(cache)
+        sh("sync")
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+def fetched_lazyblk(env):
+    total = 0
+    for f in glob.glob(os.path.join(env.lb, "run/devices/*.stats.json")):
+        try:
+            total += json.load(open(f))["fetched_bytes"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return total
+
+
+def one_run(env, reg, name, mode, i):
+    env.cold()
+    tag = "v1" if mode == "overlayfs" else "v1-lazyblk"
+    image = f"{reg}/bench/{name}:{tag}"
+    m, msize = manifest(reg, name, tag)
+    cname = f"bench-{name}-{mode}-{i}"
+    t0 = time.monotonic()
+    if mode == "overlayfs":
+        env.ctr("images", "pull", "--plain-http", image)
+    else:
+        sh(BIN, "pull", image, "--plain-http", "--address", env.sock)
+    t1 = time.monotonic()
+    env.ctr("run", "-d", "--net-host", "--snapshotter", mode, image, cname, *APPS[name])
+    t2 = time.monotonic()
+    t3 = http_ready()
+    time.sleep(1.2)  # let the stats files catch up
+    meta = msize + m["config"]["size"]
+    fetched = meta + (sum(l["size"] for l in m["layers"]) if mode == "overlayfs" else fetched_lazyblk(env))
+    env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
+    return {"image": name, "mode": mode, "run": i, "pull": t1 - t0, "start": t2 - t1, "ready": t3 - t2,
+            "total": t3 - t0, "fetched_bytes": fetched,
+            "image_bytes": sum(l["size"] for l in m["layers"])}
+
+
+def svg(rows, path):
+    groups = sorted({(r["image"], r["mode"]) for r in rows})
+    med = {g: {k: statistics.median(r[k] for r in rows if (r["image"], r["mode"]) == g)
+               for k in ("pull", "start", "ready")} for g in groups}
+    top = max(sum(v.values()) for v in med.values()) or 1
+    W, bar, gap, left = 760, 26, 14, 170
+    H = 40 + len(groups) * (bar + gap) + 30
+    colors = {"pull": "#4e79a7", "start": "#f28e2b", "ready": "#59a14f"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           '<text x="10" y="20" font-size="14">Readiness: create to first HTTP 200 (median seconds)</text>']
+    y = 40
+    for g in groups:
+        out.append(f'<text x="10" y="{y + 17}">{g[0]} / {g[1]}</text>')
+        x = left
+        for k in ("pull", "start", "ready"):
+            w = med[g][k] / top * (W - left - 60)
+            out.append(f'<rect x="{x:.1f}" y="{y}" width="{max(w, 0.5):.1f}" height="{bar}" fill="{colors[k]}"/>')
+            x += w
+        out.append(f'<text x="{x + 4:.1f}" y="{y + 17}">{sum(med[g].values()):.2f}s</text>')
+        y += bar + gap
+    for i, k in enumerate(("pull", "start", "ready")):
+        out.append(f'<rect x="{left + i * 90}" y="{y}" width="12" height="12" fill="{colors[k]}"/>'
+                   f'<text x="{left + i * 90 + 16}" y="{y + 11}">{k}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out))
+
+
+def table(rows):
+    lines = ["| image | mode | pull s | start s | ready s | total s | fetched MB | total vs overlayfs |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = sorted({(r["image"], r["mode"]) for r in rows})
+
+    def stat(g, k, scale=1.0, fmt="{:.2f}"):
+        v = [r[k] * scale for r in rows if (r["image"], r["mode"]) == g]
+        return fmt.format(statistics.median(v)) + " (" + fmt.format(min(v)) + "–" + fmt.format(max(v)) + ")"
+
+    for g in groups:
+        tot = statistics.median(r["total"] for r in rows if (r["image"], r["mode"]) == g)
+        base = [r["total"] for r in rows if r["image"] == g[0] and r["mode"] == "overlayfs"]
+        ratio = f"{tot / statistics.median(base):.2f}x" if base else "–"
+        lines.append(f"| {g[0]} | {g[1]} | {stat(g, 'pull')} | {stat(g, 'start')} | {stat(g, 'ready')} | "
+                     f"{stat(g, 'total')} | {stat(g, 'fetched_bytes', 1e-6, '{:.1f}')} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--images", default="nginx,numpy,large")
+    ap.add_argument("--modes", default="overlayfs,lazyblk")
+    ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    sh("cargo", "build", "--release", "-q", cwd=ROOT)
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="lazyblk-readiness-")
+    procs = []
+    env = Env(work)
+    try:
+        rp = free_port()
+        reg = f"127.0.0.1:{rp}"
+        cfg = os.path.join(work, "registry.yml")
+        open(cfg, "w").write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/reg\n"
+                             f"  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n")
+        procs.append(subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://{reg}/v2/")
+                break
+            except Exception:
+                time.sleep(0.1)
+        images = a.images.split(",")
+        for name in images:
+            print(f"building {name}...", file=sys.stderr)
+            build_image(name, work, reg)
+        open(os.path.join(work, "containerd.toml"), "w").write(
+            f'version = 2\nroot = "{work}/croot"\nstate = "{work}/cstate"\n'
+            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{env.sock}"\n'
+            f'[proxy_plugins.lazyblk]\n  type = "snapshot"\n  address = "{env.snap_sock}"\n')
+        env.start_snapshotter()
+        procs.append(subprocess.Popen(["containerd", "--config", os.path.join(work, "containerd.toml")],
+                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
+        wait_sock(env.sock, "containerd")
+        rows = []
+        for name in images:
+            for i in range(a.runs):
+                for mode in a.modes.split(","):
+                    r = one_run(env, reg, name, mode, i)
+                    print(json.dumps(r), file=sys.stderr)
+                    rows.append(r)
+        env.cold()
+        json.dump(rows, open(os.path.join(a.out, "results.json"), "w"), indent=1)
+        md = table(rows)
+        open(os.path.join(a.out, "results.md"), "w").write(md + "\n")
+        svg(rows, os.path.join(a.out, "readiness.svg"))
+        print(md)
+    finally:
+        env.stop_snapshotter()
+        for p in procs:
+            p.terminate()
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
