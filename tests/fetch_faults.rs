@@ -195,6 +195,13 @@ async fn disk_cache_survives_restart_and_rejects_damage() {
     e.background_fill(None).await.unwrap();
     assert_eq!(e.metrics().fill_ratio(), 1.0);
     tokio::time::sleep(Duration::from_millis(200)).await; // cache writes are asynchronous
+                                                          // Complete in the disk cache: its chunks are pinned for this process's life.
+    let pin = e.pin_if_filled().expect("a filled layer is pinned");
+    let pinned = std::fs::read_to_string(&pin).unwrap();
+    let stored = (0..e.index().chunk_count())
+        .filter(|&c| !e.index().entry(c).blob_range().is_empty())
+        .count();
+    assert_eq!(pinned.lines().count(), stored);
     let index_range_reads = srv.ranges().len();
     drop(e);
     // "Restart": a new engine over the same cache. The index is fetched, then the source dies.

@@ -113,8 +113,15 @@ pub fn attach(a: AttachArgs) -> Result<()> {
         let e = engine.clone();
         let rate = (a.src.fill_rate_mib > 0).then_some(a.src.fill_rate_mib << 20);
         rt.spawn(async move {
-            if let Err(err) = e.background_fill(rate).await {
-                tracing::error!(layer = %e.name(), error = %err, "background fill stopped");
+            match e.background_fill(rate).await {
+                Ok(()) => {
+                    if let Some(pin) = e.pin_if_filled() {
+                        tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(layer = %e.name(), error = %err, "background fill stopped")
+                }
             }
         });
     }
@@ -237,8 +244,15 @@ fn adopt(
         let e = engine.clone();
         let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
         rt.spawn(async move {
-            if let Err(err) = e.background_fill(rate).await {
-                tracing::error!(layer = %e.name(), error = %err, "background fill stopped");
+            match e.background_fill(rate).await {
+                Ok(()) => {
+                    if let Some(pin) = e.pin_if_filled() {
+                        tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(layer = %e.name(), error = %err, "background fill stopped")
+                }
             }
         });
     }

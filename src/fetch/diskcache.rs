@@ -142,22 +142,90 @@ impl DiskCache {
         }
     }
 
+    /// Pins `digests` (the chunks of a fully cached layer in use) against eviction by any process
+    /// sharing this directory, for as long as the calling process lives or until
+    /// [`DiskCache::unpin`]. Returns the pin file.
+    pub fn pin(&self, name: &str, digests: impl Iterator<Item = Digest>) -> io::Result<PathBuf> {
+        let dir = self.dir.join("pins");
+        fs::create_dir_all(&dir)?;
+        let safe: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(80)
+            .collect();
+        let path = dir.join(format!("{}-{safe}.pin", std::process::id()));
+        let body: String = digests.map(|d| hex::encode(d) + "\n").collect();
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, body)?;
+        fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Removes a pin made by [`DiskCache::pin`].
+    pub fn unpin(path: &Path) {
+        let _ = fs::remove_file(path);
+    }
+
+    /// Digests pinned by live processes (pins of dead ones are ignored and removed).
+    fn pinned(&self) -> std::collections::HashSet<Digest> {
+        let mut out = std::collections::HashSet::new();
+        let Ok(rd) = fs::read_dir(self.dir.join("pins")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_suffix(".pin")
+                .and_then(|n| n.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !crate::device::process_alive(pid) {
+                let _ = fs::remove_file(e.path());
+                continue;
+            }
+            for line in fs::read_to_string(e.path()).unwrap_or_default().lines() {
+                let mut d = [0u8; 32];
+                if hex::decode_to_slice(line.trim(), &mut d).is_ok() {
+                    out.insert(d);
+                }
+            }
+        }
+        out
+    }
+
     fn evict(&self) {
+        if self.state.lock().expect("cache lock").total <= self.max_bytes {
+            return;
+        }
+        let pinned = self.pinned();
+        let mut skipped = Vec::new();
         loop {
             let victim = {
                 let mut s = self.state.lock().expect("cache lock");
                 if s.total <= self.max_bytes {
-                    return;
+                    break;
                 }
                 match s.lru.pop_lru() {
+                    Some((d, len)) if pinned.contains(&d) => {
+                        skipped.push((d, len));
+                        continue;
+                    }
                     Some((d, len)) => {
                         s.total -= len;
                         d
                     }
-                    None => return,
+                    None => break,
                 }
             };
             let _ = fs::remove_file(self.path(&victim));
+        }
+        // Pinned entries stay, as the least recently used again.
+        let mut s = self.state.lock().expect("cache lock");
+        let rest: Vec<_> = std::iter::from_fn(|| s.lru.pop_lru()).collect();
+        for (d, len) in skipped.into_iter().chain(rest) {
+            s.lru.put(d, len);
         }
     }
 }
@@ -165,6 +233,38 @@ impl DiskCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_chunks_survive_eviction_while_their_process_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 250).unwrap();
+        let (a, b) = (vec![1u8; 100], vec![2u8; 100]);
+        let (da, db) = (sha256(&a), sha256(&b));
+        c.put(&da, &a).unwrap();
+        c.put(&db, &b).unwrap();
+        let pin = c.pin("layer a", [da].into_iter()).unwrap();
+        // A pin of a dead process is ignored (and cleaned up).
+        std::fs::write(
+            dir.path().join("pins/999999999-x.pin"),
+            hex::encode(db) + "\n",
+        )
+        .unwrap();
+        let e = vec![3u8; 100];
+        c.put(&sha256(&e), &e).unwrap(); // over budget: b (unpinned) goes, a (oldest but pinned) stays
+        assert!(c.get(&da).is_some());
+        assert!(c.get(&db).is_none());
+        assert!(!dir.path().join("pins/999999999-x.pin").exists());
+        DiskCache::unpin(&pin);
+        for k in 4..6u8 {
+            let f = vec![k; 100];
+            c.put(&sha256(&f), &f).unwrap();
+        }
+        assert!(
+            c.get(&da).is_none(),
+            "unpinned: evicted like any other entry"
+        );
+        assert!(c.total_bytes() <= 250);
+    }
 
     #[test]
     fn verifies_evicts_and_survives_restart() {

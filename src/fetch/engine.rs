@@ -292,6 +292,29 @@ impl Engine {
         }
     }
 
+    /// Once every stored chunk is in the disk cache (after a complete background fill), pins them
+    /// there for the life of this process: a layer in use stays readable without the registry, whatever
+    /// other layers push through the shared cache. Returns the pin file, if pinned.
+    pub fn pin_if_filled(&self) -> Option<std::path::PathBuf> {
+        let dc = self.inner.opts.disk_cache.as_ref()?;
+        let idx = &self.inner.index;
+        let digests: Vec<_> = (0..idx.chunk_count())
+            .map(|c| idx.entry(c))
+            .filter(|e| e.kind != ChunkKind::Zero)
+            .map(|e| e.digest)
+            .collect();
+        if !digests.iter().all(|d| dc.contains(d)) {
+            return None;
+        }
+        match dc.pin(&self.inner.name, digests.into_iter()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(layer = %self.inner.name, error = %e, "cannot pin the layer's chunks");
+                None
+            }
+        }
+    }
+
     /// The layer's index.
     pub fn index(&self) -> &Index {
         &self.inner.index
