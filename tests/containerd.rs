@@ -187,6 +187,29 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `ctr run -d` of busybox httpd serving /srv/app from `image` on the lazyblk snapshotter, on a free
+/// port of the host network; returns the port.
+fn start_httpd(env: &Env, image: &str, name: &str) -> u16 {
+    let port = free_port();
+    run_ok(env.ctr("default").args([
+        "run",
+        "-d",
+        "--net-host",
+        "--snapshotter",
+        "lazyblk",
+        image,
+        name,
+        "/bin/busybox-static",
+        "httpd",
+        "-f",
+        "-p",
+        &format!("127.0.0.1:{port}"),
+        "-h",
+        "/srv/app",
+    ]));
+    port
+}
+
 /// GETs `/` until it answers 200 (or 30 s pass); returns the body and how long it took.
 fn http_ready(port: u16) -> (String, Duration) {
     let t = Instant::now();
@@ -398,23 +421,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
         .to_string();
 
     // Run an HTTP server from the lazily attached layers.
-    let port = free_port();
-    run_ok(env.ctr("default").args([
-        "run",
-        "-d",
-        "--net-host",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &web1,
-        "/bin/busybox-static",
-        "httpd",
-        "-f",
-        "-p",
-        &format!("127.0.0.1:{port}"),
-        "-h",
-        "/srv/app",
-    ]));
+    let port = start_httpd(&env, &image, &web1);
     let (body, ready) = http_ready(port);
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("web1 ready after {ready:?} (create → first HTTP 200, after ctr run returned)");
@@ -628,23 +635,7 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
         content.lines().count()
     );
     let refweb = format!("ref-{id}");
-    let port0 = free_port();
-    run_ok(env.ctr("default").args([
-        "run",
-        "-d",
-        "--net-host",
-        "--snapshotter",
-        "lazyblk",
-        &original,
-        &refweb,
-        "/bin/busybox-static",
-        "httpd",
-        "-f",
-        "-p",
-        &format!("127.0.0.1:{port0}"),
-        "-h",
-        "/srv/app",
-    ]));
+    let port0 = start_httpd(&env, &original, &refweb);
     assert_eq!(http_ready(port0).0.trim(), "<h1>lazyblk</h1>");
 
     // containerd's own pull of the converted image: every lazyblk layer is taken remotely (the
@@ -665,23 +656,7 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
         "ls",
     ])));
     assert_eq!(snaps.lines().count(), 1 + 3 + 1, "{snaps}");
-    let port = free_port();
-    run_ok(env.ctr("default").args([
-        "run",
-        "-d",
-        "--net-host",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &web,
-        "/bin/busybox-static",
-        "httpd",
-        "-f",
-        "-p",
-        &format!("127.0.0.1:{port}"),
-        "-h",
-        "/srv/app",
-    ]));
+    let port = start_httpd(&env, &image, &web);
     let (body, ready) = http_ready(port);
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("containerd 2: ready after {ready:?}");

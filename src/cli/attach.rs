@@ -87,6 +87,26 @@ fn daemonize(run_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// With `--fill`, fetches the whole layer in the background; once it is complete in the disk cache,
+/// pins it there for as long as this process serves it.
+fn spawn_fill(rt: &tokio::runtime::Runtime, engine: &crate::fetch::Engine, src: &SourceArgs) {
+    if !src.fill {
+        return;
+    }
+    let e = engine.clone();
+    let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
+    rt.spawn(async move {
+        match e.background_fill(rate).await {
+            Ok(()) => {
+                if let Some(pin) = e.pin_if_filled() {
+                    tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
+                }
+            }
+            Err(err) => tracing::error!(layer = %e.name(), error = %err, "background fill stopped"),
+        }
+    });
+}
+
 /// Runs `lazyblk attach` in the foreground until SIGINT/SIGTERM, then detaches cleanly.
 pub fn attach(a: AttachArgs) -> Result<()> {
     let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
@@ -109,22 +129,7 @@ pub fn attach(a: AttachArgs) -> Result<()> {
             vec![(engine.name().to_string(), engine.metrics())],
         ));
     }
-    if a.src.fill {
-        let e = engine.clone();
-        let rate = (a.src.fill_rate_mib > 0).then_some(a.src.fill_rate_mib << 20);
-        rt.spawn(async move {
-            match e.background_fill(rate).await {
-                Ok(()) => {
-                    if let Some(pin) = e.pin_if_filled() {
-                        tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(layer = %e.name(), error = %err, "background fill stopped")
-                }
-            }
-        });
-    }
+    spawn_fill(&rt, &engine, &a.src);
     let name = engine.name().to_string();
     let metrics = engine.metrics();
     let source: Arc<dyn BlockSource> = Arc::new(engine);
@@ -240,22 +245,7 @@ fn adopt(
         .block_on(open_source(&spec, &opts))
         .with_context(|| format!("{}: reopening {spec}", state.device))?;
     let metrics = engine.metrics();
-    if src.fill {
-        let e = engine.clone();
-        let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
-        rt.spawn(async move {
-            match e.background_fill(rate).await {
-                Ok(()) => {
-                    if let Some(pin) = e.pin_if_filled() {
-                        tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(layer = %e.name(), error = %err, "background fill stopped")
-                }
-            }
-        });
-    }
+    spawn_fill(rt, &engine, &src);
     let device = state.device.clone();
     let source_args = state.source_args.clone();
     let source: Arc<dyn BlockSource> = Arc::new(engine);

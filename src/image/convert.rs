@@ -285,14 +285,7 @@ async fn convert_manifest(
     let config = ctx.src.get_small_blob(&m.config).await?;
     let cfg: serde_json::Value = serde_json::from_slice(&config)
         .map_err(|e| ImageError(format!("config {}: {e}", m.config.digest)))?;
-    let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = crate::image::oci::diff_ids(&cfg);
     if diff_ids.len() != m.layers.len() {
         return Err(ImageError(format!(
             "config {}: {} diff_ids for {} layers",

@@ -172,3 +172,15 @@ pub fn parse_document(bytes: &[u8], media_type: &str) -> Result<Document, String
     }
     Err(format!("unsupported manifest media type {mt:?}"))
 }
+
+/// The `rootfs.diff_ids` of an image config (uncompressed layer digests, base first).
+pub fn diff_ids(config: &serde_json::Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -298,14 +298,7 @@ async fn pull_leased(
         .await
         .map_err(|e| anyhow!("{e}"))?;
     let cfg: serde_json::Value = serde_json::from_slice(&config).context("image config")?;
-    let diff_ids: Vec<String> = cfg["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = crate::image::oci::diff_ids(&cfg);
     if diff_ids.len() != manifest.layers.len() {
         bail!(
             "config has {} diff_ids for {} layers",
