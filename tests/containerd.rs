@@ -692,3 +692,99 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
     );
     drop(snapd);
 }
+
+#[test]
+fn cri_pulls_take_lazyblk_layers_remotely() {
+    let Some((rootfs, reg)) = setup(&["containerd", "ctr", "runc", "skopeo", "umoci", "curl"])
+    else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    build_images(&dir, &reg, &rootfs);
+    let env = Env {
+        bin: PathBuf::from("/usr/bin"),
+        sock: dir.join("containerd.sock"),
+        snap_sock: dir.join("lazyblk.sock"),
+        root: dir.join("lazyblk"),
+        dir: dir.clone(),
+    };
+    let snapd = env.start_snapshotter();
+    // deploy/containerd/config-1.x.toml's CRI part, plus a plain-HTTP mirror for the test registry.
+    let _containerd = env.start_containerd(&format!(
+        r#"version = 2
+root = "{d}/croot"
+state = "{d}/cstate"
+[grpc]
+  address = "{d}/containerd.sock"
+[proxy_plugins.lazyblk]
+  type = "snapshot"
+  address = "{d}/lazyblk.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "lazyblk"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{r}"]
+  endpoint = ["http://{r}"]
+"#,
+        d = dir.display()
+    ));
+    let _cleanup = Cleanup {
+        ctr: env.bin.join("ctr"),
+        env_sock: env.sock.clone(),
+        root: env.root.clone(),
+        containers: vec![],
+    };
+    let image = format!("{r}/test/app:web-lazyblk");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use k8s_cri::v1::{image_service_client::ImageServiceClient, ImageSpec, PullImageRequest};
+        let channel = lazyblk::snapshotter::pull::connect(&env.sock)
+            .await
+            .unwrap();
+        let mut images = ImageServiceClient::new(channel);
+        // The CRI plugin initialises in the background: retry until it answers.
+        let t = Instant::now();
+        loop {
+            let r = images
+                .pull_image(PullImageRequest {
+                    image: Some(ImageSpec {
+                        image: image.clone(),
+                        ..Default::default()
+                    }),
+                    auth: None,
+                    sandbox_config: None,
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("CRI PullImage: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("CRI PullImage: {e}"),
+            }
+        }
+    });
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert_eq!(
+        log.matches("remote layer recorded").count(),
+        3,
+        "the CRI pull did not hand the layers over: {log}"
+    );
+    let seen = stdout(run_ok(env.ctr("k8s.io").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+        &format!("cri-{}", std::process::id()),
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    drop(snapd);
+}
