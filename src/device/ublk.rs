@@ -461,7 +461,9 @@ fn serve_queue(
     // Keeps a read of the doorbell armed in this queue's ring; its completion is the wake-up.
     let bell = doorbell.clone();
     let listener = exe.spawn(async move {
-        let mut buf = Box::new([0u8; 8]);
+        // The kernel may still hold this read when the task is dropped at queue shutdown (the ring
+        // outlives it until the thread exits): the 8 bytes it writes into must never be freed.
+        let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
         loop {
             let sqe = io_uring::opcode::Read::new(
                 io_uring::types::Fd(bell.0.as_raw_fd()),

@@ -9,7 +9,7 @@ for mode in ublk nbd ublk-idle; do
   backend=${mode%-idle}
   run=/run/lazyblk-crash-$mode
   mnt=/mnt/c-$mode
-  rm -f /tmp/stop /tmp/reader /tmp/recover
+  rm -f /tmp/stop /tmp/reader /tmp/recover /tmp/dev /tmp/attach.err
   lazyblk attach /payload/layer.blob --backend $backend --mount $mnt --run-dir $run > /tmp/dev 2>/tmp/attach.err &
   pid=$!
   for i in $(seq 1 300); do [ -s /tmp/dev ] && break; sleep 0.1; done
