@@ -210,6 +210,40 @@ fn start_httpd(env: &Env, image: &str, name: &str) -> u16 {
     port
 }
 
+/// `lazyblk pull` of the mixed image (lazyblk base + ordinary tar.gz layer) into namespace `mixed`,
+/// then a container `name` reading from both layers.
+fn pull_and_run_mixed(env: &Env, r: &str, name: &str) {
+    let mixed_ref = format!("{r}/test/app:mixed");
+    let out = stdout(run_ok(
+        lazyblk()
+            .args([
+                "pull",
+                &mixed_ref,
+                "--plain-http",
+                "--namespace",
+                "mixed",
+                "--address",
+            ])
+            .arg(&env.sock),
+    ));
+    assert!(out.contains("1 remote layer(s), 1 unpacked"), "{out}");
+    let seen = stdout(run_ok(env.ctr("mixed").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &mixed_ref,
+        name,
+        "sh",
+        "-c",
+        "cat /etc/apt/NEW /srv/app/index.html",
+    ])));
+    assert!(
+        seen.contains("replaced by layer 2") && seen.contains("<h1>lazyblk</h1>"),
+        "{seen}"
+    );
+}
+
 /// GETs `/` until it answers 200 (or 30 s pass); returns the body and how long it took.
 fn http_ready(port: u16) -> (String, Duration) {
     let t = Instant::now();
@@ -508,35 +542,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
     assert!(usage.lines().count() >= 4, "{usage}");
 
     // Mixed image (lazyblk base + ordinary tar.gz layer), in another namespace.
-    let mixed_ref = format!("{r}/test/app:mixed");
-    let out = stdout(run_ok(
-        lazyblk()
-            .args([
-                "pull",
-                &mixed_ref,
-                "--plain-http",
-                "--namespace",
-                "mixed",
-                "--address",
-            ])
-            .arg(&env.sock),
-    ));
-    assert!(out.contains("1 remote layer(s), 1 unpacked"), "{out}");
-    let seen = stdout(run_ok(env.ctr("mixed").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &mixed_ref,
-        &format!("m1-{id}"),
-        "sh",
-        "-c",
-        "cat /etc/apt/NEW /srv/app/index.html",
-    ])));
-    assert!(
-        seen.contains("replaced by layer 2") && seen.contains("<h1>lazyblk</h1>"),
-        "{seen}"
-    );
+    pull_and_run_mixed(&env, &r, &format!("m1-{id}"));
 
     drop(snapd);
 }
@@ -661,35 +667,7 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("containerd 2: ready after {ready:?}");
     // `lazyblk pull` (containerd's gRPC API) works against 2.x too: the mixed image.
-    let mixed_ref = format!("{r}/test/app:mixed");
-    let out = stdout(run_ok(
-        lazyblk()
-            .args([
-                "pull",
-                &mixed_ref,
-                "--plain-http",
-                "--namespace",
-                "mixed",
-                "--address",
-            ])
-            .arg(&env.sock),
-    ));
-    assert!(out.contains("1 remote layer(s), 1 unpacked"), "{out}");
-    let seen = stdout(run_ok(env.ctr("mixed").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &mixed_ref,
-        &format!("m2-{id}"),
-        "sh",
-        "-c",
-        "cat /etc/apt/NEW /srv/app/index.html",
-    ])));
-    assert!(
-        seen.contains("replaced by layer 2") && seen.contains("<h1>lazyblk</h1>"),
-        "{seen}"
-    );
+    pull_and_run_mixed(&env, &r, &format!("m2-{id}"));
     drop(snapd);
 }
 

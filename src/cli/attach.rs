@@ -452,13 +452,9 @@ fn remove_orphan(s: &DeviceState) -> Result<()> {
                 .with_context(|| format!("deleting {}", s.device))
         }
         Backend::Nbd => {
-            let index: u32 = s
-                .device
-                .trim_start_matches("/dev/nbd")
-                .parse()
-                .with_context(|| format!("{} is not an NBD device", s.device))?;
-            let r = crate::device::nbd_kernel::disconnect_index(index)
-                .with_context(|| format!("disconnecting {}", s.device));
+            let r =
+                crate::device::nbd_kernel::disconnect_index(crate::device::nbd_index(&s.device)?)
+                    .with_context(|| format!("disconnecting {}", s.device));
             detach_mount();
             r
         }

@@ -7,6 +7,7 @@
 
 pub mod fuse_file;
 pub mod loopdev;
+pub mod mountinfo;
 pub mod nbd_kernel;
 pub mod netlink;
 pub mod ublk;
@@ -199,12 +200,7 @@ impl Attachment {
         rt: tokio::runtime::Handle,
         run_dir: &Path,
     ) -> std::io::Result<Attachment> {
-        let index: u32 = state
-            .device
-            .trim_start_matches("/dev/nbd")
-            .parse()
-            .map_err(|_| std::io::Error::other(format!("{} is not an NBD device", state.device)))?;
-        let nbd = nbd_kernel::KernelNbd::reconnect(index, source, &rt, 2)?;
+        let nbd = nbd_kernel::KernelNbd::reconnect(nbd_index(&state.device)?, source, &rt, 2)?;
         state.pid = std::process::id();
         let mut a = Attachment {
             mounted: state.mount.clone(),
@@ -394,6 +390,14 @@ pub fn stats(run_dir: &Path, device: &str) -> Option<DeviceStats> {
         .join("devices")
         .join(format!("{}.stats.json", device.trim_start_matches("/dev/")));
     serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+}
+
+/// `N` of `/dev/nbdN`.
+pub fn nbd_index(device: &str) -> std::io::Result<u32> {
+    device
+        .trim_start_matches("/dev/nbd")
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("{device} is not an NBD device")))
 }
 
 /// `N` of `/dev/ublkbN`.

@@ -321,16 +321,10 @@ pub fn private_mount_namespace() -> io::Result<()> {
             return Err(io::Error::last_os_error());
         }
     }
-    let info = std::fs::read_to_string("/proc/thread-self/mountinfo")?;
-    let mut doomed: Vec<String> = info
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mountpoint = pre.split(' ').nth(4)?;
-            let mut post = post.split(' ');
-            let (fstype, src) = (post.next()?, post.next()?);
-            (src.starts_with("/dev/ublkb") || fstype == "overlay").then(|| unescape(mountpoint))
-        })
+    let mut doomed: Vec<String> = super::mountinfo::mounts("/proc/thread-self/mountinfo")
+        .into_iter()
+        .filter(|m| m.source.starts_with("/dev/ublkb") || m.fstype == "overlay")
+        .map(|m| m.mountpoint)
         .collect();
     // Deepest first.
     doomed.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -342,26 +336,6 @@ pub fn private_mount_namespace() -> io::Result<()> {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
     Ok(())
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let d = &b[i + 1..i + 4];
-            if d.iter().all(|c| (b'0'..=b'7').contains(c)) && d[0] <= b'3' {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Result slot of one read handed to tokio; the queue thread's task awaits it.
@@ -573,14 +547,6 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape(r"/mnt/tab\011x\134"), "/mnt/tab\tx\\");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/trailing\04"), r"/trailing\04");
-    }
 
     #[test]
     fn completion_wakes_and_delivers_from_another_thread() {

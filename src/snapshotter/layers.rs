@@ -4,10 +4,11 @@
 //! (started by the snapshotter) takes over any device whose server dies.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::device::mountinfo::is_mountpoint;
 use crate::device::{list, Backend};
 
 use super::store::Remote;
@@ -36,15 +37,6 @@ pub struct Layers {
     opts: LayerOptions,
     /// Snapshot id → device, for layers attached by this process or found attached at start.
     attached: Mutex<HashMap<u64, String>>,
-}
-
-fn is_mountpoint(dir: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = dir.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
 }
 
 impl Layers {

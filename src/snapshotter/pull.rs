@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use sha2::Digest;
 use tonic::transport::Channel;
 use tonic::Request;
 
@@ -101,7 +100,7 @@ impl Ctx {
 }
 
 fn sha256(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+    lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(b))
 }
 
 /// containerd's chain IDs: `chain(1) = diff(1)`, `chain(n) = sha256(chain(n-1) + " " + diff(n))`.
