@@ -16,5 +16,6 @@ pub mod fetch;
 pub mod image;
 pub mod nbd;
 pub mod snapshotter;
+pub mod trace;
 
 pub use lazyblk_image_format as format;

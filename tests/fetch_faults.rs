@@ -282,3 +282,70 @@ async fn reads_from_memory_are_served_at_once_and_only_when_cached() {
     .unwrap();
     assert_eq!(srv.ranges().len(), requests);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recorded_trace_replayed_on_a_fresh_engine_serves_the_same_reads_without_fetching() {
+    let (blob, raw) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let o = opts(Duration::from_secs(60));
+    // The "startup" of a workload: scattered reads, some twice.
+    let size = raw.len() as u64;
+    let reads: Vec<(u64, usize)> = (0..12u64)
+        .map(|i| {
+            (
+                (i * 7_654_321) % (size - 200_000),
+                4096 + (i as usize % 3) * 60_000,
+            )
+        })
+        .chain([(0, 4096), (1024, 4096)])
+        .collect();
+    let first = open_source(&srv.url, &o).await.unwrap();
+    for &(off, len) in &reads {
+        first.read(off, len).await.unwrap();
+    }
+    let (_, accesses) = first.accesses();
+    let chunks: Vec<u64> = accesses.iter().map(|a| a.chunk).collect();
+    // First-read order, each chunk once, exactly the chunks the reads covered.
+    let idx = first.index();
+    let mut expect = Vec::new();
+    for &(off, len) in &reads {
+        for c in idx.chunks_for(off, len as u64).unwrap() {
+            if !expect.contains(&c) {
+                expect.push(c);
+            }
+        }
+    }
+    assert_eq!(chunks, expect);
+
+    // A fresh engine (new node, cold caches) replays the trace, with junk mixed in.
+    let second = open_source(&srv.url, &o).await.unwrap();
+    let mut trace = chunks.clone();
+    trace.extend([u64::MAX, idx.chunk_count(), chunks[0]]);
+    let stored: Vec<u64> = chunks
+        .iter()
+        .copied()
+        .filter(|&c| !idx.entry(c).blob_range().is_empty())
+        .collect();
+    let s = second.replay(&trace).await;
+    assert_eq!(s.wanted, stored.len() as u64, "{s:?}");
+    assert_eq!(s.fetched, stored.len() as u64, "{s:?}");
+    assert_eq!(s.failed, 0);
+    let m = second.metrics();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(m.trace_prefetched.load(Relaxed), stored.len() as u64);
+    let fetches_after_replay = m.fetches.load(Relaxed);
+    assert!(
+        fetches_after_replay - 1 < stored.len() as u64,
+        "coalesced: {fetches_after_replay} requests for {} chunks",
+        stored.len()
+    );
+    // The workload now reads what was traced: right bytes, no new request.
+    for &(off, len) in &reads {
+        let got = second.read(off, len).await.unwrap();
+        assert!(got[..] == raw[off as usize..off as usize + len]);
+    }
+    assert_eq!(m.fetches.load(Relaxed), fetches_after_replay);
+    // Replaying again fetches nothing.
+    let again = second.replay(&trace).await;
+    assert_eq!((again.fetched, again.skipped), (0, stored.len() as u64));
+}

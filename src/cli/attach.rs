@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::serve::SourceArgs;
+use super::serve::{spawn_background, SourceArgs};
 use crate::device::{choose, list, ublk::UblkOptions, Attachment, Backend, DeviceState};
 use crate::fetch::{open_source, BlockSource};
 
@@ -87,24 +87,12 @@ fn daemonize(run_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// With `--fill`, fetches the whole layer in the background; once it is complete in the disk cache,
-/// pins it there for as long as this process serves it.
-fn spawn_fill(rt: &tokio::runtime::Runtime, engine: &crate::fetch::Engine, src: &SourceArgs) {
-    if !src.fill {
-        return;
-    }
-    let e = engine.clone();
-    let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
-    rt.spawn(async move {
-        match e.background_fill(rate).await {
-            Ok(()) => {
-                if let Some(pin) = e.pin_if_filled() {
-                    tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
-                }
-            }
-            Err(err) => tracing::error!(layer = %e.name(), error = %err, "background fill stopped"),
-        }
-    });
+/// Publishes the layer's stats and access log next to the device's state file.
+fn publish(att: &mut Attachment, engine: &crate::fetch::Engine, rt: &tokio::runtime::Runtime) {
+    att.publish_stats(engine.metrics(), rt.handle());
+    let file = att.side_file(crate::trace::publish::ACCESS_SUFFIX);
+    let task = crate::trace::publish::spawn_publisher(engine.clone(), file.clone(), rt.handle());
+    att.keep_publisher(task, file);
 }
 
 /// Runs `lazyblk attach` in the foreground until SIGINT/SIGTERM, then detaches cleanly.
@@ -129,10 +117,9 @@ pub fn attach(a: AttachArgs) -> Result<()> {
             vec![(engine.name().to_string(), engine.metrics())],
         ));
     }
-    spawn_fill(&rt, &engine, &a.src);
+    spawn_background(rt.handle(), &engine, &a.src);
     let name = engine.name().to_string();
-    let metrics = engine.metrics();
-    let source: Arc<dyn BlockSource> = Arc::new(engine);
+    let source: Arc<dyn BlockSource> = Arc::new(engine.clone());
     let mut att = match backend {
         Backend::Ublk => Attachment::attach_ublk(
             source,
@@ -169,7 +156,7 @@ pub fn attach(a: AttachArgs) -> Result<()> {
         }
         Backend::Auto => unreachable!("choose() resolves auto"),
     };
-    att.publish_stats(metrics, rt.handle());
+    publish(&mut att, &engine, &rt);
     att.set_source_args(serde_json::json!({"spec": a.source, "args": a.src}))?;
     println!("{}", att.state().device);
     use std::io::Write;
@@ -244,11 +231,10 @@ fn adopt(
     let engine = rt
         .block_on(open_source(&spec, &opts))
         .with_context(|| format!("{}: reopening {spec}", state.device))?;
-    let metrics = engine.metrics();
-    spawn_fill(rt, &engine, &src);
+    spawn_background(rt.handle(), &engine, &src);
     let device = state.device.clone();
     let source_args = state.source_args.clone();
-    let source: Arc<dyn BlockSource> = Arc::new(engine);
+    let source: Arc<dyn BlockSource> = Arc::new(engine.clone());
     let mut att = match state.backend {
         Backend::Nbd => Attachment::adopt_nbd(state, source, rt.handle().clone(), run_dir)
             .with_context(|| format!("{device}: NBD_CMD_RECONFIGURE"))?,
@@ -260,7 +246,7 @@ fn adopt(
         ),
     };
     att.set_source_args(source_args)?;
-    att.publish_stats(metrics, rt.handle());
+    publish(&mut att, &engine, rt);
     Ok(att)
 }
 

@@ -7,6 +7,7 @@ mod layer;
 mod pull;
 pub mod serve;
 mod snapshotter;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -49,6 +50,9 @@ enum Command {
     Snapshotter(snapshotter::SnapshotterArgs),
     /// Pull an image into containerd for the lazyblk snapshotter (remote layers are not downloaded).
     Pull(pull::PullArgs),
+    /// Startup traces: record which chunks an image reads until ready, ship them with the image.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
     /// Benchmarks (block-device reads).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -75,6 +79,7 @@ pub fn main() -> Result<()> {
         Command::Bench(c) => bench::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),
         Command::Pull(a) => pull::run(a),
+        Command::Trace(c) => trace::run(c),
     }
 }
 

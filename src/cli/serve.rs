@@ -52,6 +52,11 @@ pub struct SourceArgs {
     /// Background fill rate limit, MiB/s (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     pub fill_rate_mib: u64,
+    /// A startup trace (`lazyblk trace record`): the chunks it lists for this layer are fetched
+    /// ahead of the workload as soon as the layer is open (before any background fill).
+    #[arg(long)]
+    #[serde(default)]
+    pub prefetch_trace: Option<PathBuf>,
 }
 
 impl SourceArgs {
@@ -91,6 +96,58 @@ impl SourceArgs {
             },
         })
     }
+}
+
+/// Replays `--prefetch-trace` (if given), then, with `--fill`, fetches the whole layer in the
+/// background; once it is complete in the disk cache, pins it there for as long as this process
+/// serves it.
+pub fn spawn_background(
+    rt: &tokio::runtime::Handle,
+    engine: &crate::fetch::Engine,
+    src: &SourceArgs,
+) {
+    let chunks = src.prefetch_trace.as_deref().and_then(|p| {
+        match std::fs::read(p)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::trace::Trace::parse(&b).map_err(|e| e.to_string()))
+        {
+            Ok(t) => {
+                let c = t.chunks_for(&engine.index_digest()).map(<[u64]>::to_vec);
+                if c.is_none() {
+                    tracing::info!(layer = %engine.name(), trace = %p.display(), "the trace has no entry for this layer");
+                }
+                c
+            }
+            Err(e) => {
+                tracing::warn!(trace = %p.display(), error = %e, "ignoring the prefetch trace");
+                None
+            }
+        }
+    });
+    if chunks.is_none() && !src.fill {
+        return;
+    }
+    let e = engine.clone();
+    let fill = src.fill;
+    let rate = (src.fill_rate_mib > 0).then_some(src.fill_rate_mib << 20);
+    rt.spawn(async move {
+        if let Some(chunks) = chunks {
+            let started = std::time::Instant::now();
+            let s = e.replay(&chunks).await;
+            tracing::info!(layer = %e.name(), wanted = s.wanted, fetched = s.fetched, skipped = s.skipped, failed = s.failed, ms = started.elapsed().as_millis() as u64, "startup trace replayed");
+        }
+        if !fill {
+            return;
+        }
+        match e.background_fill(rate).await {
+            Ok(()) => {
+                if let Some(pin) = e.pin_if_filled() {
+                    tracing::info!(layer = %e.name(), pin = %pin.display(), "layer complete in the disk cache; pinned");
+                }
+            }
+            Err(err) => tracing::error!(layer = %e.name(), error = %err, "background fill stopped"),
+        }
+    });
 }
 
 /// Arguments of `lazyblk serve`.
@@ -138,18 +195,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
             vec![(engine.name().to_string(), engine.metrics())],
         ));
     }
-    if a.src.fill {
-        let e = engine.clone();
-        let rate = (a.src.fill_rate_mib > 0).then_some(a.src.fill_rate_mib << 20);
-        tokio::spawn(async move {
-            match e.background_fill(rate).await {
-                Ok(()) => tracing::info!(layer = %e.name(), "background fill complete"),
-                Err(err) => {
-                    tracing::error!(layer = %e.name(), error = %err, "background fill stopped")
-                }
-            }
-        });
-    }
+    spawn_background(&tokio::runtime::Handle::current(), &engine, &a.src);
     let source: Arc<dyn BlockSource> = Arc::new(engine);
     let export = a.export_name.clone();
     if let Some(path) = a.listen.strip_prefix("unix:") {

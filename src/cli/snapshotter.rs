@@ -16,8 +16,8 @@ use crate::snapshotter::service::{ReferrerLookup, Service, Snapshotter};
 /// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
-    /// TOML file with any of: address, root, backend, grace_secs, fill, plain_http, hosts_dir,
-    /// docker_config.
+    /// TOML file with any of: address, root, backend, grace_secs, fill, prefetch_traces, plain_http,
+    /// hosts_dir, docker_config.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`)
@@ -37,6 +37,10 @@ pub struct SnapshotterArgs {
     /// Fetch every attached layer completely in the background.
     #[arg(long)]
     fill: bool,
+    /// Do not look up startup traces shipped with images (`lazyblk trace push`); by default a
+    /// layer's traced chunks are fetched as soon as it is attached.
+    #[arg(long)]
+    no_prefetch_traces: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -50,6 +54,7 @@ struct ConfigFile {
     backend: Option<Backend>,
     grace_secs: Option<u64>,
     fill: Option<bool>,
+    prefetch_traces: Option<bool>,
     plain_http: Option<bool>,
     hosts_dir: Option<PathBuf>,
     docker_config: Option<PathBuf>,
@@ -62,6 +67,7 @@ struct Settings {
     backend: Backend,
     grace_secs: u64,
     fill: bool,
+    prefetch_traces: bool,
     registry: RegistryArgs,
 }
 
@@ -85,6 +91,7 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         backend: a.backend.or(c.backend).unwrap_or(Backend::Auto),
         grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
         fill: a.fill || c.fill.unwrap_or(false),
+        prefetch_traces: !a.no_prefetch_traces && c.prefetch_traces.unwrap_or(true),
         registry: RegistryArgs {
             plain_http: a.registry.plain_http || c.plain_http.unwrap_or(false),
             hosts_dir: a.registry.hosts_dir.or(c.hosts_dir),
@@ -145,7 +152,10 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let referrers = ReferrerLookup::new(rt.handle().clone(), a.registry.options());
+    let mut referrers = ReferrerLookup::new(rt.handle().clone(), a.registry.options());
+    if a.prefetch_traces {
+        referrers = referrers.with_traces(a.root.join("traces"));
+    }
     let snap = Arc::new(Snapshotter::open(&a.root, layers, Some(referrers))?);
     rt.block_on(async move {
         if let Some(dir) = a.address.parent() {

@@ -115,6 +115,8 @@ pub struct Attachment {
     nbd: Option<nbd_kernel::KernelNbd>,
     ublk: Option<ublk::UblkDevice>,
     stats: Option<tokio::task::JoinHandle<()>>,
+    /// Tasks publishing side files next to the state file (stopped, and the files removed, on detach).
+    publishers: Vec<(tokio::task::JoinHandle<()>, PathBuf)>,
 }
 
 impl Attachment {
@@ -138,6 +140,7 @@ impl Attachment {
             nbd: None,
             ublk: None,
             stats: None,
+            publishers: Vec::new(),
         }
     }
 
@@ -212,6 +215,7 @@ impl Attachment {
             nbd: Some(nbd),
             ublk: None,
             stats: None,
+            publishers: Vec::new(),
         };
         a.finish(run_dir, None)?;
         Ok(a)
@@ -322,6 +326,17 @@ impl Attachment {
         &self.state
     }
 
+    /// `RUN_DIR/devices/<dev>.<suffix>`: a file published next to the state file.
+    pub fn side_file(&self, suffix: &str) -> PathBuf {
+        self.state_file.with_extension(suffix)
+    }
+
+    /// Keeps `task` (which publishes `file`) for the life of the attachment: on detach the task is
+    /// stopped and the file removed.
+    pub fn keep_publisher(&mut self, task: tokio::task::JoinHandle<()>, file: PathBuf) {
+        self.publishers.push((task, file));
+    }
+
     /// Unmounts, detaches the loop device, unmounts FUSE and removes the state.
     pub fn detach(mut self) -> std::io::Result<()> {
         self.teardown()
@@ -354,6 +369,10 @@ impl Attachment {
             t.abort();
         }
         let _ = std::fs::remove_file(stats_path(&self.state_file));
+        for (task, file) in self.publishers.drain(..) {
+            task.abort();
+            let _ = std::fs::remove_file(file);
+        }
         let _ = std::fs::remove_file(&self.state_file);
         let _ = std::fs::remove_dir(self.work.join("fuse"));
         let _ = std::fs::remove_dir(&self.work);

@@ -78,6 +78,73 @@ pub enum IndexLocation {
 
 type ChunkResult = Option<Result<Bytes, String>>;
 
+/// The first read of each chunk by the workload (not by readahead, replay or fill), in order: what
+/// `lazyblk trace record` turns into a startup trace.
+struct AccessLog {
+    /// Wall-clock time the engine was opened, in ms since the Unix epoch.
+    opened_ms: u64,
+    started: Instant,
+    seen: Vec<bool>,
+    order: Vec<ChunkAccess>,
+}
+
+/// One first access of a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkAccess {
+    /// Chunk number.
+    pub chunk: u64,
+    /// Milliseconds since the engine was opened.
+    pub ms: u64,
+}
+
+/// A trace replay fetches this many stored bytes per window.
+const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
+
+/// At most this many accesses are recorded per layer (a trace is about startup, not a full scan).
+const MAX_ACCESSES: usize = 1 << 20;
+
+impl AccessLog {
+    fn new(chunks: usize) -> AccessLog {
+        AccessLog {
+            opened_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            started: Instant::now(),
+            seen: vec![false; chunks],
+            order: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, chunks: std::ops::Range<u64>) {
+        let mut ms = None;
+        for c in chunks {
+            let Some(seen) = self.seen.get_mut(c as usize) else {
+                continue;
+            };
+            if *seen || self.order.len() >= MAX_ACCESSES {
+                continue;
+            }
+            *seen = true;
+            let ms = *ms.get_or_insert_with(|| self.started.elapsed().as_millis() as u64);
+            self.order.push(ChunkAccess { chunk: c, ms });
+        }
+    }
+}
+
+/// What a trace replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Chunks in the trace that are stored (not zero, in range, not repeated).
+    pub wanted: u64,
+    /// Chunks fetched (from the registry or the disk cache) by the replay.
+    pub fetched: u64,
+    /// Chunks already in memory or being fetched by a reader.
+    pub skipped: u64,
+    /// Chunks whose fetch failed (readers will retry them on demand).
+    pub failed: u64,
+}
+
 /// A layer's virtual disk, served lazily from a [`RangeReader`].
 #[derive(Clone)]
 pub struct Engine {
@@ -88,6 +155,7 @@ struct Inner {
     name: String,
     remote: Arc<dyn RangeReader>,
     index: Index,
+    index_digest: String,
     opts: EngineOptions,
     mem: Mutex<LruCache<u64, Bytes>>,
     inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
@@ -96,6 +164,7 @@ struct Inner {
     last_end: AtomicU64,
     ra_window: AtomicU64,
     cached: Mutex<Vec<bool>>,
+    access: Mutex<AccessLog>,
     zeros: Bytes,
     metrics: Arc<Metrics>,
     /// The runtime the engine was made on, for readahead started outside it (ublk queue threads).
@@ -275,6 +344,8 @@ impl Engine {
                 name: remote.describe(),
                 remote,
                 zeros: Bytes::from(vec![0u8; chunk as usize]),
+                access: Mutex::new(AccessLog::new(index.chunk_count() as usize)),
+                index_digest: lazyblk_image_format::digest_string(&sha256(&index.to_bytes())),
                 index,
                 mem: Mutex::new(LruCache::new(
                     std::num::NonZeroUsize::new(cap).expect("cap >= 4"),
@@ -313,6 +384,113 @@ impl Engine {
                 None
             }
         }
+    }
+
+    /// The workload's first read of each chunk so far, in order, and when the engine was opened (ms
+    /// since the Unix epoch).
+    pub fn accesses(&self) -> (u64, Vec<ChunkAccess>) {
+        let log = self.inner.access.lock().expect("access lock");
+        (log.opened_ms, log.order.clone())
+    }
+
+    /// Replays a startup trace: fetches `chunks` (first-read order) ahead of the workload, a window of
+    /// a few MiB at a time in trace order with two windows in flight, each window coalesced into as few
+    /// range requests as the plan allows. Chunks out of range, zero, repeated, in memory or already
+    /// being fetched are skipped; everything fetched is verified as usual and lands in the memory cache
+    /// (up to half of it) and the disk cache. Failures are counted, not fatal: readers fetch on demand.
+    pub async fn replay(&self, chunks: &[u64]) -> ReplayStats {
+        use futures::StreamExt;
+        let inner = &self.inner;
+        let idx = &inner.index;
+        let mut stats = ReplayStats::default();
+        let mut seen = vec![false; idx.chunk_count() as usize];
+        let mut windows: Vec<Vec<u64>> = vec![Vec::new()];
+        let mut window_bytes = 0u64;
+        let mut memory_budget = inner.opts.mem_cache_bytes / 2;
+        let mut to_memory = Vec::new();
+        for &c in chunks {
+            if c >= idx.chunk_count() || seen[c as usize] || idx.entry(c).kind == ChunkKind::Zero {
+                continue;
+            }
+            seen[c as usize] = true;
+            stats.wanted += 1;
+            let stored = idx.entry(c).stored_len as u64;
+            if window_bytes > 0 && window_bytes + stored > REPLAY_WINDOW_BYTES {
+                windows.push(Vec::new());
+                window_bytes = 0;
+            }
+            window_bytes += stored;
+            windows.last_mut().expect("one window").push(c);
+            let len = idx.chunk_len(c) as u64;
+            if memory_budget >= len {
+                memory_budget -= len;
+                to_memory.push(true);
+            } else {
+                to_memory.push(false);
+            }
+        }
+        let mut flags = to_memory.into_iter();
+        let jobs: Vec<_> = windows
+            .into_iter()
+            .filter(|w| !w.is_empty())
+            .map(|w| {
+                let mem: Vec<bool> = flags.by_ref().take(w.len()).collect();
+                (w, mem.iter().all(|&m| m))
+            })
+            .collect();
+        let results: Vec<ReplayStats> = futures::stream::iter(jobs)
+            .map(|(w, mem)| self.replay_window(w, mem))
+            .buffered(2)
+            .collect()
+            .await;
+        for r in results {
+            stats.fetched += r.fetched;
+            stats.skipped += r.skipped;
+            stats.failed += r.failed;
+        }
+        inner
+            .metrics
+            .trace_prefetched
+            .fetch_add(stats.fetched, Relaxed);
+        stats
+    }
+
+    async fn replay_window(&self, window: Vec<u64>, to_memory: bool) -> ReplayStats {
+        let inner = &self.inner;
+        let mut stats = ReplayStats::default();
+        let mut lead = Vec::new();
+        let mut results = Vec::new();
+        {
+            let mem = inner.mem.lock().expect("mem lock");
+            let mut inflight = inner.inflight.lock().expect("inflight lock");
+            for c in window {
+                if mem.contains(&c) || inflight.contains_key(&c) {
+                    stats.skipped += 1;
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(c, rx.clone());
+                results.push(rx);
+                lead.push((c, tx));
+            }
+        }
+        if lead.is_empty() {
+            return stats;
+        }
+        let deadline = Instant::now() + inner.opts.read_deadline;
+        self.fetch_chunks(lead, deadline, to_memory).await;
+        for rx in results {
+            match &*rx.borrow() {
+                Some(Ok(_)) => stats.fetched += 1,
+                _ => stats.failed += 1,
+            }
+        }
+        stats
+    }
+
+    /// `sha256:<hex>` of the layer's index (what traces key layers by).
+    pub fn index_digest(&self) -> String {
+        self.inner.index_digest.clone()
     }
 
     /// The layer's index.
@@ -389,6 +567,11 @@ impl Engine {
             .metrics
             .mem_hits
             .fetch_add(parts.iter().flatten().count() as u64, Relaxed);
+        inner
+            .access
+            .lock()
+            .expect("access lock")
+            .record(chunks.clone());
         let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
         if prev_end == offset && inner.opts.readahead_chunks > 0 {
             let to = (chunks.end + inner.opts.readahead_chunks).min(idx.chunk_count());
@@ -427,6 +610,11 @@ impl Engine {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        inner
+            .access
+            .lock()
+            .expect("access lock")
+            .record(chunks.clone());
         // Sequential reader: fetch ahead.
         let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
         if prev_end == offset && inner.opts.readahead_chunks > 0 {

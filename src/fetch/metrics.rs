@@ -97,6 +97,8 @@ pub struct Metrics {
     pub fill_total: AtomicU64,
     /// Non-zero chunks cached by the background fill or by reads.
     pub fill_done: AtomicU64,
+    /// Chunks fetched ahead of the workload by a trace replay.
+    pub trace_prefetched: AtomicU64,
     /// Errors by cause.
     pub errors: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -194,6 +196,12 @@ impl Metrics {
             "corrupt_chunks_total",
             "Chunks that failed verification (refetched, never served).",
             self.corrupt_chunks.load(Relaxed),
+        );
+        c(
+            out,
+            "trace_prefetched_chunks_total",
+            "Chunks fetched ahead of the workload by a startup-trace replay.",
+            self.trace_prefetched.load(Relaxed),
         );
         let _ = writeln!(out, "# HELP lazyblk_inflight_fetches Range requests in flight.\n# TYPE lazyblk_inflight_fetches gauge\nlazyblk_inflight_fetches{{{l}}} {}", self.inflight_fetches.load(Relaxed));
         let _ = writeln!(out, "# HELP lazyblk_fill_ratio Fraction of the layer's stored chunks cached locally.\n# TYPE lazyblk_fill_ratio gauge\nlazyblk_fill_ratio{{{l}}} {}", self.fill_ratio());

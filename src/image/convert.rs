@@ -345,11 +345,7 @@ async fn convert_manifest(
     }
     let bytes = serde_json::to_vec(&man).expect("manifest serialises");
     if ctx.opts.referrer {
-        let digest = sha256_str(&bytes);
-        if !ctx.dst.put_manifest(&digest, &bytes, OCI_MANIFEST).await? {
-            add_to_fallback_tag(ctx.dst, &subject.digest, &man, &digest, bytes.len() as u64)
-                .await?;
-        }
+        push_referrer(ctx.dst, &man).await?;
     }
     Ok((
         ManifestSummary {
@@ -514,32 +510,61 @@ pub async fn find_referrers(
     }
     let mut out = Vec::new();
     for (subject, platform) in subjects {
-        let index = match store.referrers(&subject).await? {
-            Some(ix) => Some(ix),
-            None => match store.get_manifest(&fallback_tag(&subject)).await? {
-                Some(m) => serde_json::from_slice::<ImageIndex>(&m.bytes).ok(),
-                None => None,
-            },
-        };
-        for d in index.map(|i| i.manifests).unwrap_or_default() {
-            if d.artifact_type.as_deref() != Some(LAZYBLK_ARTIFACT) {
-                continue;
-            }
-            let m = store
-                .get_manifest(&d.digest)
-                .await?
-                .ok_or_else(|| ImageError(format!("referrer {} missing", d.digest)))?;
-            let Document::Manifest(man) =
-                parse_document(&m.bytes, OCI_MANIFEST).map_err(ImageError)?
-            else {
-                continue;
-            };
-            if man.subject.as_ref().map(|s| s.digest.as_str()) == Some(subject.as_str()) {
-                out.push((d.digest.clone(), platform.clone(), *man));
-            }
+        for (digest, man) in referrer_manifests(&*store, &subject, LAZYBLK_ARTIFACT).await? {
+            out.push((digest, platform.clone(), man));
         }
     }
     Ok(out)
+}
+
+/// The referrers of manifest `subject` with artifact type `artifact_type`: from the Referrers API when
+/// the store has it, else from the `sha256-<hex>` fallback tag. Each is fetched, parsed, and kept only
+/// if its `subject` really is `subject`.
+pub async fn referrer_manifests(
+    store: &dyn ImageStore,
+    subject: &str,
+    artifact_type: &str,
+) -> Result<Vec<(String, Manifest)>, ImageError> {
+    let index = match store.referrers(subject).await? {
+        Some(ix) => Some(ix),
+        None => match store.get_manifest(&fallback_tag(subject)).await? {
+            Some(m) => serde_json::from_slice::<ImageIndex>(&m.bytes).ok(),
+            None => None,
+        },
+    };
+    let mut out = Vec::new();
+    for d in index.map(|i| i.manifests).unwrap_or_default() {
+        if d.artifact_type.as_deref() != Some(artifact_type) {
+            continue;
+        }
+        let m = store
+            .get_manifest(&d.digest)
+            .await?
+            .ok_or_else(|| ImageError(format!("referrer {} missing", d.digest)))?;
+        let Document::Manifest(man) = parse_document(&m.bytes, OCI_MANIFEST).map_err(ImageError)?
+        else {
+            continue;
+        };
+        if man.subject.as_ref().map(|s| s.digest.as_str()) == Some(subject) {
+            out.push((d.digest.clone(), *man));
+        }
+    }
+    Ok(out)
+}
+
+/// Pushes `man` (an artifact manifest with a `subject`) by digest and, when the store has no
+/// Referrers API, records it in the subject's fallback tag. Returns the artifact's digest.
+pub async fn push_referrer(dst: &dyn ImageStore, man: &Manifest) -> Result<String, ImageError> {
+    let subject = man
+        .subject
+        .as_ref()
+        .ok_or_else(|| ImageError("a referrer needs a subject".into()))?;
+    let bytes = serde_json::to_vec(man).expect("manifest serialises");
+    let digest = sha256_str(&bytes);
+    if !dst.put_manifest(&digest, &bytes, OCI_MANIFEST).await? {
+        add_to_fallback_tag(dst, &subject.digest, man, &digest, bytes.len() as u64).await?;
+    }
+    Ok(digest)
 }
 
 /// Scratch directory default: under the system temp dir.

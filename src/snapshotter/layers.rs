@@ -104,8 +104,12 @@ impl Layers {
             return Ok(mnt);
         }
         std::fs::create_dir_all(&mnt)?;
-        let out = std::process::Command::new(&self.opts.exe)
-            .arg("attach")
+        let mut cmd = std::process::Command::new(&self.opts.exe);
+        cmd.arg("attach");
+        if let Some(t) = remote.trace.as_ref().filter(|t| t.exists()) {
+            cmd.arg("--prefetch-trace").arg(t);
+        }
+        let out = cmd
             .arg(&remote.source)
             .args(["--index-offset", &remote.index_offset.to_string()])
             .args(["--index-length", &remote.index_length.to_string()])

@@ -34,12 +34,17 @@ pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 /// Label lazyblk puts on the snapshots it serves remotely (value: the layer blob it reads).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/lazyblk.remote";
 
-/// Finds lazyblk layers for ordinary image layers through `--referrer` artifacts.
+/// Finds what images' referrer artifacts add: lazyblk layers for ordinary image layers (`--referrer`
+/// conversions) and startup traces (`lazyblk trace push`).
 pub struct ReferrerLookup {
     rt: tokio::runtime::Handle,
     registry: crate::fetch::registry::RegistryOptions,
     /// Manifest digest → (original layer digest → lazyblk layer source), negative results included.
     cache: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, Remote>>>,
+    /// Where fetched traces are kept (`None`: traces are not looked up).
+    trace_dir: Option<PathBuf>,
+    /// Manifest digest → its trace file, negative results included.
+    traces: Mutex<std::collections::HashMap<String, Option<PathBuf>>>,
 }
 
 impl ReferrerLookup {
@@ -52,7 +57,74 @@ impl ReferrerLookup {
             rt,
             registry,
             cache: Mutex::new(std::collections::HashMap::new()),
+            trace_dir: None,
+            traces: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Also looks up startup traces, keeping them in `dir`.
+    pub fn with_traces(mut self, dir: PathBuf) -> ReferrerLookup {
+        self.trace_dir = Some(dir);
+        self
+    }
+
+    /// The startup trace shipped for image manifest `manifest` (fetched once, kept as a file), if
+    /// any. Lookup failures are logged and mean "no trace": prefetch is an optimisation.
+    fn trace(&self, image_ref: &str, manifest: &str) -> Option<PathBuf> {
+        let dir = self.trace_dir.as_ref()?;
+        if let Some(t) = self.traces.lock().expect("traces lock").get(manifest) {
+            return t.clone();
+        }
+        let hex = lazyblk_image_format::parse_digest(manifest).ok()?;
+        let found = self.rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                crate::trace::registry::find_trace_for(image_ref, manifest, &self.registry),
+            )
+            .await
+        });
+        let path = match found {
+            Ok(Ok(Some(trace))) => {
+                let path = dir.join(format!("{}.json", hex::encode(hex)));
+                let tmp = path.with_extension("tmp");
+                match std::fs::create_dir_all(dir)
+                    .and_then(|_| std::fs::write(&tmp, trace.to_bytes()))
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            image = image_ref,
+                            manifest,
+                            chunks = trace.chunk_count(),
+                            "startup trace found"
+                        );
+                        Some(path)
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot keep the startup trace");
+                        None
+                    }
+                }
+            }
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(image = image_ref, manifest, error = %e, "startup trace lookup failed; no prefetch");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    image = image_ref,
+                    manifest,
+                    "startup trace lookup timed out; no prefetch"
+                );
+                None
+            }
+        };
+        self.traces
+            .lock()
+            .expect("traces lock")
+            .insert(manifest.to_string(), path.clone());
+        path
     }
 
     /// The lazyblk layer converted from `layer_digest` of image manifest `manifest`, if a referrer
@@ -224,6 +296,7 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
         index_length: num("index-length")?,
         index_digest: index_digest.clone(),
         image_size: num("image-size")?,
+        trace: None,
     }))
 }
 
@@ -400,7 +473,14 @@ impl Snapshotter {
                 _ => None,
             },
         };
-        if let (Some(target), Some(remote)) = (target, remote) {
+        if let (Some(target), Some(mut remote)) = (target, remote) {
+            if let (Some(look), Some(image), Some(manifest)) = (
+                &self.referrers,
+                labels.get(LABEL_IMAGE_REF),
+                labels.get(LABEL_MANIFEST_DIGEST),
+            ) {
+                remote.trace = look.trace(image, manifest);
+            }
             let target = target.as_str();
             let mut labels = labels;
             labels.insert(LABEL_REMOTE.into(), remote.source.clone());

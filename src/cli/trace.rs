@@ -1,0 +1,210 @@
+//! `lazyblk trace record | push | show`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use super::RegistryArgs;
+use crate::image::ImageRef;
+use crate::trace::record::{collect, Window};
+use crate::trace::Trace;
+
+/// Startup traces: record, ship with an image, inspect.
+#[derive(Debug, Subcommand)]
+pub enum TraceCommand {
+    /// Record which chunks of which layers are read until the workload is ready (run it next to a
+    /// container start; it reads the access logs every lazyblk device publishes in RUN_DIR).
+    Record(RecordArgs),
+    /// Ship a trace with an image: an OCI artifact referring to each of its manifests (Referrers API,
+    /// or the `sha256-<hex>` tag fallback). The image and its layers are unchanged.
+    Push(PushArgs),
+    /// Print the trace shipped with an image (or a trace file), summarised.
+    Show(ShowArgs),
+}
+
+/// Arguments of `lazyblk trace record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Where the trace is written.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Run directory of the devices to watch (the snapshotter's is ROOT/run).
+    #[arg(long, default_value = "/run/lazyblk")]
+    run_dir: PathBuf,
+    /// Readiness: the first 2xx answer from this http:// URL ends the recording.
+    #[arg(long)]
+    ready_url: Option<String>,
+    /// Keep recording this long after readiness (or, without --ready-url, this long in all).
+    #[arg(long, default_value_t = 0.0)]
+    window: f64,
+    /// Give up waiting for readiness after this many seconds.
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Only reads after this command started (by default a device's reads since it was attached
+    /// count too, e.g. the mount during a pull that came first).
+    #[arg(long)]
+    from_now: bool,
+}
+
+/// Arguments of `lazyblk trace push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The (converted) image the trace was recorded with.
+    image: String,
+    /// The trace file.
+    trace: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Arguments of `lazyblk trace show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// An image (its shipped trace) or a trace file.
+    what: String,
+    /// The image's platform manifest digest to look up (default: the image's own manifest).
+    #[arg(long)]
+    manifest: Option<String>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Runs a `trace` subcommand.
+pub fn run(c: TraceCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match c {
+        TraceCommand::Record(a) => rt.block_on(record(a)),
+        TraceCommand::Push(a) => rt.block_on(push(a)),
+        TraceCommand::Show(a) => rt.block_on(show(a)),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Polls `url` until it answers 2xx.
+async fn wait_ready(url: &str, timeout: Duration) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .no_proxy()
+        .build()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("{url} did not answer 2xx within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn record(a: RecordArgs) -> Result<()> {
+    if !(a.window >= 0.0 && a.timeout > 0.0) {
+        bail!("--window must be >= 0 and --timeout > 0");
+    }
+    if a.ready_url.is_none() && a.window == 0.0 {
+        bail!("give --ready-url, --window, or both");
+    }
+    let start_ms = now_ms();
+    let mut ready_ms = None;
+    if let Some(url) = &a.ready_url {
+        wait_ready(url, Duration::from_secs_f64(a.timeout)).await?;
+        ready_ms = Some(now_ms() - start_ms);
+        eprintln!("ready after {:.3}s", (now_ms() - start_ms) as f64 / 1e3);
+    }
+    tokio::time::sleep(Duration::from_secs_f64(a.window)).await;
+    let end_ms = now_ms();
+    // Let every publisher write what it saw up to now.
+    tokio::time::sleep(crate::trace::publish::PUBLISH_INTERVAL * 3).await;
+    let mut trace = collect(
+        &a.run_dir,
+        Window {
+            start_ms,
+            end_ms,
+            only_after_start: a.from_now,
+        },
+    )
+    .with_context(|| format!("reading access logs under {}", a.run_dir.display()))?;
+    trace.ready_ms = ready_ms;
+    if trace.layers.is_empty() {
+        bail!(
+            "no lazyblk device under {} was read in the window",
+            a.run_dir.display()
+        );
+    }
+    std::fs::write(&a.out, trace.to_bytes())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    for l in &trace.layers {
+        println!(
+            "{}  {} chunks  {}",
+            l.index_digest,
+            l.chunks.len(),
+            l.source
+        );
+    }
+    Ok(())
+}
+
+fn read_trace(path: &std::path::Path) -> Result<Trace> {
+    let b = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Trace::parse(&b).with_context(|| path.display().to_string())
+}
+
+async fn push(a: PushArgs) -> Result<()> {
+    let trace = read_trace(&a.trace)?;
+    let image = ImageRef::parse(&a.image)?;
+    for (subject, artifact) in
+        crate::trace::registry::push_trace(&image, &trace, &a.registry.options()).await?
+    {
+        println!("{subject} <- {artifact}");
+    }
+    Ok(())
+}
+
+async fn show(a: ShowArgs) -> Result<()> {
+    let trace = if std::path::Path::new(&a.what).exists() {
+        read_trace(std::path::Path::new(&a.what))?
+    } else {
+        let image = ImageRef::parse(&a.what)?;
+        let opts = a.registry.options();
+        let store = image.store(&opts, false)?;
+        let manifest = match a.manifest {
+            Some(m) => m,
+            None => {
+                store
+                    .get_manifest(image.reference())
+                    .await?
+                    .with_context(|| format!("{image}: not found"))?
+                    .digest
+            }
+        };
+        crate::trace::registry::find_trace(&*store, &manifest)
+            .await?
+            .with_context(|| format!("{image}: no trace for manifest {manifest}"))?
+    };
+    if let Some(ms) = trace.ready_ms {
+        println!("ready after {ms} ms when recorded");
+    }
+    for l in &trace.layers {
+        println!(
+            "{}  {} chunks  last read at {} ms  {}",
+            l.index_digest,
+            l.chunks.len(),
+            l.ms.last().copied().unwrap_or(0),
+            l.source
+        );
+    }
+    Ok(())
+}
