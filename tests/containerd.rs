@@ -144,7 +144,7 @@ impl Drop for Cleanup {
             let dir = self.env_sock.parent().unwrap();
             for log in ["snapshotter.log", "containerd.log"] {
                 let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
                 eprintln!("--- {log} (last lines)");
                 for l in tail.iter().rev() {
                     eprintln!("{l}");
@@ -190,8 +190,12 @@ fn free_port() -> u16 {
 /// `ctr run -d` of busybox httpd serving /srv/app from `image` on the lazyblk snapshotter, on a free
 /// port of the host network; returns the port.
 fn start_httpd(env: &Env, image: &str, name: &str) -> u16 {
-    let port = free_port();
-    run_ok(env.ctr("default").args([
+    start_httpd_on(env, "default", image, name, free_port())
+}
+
+/// [`start_httpd`] in namespace `ns` on `port`.
+fn start_httpd_on(env: &Env, ns: &str, image: &str, name: &str, port: u16) -> u16 {
+    run_ok(env.ctr(ns).args([
         "run",
         "-d",
         "--net-host",
@@ -288,6 +292,129 @@ fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> Stri
         "-c",
         LIST_ROOTFS,
     ])))
+}
+
+/// The recorded trace names layers of `image` only, each with chunks; shipped with a copy of the
+/// image (`test/traced`), it is found by `trace show` and replayed when that copy's layers are attached
+/// (no layer may be attached before: the device stats count the prefetched chunks), and the
+/// container works.
+fn check_trace(
+    env: &Env,
+    r: &str,
+    rec: std::process::Output,
+    file: &Path,
+    image: &str,
+    cleanup: &mut Cleanup,
+) {
+    assert!(
+        rec.status.success(),
+        "trace record: {}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &run_ok(Command::new("curl").args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{r}/v2/test/app/manifests/web-lazyblk"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    let index_digests: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["annotations"]["containerd.io/snapshot/lazyblk/index-digest"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    let layers = trace["layers"].as_array().unwrap();
+    assert!(!layers.is_empty(), "{trace}");
+    let mut traced_chunks = 0;
+    for l in layers {
+        assert!(
+            index_digests.contains(&l["indexDigest"].as_str().unwrap()),
+            "{l} is not a layer of {image}"
+        );
+        let n = l["chunks"].as_array().unwrap().len();
+        assert!(n > 0, "{l}");
+        traced_chunks += n as u64;
+    }
+    // Ship it with a copy of the image (same layers) and use that copy in a fresh namespace.
+    let traced = format!("{r}/test/traced:web-lazyblk");
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{image}"),
+        &format!("docker://{traced}"),
+    ]));
+    run_ok(
+        lazyblk()
+            .args(["trace", "push", &traced])
+            .arg(file)
+            .arg("--plain-http"),
+    );
+    let shown = stdout(run_ok(lazyblk().args([
+        "trace",
+        "show",
+        &traced,
+        "--plain-http",
+    ])));
+    assert_eq!(shown.matches(" chunks ").count(), layers.len(), "{shown}");
+    let out = stdout(run_ok(
+        lazyblk()
+            .args([
+                "pull",
+                &traced,
+                "--plain-http",
+                "--namespace",
+                "traced",
+                "--address",
+            ])
+            .arg(&env.sock),
+    ));
+    assert!(out.contains("3 remote layer(s)"), "{out}");
+    let name = format!("traced-{}", std::process::id());
+    cleanup.containers.push(("traced".into(), name.clone()));
+    let port = start_httpd_on(env, "traced", &traced, &name, free_port());
+    assert_eq!(http_ready(port).0.trim(), "<h1>lazyblk</h1>");
+    // The new devices replayed the trace (published within 250 ms).
+    let t = Instant::now();
+    loop {
+        let prefetched: u64 = stats_files(env)
+            .iter()
+            .filter_map(|p| {
+                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+                v["trace_prefetched"].as_u64()
+            })
+            .sum();
+        if prefetched > 0 {
+            assert!(prefetched <= traced_chunks, "{prefetched} > {traced_chunks}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no device attached for {traced} replayed its trace"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The stats files of the devices attached now.
+fn stats_files(env: &Env) -> Vec<PathBuf> {
+    std::fs::read_dir(env.root.join("run/devices"))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.to_string_lossy().ends_with(".stats.json"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The common preconditions; None means skip.
@@ -428,7 +555,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
     let image = format!("{r}/test/app:web-lazyblk");
     let id = std::process::id();
     let (web1, web2) = (format!("web1-{id}"), format!("web2-{id}"));
-    let _cleanup = Cleanup {
+    let mut cleanup = Cleanup {
         ctr: env.bin.join("ctr"),
         env_sock: env.sock.clone(),
         root: env.root.clone(),
@@ -454,11 +581,24 @@ fn containerd_runs_images_from_lazyblk_layers() {
         .unwrap()
         .to_string();
 
-    // Run an HTTP server from the lazily attached layers.
-    let port = start_httpd(&env, &image, &web1);
+    // Run an HTTP server from the lazily attached layers, recording a startup trace meanwhile.
+    let port = free_port();
+    let trace_file = dir.join("trace.json");
+    let recorder = lazyblk()
+        .args(["trace", "record", "--run-dir"])
+        .arg(env.root.join("run"))
+        .args(["--ready-url", &format!("http://127.0.0.1:{port}/index.html")])
+        .args(["--timeout", "60", "-o"])
+        .arg(&trace_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    start_httpd_on(&env, "default", &image, &web1, port);
     let (body, ready) = http_ready(port);
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("web1 ready after {ready:?} (create → first HTTP 200, after ctr run returned)");
+    let recorded = recorder.wait_with_output().unwrap();
     let seen = stdout(run_ok(env.ctr("default").args([
         "run", "--rm", "--snapshotter", "lazyblk", &image, "probe",
         "sh", "-c", "cat /etc/apt/NEW; test ! -e /usr/share/doc && echo whiteout-ok; echo x > /tmp/w && cat /tmp/w",
@@ -544,7 +684,52 @@ fn containerd_runs_images_from_lazyblk_layers() {
     // Mixed image (lazyblk base + ordinary tar.gz layer), in another namespace.
     pull_and_run_mixed(&env, &r, &format!("m1-{id}"));
 
+    // Nothing uses the layers any more: containerd's GC removes the snapshots, which detaches them.
+    for ns in ["default", "mixed"] {
+        remove_all(&env, ns);
+    }
+    let t = Instant::now();
+    while !stats_files(&env).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "layers still attached after their images were removed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The trace recorded at web1's start, shipped and replayed on a fresh attach.
+    check_trace(&env, &r, recorded, &trace_file, &image, &mut cleanup);
+
     drop(snapd);
+}
+
+/// Removes every container and image of namespace `ns` (images synchronously: GC has run).
+fn remove_all(env: &Env, ns: &str) {
+    let list = |what: &str| -> Vec<String> {
+        stdout(run_ok(env.ctr(ns).args([what, "ls", "-q"])))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    for c in list("containers") {
+        let _ = env.ctr(ns).args(["task", "kill", "-s", "SIGKILL", &c]).output();
+        let t = Instant::now();
+        while !env
+            .ctr(ns)
+            .args(["task", "rm", "-f", &c])
+            .output()
+            .unwrap()
+            .status
+            .success()
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        run_ok(env.ctr(ns).args(["containers", "rm", &c]));
+    }
+    let images = list("images");
+    if !images.is_empty() {
+        run_ok(env.ctr(ns).args(["images", "rm", "--sync"]).args(&images));
+    }
 }
 
 #[test]

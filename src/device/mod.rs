@@ -279,12 +279,13 @@ impl Attachment {
                     reads: metrics.reads.load(Relaxed),
                     read_errors: metrics.read_errors.load(Relaxed),
                     fetched_bytes: metrics.fetched_bytes.load(Relaxed),
+                    trace_prefetched: metrics.trace_prefetched.load(Relaxed),
                 };
                 let tmp = path.with_extension("tmp");
                 if std::fs::write(&tmp, serde_json::to_vec(&v).expect("stats serialise")).is_ok() {
                     let _ = std::fs::rename(&tmp, &path);
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         }));
     }
@@ -397,6 +398,9 @@ pub struct DeviceStats {
     pub read_errors: u64,
     /// Bytes fetched from the source.
     pub fetched_bytes: u64,
+    /// Chunks fetched ahead of the workload by a startup-trace replay.
+    #[serde(default)]
+    pub trace_prefetched: u64,
 }
 
 fn stats_path(state_file: &Path) -> PathBuf {

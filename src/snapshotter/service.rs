@@ -34,6 +34,9 @@ pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 /// Label lazyblk puts on the snapshots it serves remotely (value: the layer blob it reads).
 pub const LABEL_REMOTE: &str = "containerd.io/snapshot/lazyblk.remote";
 
+/// How long a startup-trace lookup (found or not) is reused.
+const TRACE_LOOKUP_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Finds what images' referrer artifacts add: lazyblk layers for ordinary image layers (`--referrer`
 /// conversions) and startup traces (`lazyblk trace push`).
 pub struct ReferrerLookup {
@@ -43,8 +46,9 @@ pub struct ReferrerLookup {
     cache: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, Remote>>>,
     /// Where fetched traces are kept (`None`: traces are not looked up).
     trace_dir: Option<PathBuf>,
-    /// Manifest digest → its trace file, negative results included.
-    traces: Mutex<std::collections::HashMap<String, Option<PathBuf>>>,
+    /// `REGISTRY/REPO@manifest` → its trace file and when it was looked up (negative results
+    /// included; both expire after [`TRACE_LOOKUP_TTL`] so a trace pushed later is found).
+    traces: Mutex<std::collections::HashMap<String, (std::time::Instant, Option<PathBuf>)>>,
 }
 
 impl ReferrerLookup {
@@ -72,10 +76,21 @@ impl ReferrerLookup {
     /// any. Lookup failures are logged and mean "no trace": prefetch is an optimisation.
     fn trace(&self, image_ref: &str, manifest: &str) -> Option<PathBuf> {
         let dir = self.trace_dir.as_ref()?;
-        if let Some(t) = self.traces.lock().expect("traces lock").get(manifest) {
-            return t.clone();
+        let repo = match crate::image::ImageRef::parse(image_ref) {
+            Ok(crate::image::ImageRef::Registry {
+                registry,
+                repository,
+                ..
+            }) => format!("{registry}/{repository}"),
+            _ => return None,
+        };
+        lazyblk_image_format::parse_digest(manifest).ok()?;
+        let key = format!("{repo}@{manifest}");
+        if let Some((at, t)) = self.traces.lock().expect("traces lock").get(&key) {
+            if at.elapsed() < TRACE_LOOKUP_TTL {
+                return t.clone();
+            }
         }
-        let hex = lazyblk_image_format::parse_digest(manifest).ok()?;
         let found = self.rt.block_on(async {
             tokio::time::timeout(
                 std::time::Duration::from_secs(5),
@@ -85,7 +100,8 @@ impl ReferrerLookup {
         });
         let path = match found {
             Ok(Ok(Some(trace))) => {
-                let path = dir.join(format!("{}.json", hex::encode(hex)));
+                let name = hex::encode(lazyblk_image_format::sha256(key.as_bytes()));
+                let path = dir.join(format!("{name}.json"));
                 let tmp = path.with_extension("tmp");
                 match std::fs::create_dir_all(dir)
                     .and_then(|_| std::fs::write(&tmp, trace.to_bytes()))
@@ -123,7 +139,7 @@ impl ReferrerLookup {
         self.traces
             .lock()
             .expect("traces lock")
-            .insert(manifest.to_string(), path.clone());
+            .insert(key, (std::time::Instant::now(), path.clone()));
         path
     }
 

@@ -9,10 +9,13 @@ builds the images from Debian packages with the project's tools (tools/make-root
   numpy  Debian + python3-numpy, an app that imports numpy, then serves HTTP
   large  nginx + a 1 GiB layer of data the app never reads
 Modes, each run from a cold state (image, content, snapshots and lazyblk cache removed, page cache
-dropped): "overlayfs" (containerd's full pull + unpack) and "lazyblk" (`lazyblk pull` + lazily
-attached layers; loop backend on hosts without ublk/nbd). Measures pull, start (ctr run returns with
-the task running), ready (first HTTP 200), total, and bytes fetched from the registry. Writes
-results.json, results.md (medians and min-max) and readiness.svg (stacked bars) to --out.
+dropped): "overlayfs" (containerd's full pull + unpack), "lazyblk" (`lazyblk pull` + lazily
+attached layers; loop backend on hosts without ublk/nbd) and "lazyblk+trace" (the same, with a startup
+trace recorded once by `lazyblk trace record` and shipped with `lazyblk trace push` as a referrer of
+a copy of the image in its own repository, so the "lazyblk" runs never see it). Measures pull, start
+(ctr run returns with the task running), ready (first HTTP 200), total, bytes fetched from the
+registry by the time of the first 200 and in all. Writes results.json, results.md (medians and
+min-max) and readiness.svg (stacked bars) to --out.
 """
 import argparse
 import glob
@@ -90,9 +93,37 @@ def build_image(name, work, reg):
     sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
     sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk", "--plain-http")
+    # The same image in another repository: the trace is pushed there only.
+    sh("skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+       f"docker://{reg}/bench/{name}:v1-lazyblk", f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
+
+
+def repo_tag(name, mode):
+    return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
+            "lazyblk+trace": (f"{name}-traced", "v1-lazyblk")}[mode]
+
+
+def record_trace(env, reg, name):
+    """One recording run of the untraced image (same layers), pushed to the traced repository."""
+    env.cold()
+    out = os.path.join(env.work, f"trace-{name}.json")
+    rec = subprocess.Popen([BIN, "trace", "record", "--run-dir", os.path.join(env.lb, "run"),
+                            "--ready-url", f"http://127.0.0.1:{PORT}/", "-o", out, "--timeout", "120"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    image = f"{reg}/bench/{name}:v1-lazyblk"
+    sh(BIN, "pull", image, "--plain-http", "--address", env.sock)
+    cname = f"record-{name}"
+    env.ctr("run", "-d", "--net-host", "--snapshotter", "lazyblk", image, cname, *APPS[name])
+    so, se = rec.communicate(timeout=180)
+    if rec.returncode != 0:
+        sys.exit(f"trace record failed:\n{so}\n{se}")
+    print(f"trace of {name}:\n{so}", file=sys.stderr)
+    env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
+    sh(BIN, "trace", "push", f"{reg}/bench/{name}-traced:v1-lazyblk", out, "--plain-http")
 
 
 def manifest(reg, name, tag):
+    """The image manifest (and its size) of REG/bench/NAME:TAG."""
     req = urllib.request.Request(f"http://{reg}/v2/bench/{name}/manifests/{tag}",
                                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
     with urllib.request.urlopen(req) as r:
@@ -189,25 +220,29 @@ def fetched_lazyblk(env):
 
 def one_run(env, reg, name, mode, i):
     env.cold()
-    tag = "v1" if mode == "overlayfs" else "v1-lazyblk"
-    image = f"{reg}/bench/{name}:{tag}"
-    m, msize = manifest(reg, name, tag)
-    cname = f"bench-{name}-{mode}-{i}"
+    repo, tag = repo_tag(name, mode)
+    image = f"{reg}/bench/{repo}:{tag}"
+    m, msize = manifest(reg, repo, tag)
+    cname = f"bench-{name}-{mode.replace('+', '-')}-{i}"
     t0 = time.monotonic()
     if mode == "overlayfs":
         env.ctr("images", "pull", "--plain-http", image)
     else:
         sh(BIN, "pull", image, "--plain-http", "--address", env.sock)
     t1 = time.monotonic()
-    env.ctr("run", "-d", "--net-host", "--snapshotter", mode, image, cname, *APPS[name])
+    snapshotter = "overlayfs" if mode == "overlayfs" else "lazyblk"
+    env.ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, image, cname, *APPS[name])
     t2 = time.monotonic()
     t3 = http_ready()
-    time.sleep(1.2)  # let the stats files catch up
+    time.sleep(0.3)  # stats files are rewritten every 250 ms
     meta = msize + m["config"]["size"]
-    fetched = meta + (sum(l["size"] for l in m["layers"]) if mode == "overlayfs" else fetched_lazyblk(env))
+    layers = sum(l["size"] for l in m["layers"])
+    at_ready = meta + (layers if mode == "overlayfs" else fetched_lazyblk(env))
+    time.sleep(1.0)
+    fetched = meta + (layers if mode == "overlayfs" else fetched_lazyblk(env))
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
     return {"image": name, "mode": mode, "run": i, "pull": t1 - t0, "start": t2 - t1, "ready": t3 - t2,
-            "total": t3 - t0, "fetched_bytes": fetched,
+            "total": t3 - t0, "fetched_bytes": fetched, "fetched_at_ready": at_ready,
             "image_bytes": sum(l["size"] for l in m["layers"])}
 
 
@@ -239,8 +274,8 @@ def svg(rows, path):
 
 
 def table(rows):
-    lines = ["| image | mode | pull s | start s | ready s | total s | fetched MB | total vs overlayfs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| image | mode | pull s | start s | ready s | total s | MB fetched by ready | MB fetched | total vs overlayfs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups = sorted({(r["image"], r["mode"]) for r in rows})
 
     def stat(g, k, scale=1.0, fmt="{:.2f}"):
@@ -252,7 +287,8 @@ def table(rows):
         base = [r["total"] for r in rows if r["image"] == g[0] and r["mode"] == "overlayfs"]
         ratio = f"{tot / statistics.median(base):.2f}x" if base else "–"
         lines.append(f"| {g[0]} | {g[1]} | {stat(g, 'pull')} | {stat(g, 'start')} | {stat(g, 'ready')} | "
-                     f"{stat(g, 'total')} | {stat(g, 'fetched_bytes', 1e-6, '{:.1f}')} | {ratio} |")
+                     f"{stat(g, 'total')} | {stat(g, 'fetched_at_ready', 1e-6, '{:.1f}')} | "
+                     f"{stat(g, 'fetched_bytes', 1e-6, '{:.1f}')} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -260,7 +296,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--images", default="nginx,numpy,large")
-    ap.add_argument("--modes", default="overlayfs,lazyblk")
+    ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace")
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -296,6 +332,9 @@ def main():
                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
         wait_sock(env.sock, "containerd")
         rows = []
+        if "lazyblk+trace" in a.modes.split(","):
+            for name in images:
+                record_trace(env, reg, name)
         for name in images:
             for i in range(a.runs):
                 for mode in a.modes.split(","):
