@@ -395,7 +395,10 @@ fn check_trace(
             })
             .sum();
         if prefetched > 0 {
-            assert!(prefetched <= traced_chunks, "{prefetched} > {traced_chunks}");
+            assert!(
+                prefetched <= traced_chunks,
+                "{prefetched} > {traced_chunks}"
+            );
             break;
         }
         assert!(
@@ -587,7 +590,10 @@ fn containerd_runs_images_from_lazyblk_layers() {
     let recorder = lazyblk()
         .args(["trace", "record", "--run-dir"])
         .arg(env.root.join("run"))
-        .args(["--ready-url", &format!("http://127.0.0.1:{port}/index.html")])
+        .args([
+            "--ready-url",
+            &format!("http://127.0.0.1:{port}/index.html"),
+        ])
         .args(["--timeout", "60", "-o"])
         .arg(&trace_file)
         .stdout(Stdio::piped())
@@ -711,7 +717,10 @@ fn remove_all(env: &Env, ns: &str) {
             .collect()
     };
     for c in list("containers") {
-        let _ = env.ctr(ns).args(["task", "kill", "-s", "SIGKILL", &c]).output();
+        let _ = env
+            .ctr(ns)
+            .args(["task", "kill", "-s", "SIGKILL", &c])
+            .output();
         let t = Instant::now();
         while !env
             .ctr(ns)

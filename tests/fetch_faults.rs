@@ -349,3 +349,52 @@ async fn a_recorded_trace_replayed_on_a_fresh_engine_serves_the_same_reads_witho
     let again = second.replay(&trace).await;
     assert_eq!((again.fetched, again.skipped), (0, stored.len() as u64));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readahead_follows_sequential_readers_only() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (blob, raw) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let o = opts(Duration::from_secs(60));
+    // Scattered small reads (a container starting): nothing but the chunks asked for is fetched.
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let idx_bytes = e.metrics().fetched_bytes.load(Relaxed);
+    let size = raw.len() as u64;
+    let mut touched = std::collections::BTreeSet::new();
+    for i in 0..16u64 {
+        let off = (i * 5_123_457) % (size - 8192) / 4096 * 4096;
+        let got = e.read(off, 8192).await.unwrap();
+        assert!(got[..] == raw[off as usize..off as usize + 8192]);
+        touched.extend(e.index().chunks_for(off, 8192).unwrap());
+    }
+    let m = e.metrics();
+    assert_eq!(m.readahead_chunks.load(Relaxed), 0);
+    let stored: u64 = touched
+        .iter()
+        .map(|&c| e.index().entry(c).stored_len as u64)
+        .sum();
+    let fetched = m.fetched_bytes.load(Relaxed) - idx_bytes;
+    // Coalescing may pull in gaps of up to 64 KiB between neighbours, never whole windows.
+    assert!(
+        fetched <= stored + touched.len() as u64 * (64 << 10),
+        "{fetched} bytes fetched for {stored} stored bytes of {} chunks",
+        touched.len()
+    );
+    // A sequential reader gets a growing window fetched ahead, and the right bytes.
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(128 << 10) as usize;
+        let got = e.read(off, n).await.unwrap();
+        assert!(got[..] == raw[off as usize..off as usize + n]);
+        off += n as u64;
+    }
+    let m = e.metrics();
+    assert!(m.readahead_chunks.load(Relaxed) > 0);
+    assert!(
+        m.fetches.load(Relaxed) < e.index().chunk_count(),
+        "{} requests for {} chunks",
+        m.fetches.load(Relaxed),
+        e.index().chunk_count()
+    );
+}

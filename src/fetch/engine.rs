@@ -31,9 +31,9 @@ pub struct EngineOptions {
     pub max_parallel_fetches: usize,
     /// Coalescing of neighbouring chunks into one request.
     pub plan: PlanOptions,
-    /// Largest readahead window, in chunks. A miss right after the previous chunk (a sequential
-    /// reader, whatever its request size or connection) extends the fetch by a window that starts at 4
-    /// chunks and doubles up to this; a random miss fetches only what was asked.
+    /// Largest readahead window, in chunks. A read that starts where the previous one ended (a
+    /// sequential reader, whatever its request size or connection) keeps a window of chunks requested
+    /// ahead that starts at 8 chunks and doubles up to this; other reads fetch only what they ask.
     pub readahead_chunks: u64,
     /// First retry delay (doubles each attempt, with jitter).
     pub retry_base: Duration,
@@ -96,6 +96,9 @@ pub struct ChunkAccess {
     /// Milliseconds since the engine was opened.
     pub ms: u64,
 }
+
+/// First readahead window of a sequential streak, in chunks.
+const INITIAL_READAHEAD: u64 = 8;
 
 /// A trace replay fetches this many stored bytes per window.
 const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
@@ -163,6 +166,7 @@ struct Inner {
     foreground: AtomicUsize,
     last_end: AtomicU64,
     ra_window: AtomicU64,
+    ra_next: AtomicU64,
     cached: Mutex<Vec<bool>>,
     access: Mutex<AccessLog>,
     zeros: Bytes,
@@ -355,6 +359,7 @@ impl Engine {
                 foreground: AtomicUsize::new(0),
                 last_end: AtomicU64::new(u64::MAX),
                 ra_window: AtomicU64::new(0),
+                ra_next: AtomicU64::new(0),
                 cached: Mutex::new(cached),
                 opts,
                 metrics,
@@ -572,13 +577,7 @@ impl Engine {
             .lock()
             .expect("access lock")
             .record(chunks.clone());
-        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
-        if prev_end == offset && inner.opts.readahead_chunks > 0 {
-            let to = (chunks.end + inner.opts.readahead_chunks).min(idx.chunk_count());
-            if chunks.end < to {
-                self.spawn_prefetch(chunks.end..to);
-            }
-        }
+        self.readahead(offset, len, chunks.end);
         let mut skip = (offset - idx.chunk_offset(chunks.start)) as usize;
         let mut done = 0;
         for (c, p) in chunks.zip(&parts) {
@@ -615,15 +614,7 @@ impl Engine {
             .lock()
             .expect("access lock")
             .record(chunks.clone());
-        // Sequential reader: fetch ahead.
-        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
-        if prev_end == offset && inner.opts.readahead_chunks > 0 {
-            let from = chunks.end;
-            let to = (from + inner.opts.readahead_chunks).min(idx.chunk_count());
-            if from < to {
-                self.spawn_prefetch(from..to);
-            }
-        }
+        self.readahead(offset, len, chunks.end);
         inner.foreground.fetch_add(1, Relaxed);
         let _guard = Decrement(&inner.foreground);
         let deadline = Instant::now() + inner.opts.read_deadline;
@@ -659,6 +650,42 @@ impl Engine {
             skip = 0;
         }
         Ok(out.freeze())
+    }
+
+    /// Readahead for sequential readers, like the kernel's: a read that starts where the previous one
+    /// ended keeps a window of chunks requested ahead of it; the window starts at [`INITIAL_READAHEAD`] chunks and
+    /// doubles (up to `readahead_chunks`) each time the reader gets within half a window of its end,
+    /// and the next batch is requested then, in one go. Any other read ends the streak, so scattered
+    /// small reads (a container starting) fetch only what they ask for.
+    fn readahead(&self, offset: u64, len: usize, end_chunk: u64) {
+        let inner = &self.inner;
+        let max = inner.opts.readahead_chunks;
+        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
+        if max == 0 {
+            return;
+        }
+        if prev_end != offset {
+            inner.ra_window.store(0, Relaxed);
+            inner.ra_next.store(0, Relaxed);
+            return;
+        }
+        let w = inner
+            .ra_window
+            .load(Relaxed)
+            .clamp(INITIAL_READAHEAD.min(max), max);
+        let next = inner.ra_next.load(Relaxed).max(end_chunk);
+        if next - end_chunk > w / 2 {
+            return; // enough requested ahead already
+        }
+        let to = (end_chunk + w)
+            .max(next + w / 2)
+            .min(inner.index.chunk_count());
+        inner.ra_window.store((w * 2).min(max), Relaxed);
+        inner.ra_next.store(to, Relaxed);
+        if next < to {
+            inner.metrics.readahead_chunks.fetch_add(to - next, Relaxed);
+            self.spawn_prefetch(next..to);
+        }
     }
 
     fn spawn_prefetch(&self, chunks: std::ops::Range<u64>) {
@@ -711,32 +738,6 @@ impl Engine {
                 inflight.insert(c, rx.clone());
                 waits.push((i, c, rx));
                 lead.push((c, tx));
-            }
-            // Sequential miss (the chunk before the first miss is cached or on its way): fetch a growing
-            // window after the last one in the same requests.
-            if let (Some(&(first, _)), Some(&(last, _))) = (lead.first(), lead.last()) {
-                let max = inner.opts.readahead_chunks;
-                let sequential = first > 0
-                    && (mem.contains(&(first - 1)) || inflight.contains_key(&(first - 1)));
-                let window = if sequential && max > 0 {
-                    let w = inner.ra_window.load(Relaxed).clamp(4, max);
-                    inner.ra_window.store((w * 2).min(max), Relaxed);
-                    w
-                } else {
-                    inner.ra_window.store(0, Relaxed);
-                    0
-                };
-                for c in last + 1..(last + 1 + window).min(inner.index.chunk_count()) {
-                    if inner.index.entry(c).kind == ChunkKind::Zero
-                        || mem.contains(&c)
-                        || inflight.contains_key(&c)
-                    {
-                        continue;
-                    }
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(c, rx);
-                    lead.push((c, tx));
-                }
             }
         }
         if !lead.is_empty() {

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub fill_total: AtomicU64,
     /// Non-zero chunks cached by the background fill or by reads.
     pub fill_done: AtomicU64,
+    /// Chunks requested by sequential readahead.
+    pub readahead_chunks: AtomicU64,
     /// Chunks fetched ahead of the workload by a trace replay.
     pub trace_prefetched: AtomicU64,
     /// Errors by cause.
@@ -196,6 +198,12 @@ impl Metrics {
             "corrupt_chunks_total",
             "Chunks that failed verification (refetched, never served).",
             self.corrupt_chunks.load(Relaxed),
+        );
+        c(
+            out,
+            "readahead_chunks_total",
+            "Chunks requested ahead of sequential readers.",
+            self.readahead_chunks.load(Relaxed),
         );
         c(
             out,
