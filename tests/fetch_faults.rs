@@ -398,3 +398,67 @@ async fn readahead_follows_sequential_readers_only() {
         e.index().chunk_count()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relaid_out_blob_serves_its_startup_region_from_the_index_request() {
+    use lazyblk_image_format::{Footer, Index, IndexLimits, FOOTER_LEN};
+    use std::sync::atomic::Ordering::Relaxed;
+    let (blob, raw) = layer();
+    let f = Footer::parse(&blob[blob.len() - FOOTER_LEN..], Some(blob.len() as u64)).unwrap();
+    let ib = &blob[f.index_offset as usize..][..f.index_length as usize];
+    let idx = Index::parse_verified(ib, &f.index_digest, IndexLimits::default()).unwrap();
+    // The "startup set": a few scattered stored chunks, in read order.
+    let startup: Vec<u64> = (0..idx.chunk_count())
+        .rev()
+        .filter(|&c| !idx.entry(c).blob_range().is_empty())
+        .step_by(3)
+        .take(5)
+        .collect();
+    let (new, s) = lazyblk_image_format::relayout(
+        &idx,
+        &startup,
+        |_, e| Ok(blob[e.blob_range().start as usize..e.blob_range().end as usize].to_vec()),
+        Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(s.startup_chunks, 5);
+    let srv = FaultyServer::start(new).await;
+    let mut o = opts(Duration::from_secs(60));
+    o.index = Some((
+        s.blob.index_offset,
+        s.blob.index_length,
+        s.blob.index_digest,
+    ));
+    o.startup_offset = Some(s.startup_offset);
+    let e = open_source(&srv.url, &o).await.unwrap();
+    // One request carried the region and the index.
+    assert_eq!(
+        srv.ranges(),
+        vec![s.startup_offset..s.blob.index_offset + s.blob.index_length]
+    );
+    let m = e.metrics();
+    // Reads of the startup chunks need no other request (they wait for the region's decode if
+    // they come first) and return the right bytes.
+    let cs = idx.chunk_size();
+    for &c in &startup {
+        let len = idx.chunk_len(c) as usize;
+        let got = e.read(c * cs, len).await.unwrap();
+        assert!(got[..] == raw[(c * cs) as usize..(c * cs) as usize + len]);
+    }
+    assert_eq!(m.fetches.load(Relaxed), 1);
+    assert_eq!(m.startup_region_chunks.load(Relaxed), 5);
+    // Other chunks are fetched as usual.
+    let other = (0..idx.chunk_count())
+        .find(|c| !startup.contains(c) && !idx.entry(*c).blob_range().is_empty())
+        .unwrap();
+    let got = e.read(other * cs, 4096).await.unwrap();
+    assert!(got[..] == raw[(other * cs) as usize..(other * cs) as usize + 4096]);
+    assert_eq!(m.fetches.load(Relaxed), 2);
+    // A startup offset that is not before the index (or too far) is ignored, not trusted.
+    let mut bad = o.clone();
+    bad.startup_offset = Some(s.blob.index_offset + 10);
+    let before = srv.ranges().len();
+    open_source(&srv.url, &bad).await.unwrap();
+    let index_only = s.blob.index_offset..s.blob.index_offset + s.blob.index_length;
+    assert_eq!(srv.ranges()[before..].to_vec(), vec![index_only]);
+}

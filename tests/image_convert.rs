@@ -422,3 +422,128 @@ fn conversion_errors_are_clear_and_push_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `lazyblk trace relayout` of a converted image: the traced chunks of the traced layer move right
+/// before its index (the descriptor says where they start), the disk inside is byte-identical, the
+/// other layer and the config are unchanged.
+#[test]
+fn relayout_puts_the_traced_chunks_next_to_the_index() {
+    use lazyblk_image_format::{Footer, Index, IndexLimits, FOOTER_LEN};
+    if !tools_ok() {
+        return;
+    }
+    let Some(rootfs) = rootfs_tar() else { return };
+    if !privileged() {
+        return;
+    }
+    let Some(reg) = Registry::start() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = tmp.path().join("layout");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-test-image.sh");
+    run_ok(Command::new(script).arg(&rootfs).arg(&layout));
+    let r = &reg.addr;
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v2", layout.display()))
+            .arg(format!("docker://{r}/test/img:v2")),
+    );
+    convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("{r}/test/img:v2-lazyblk"),
+    ]);
+    let old = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
+    let p = "containerd.io/snapshot/lazyblk/";
+    let l0 = &old["layers"][0];
+    let index_digest = l0["annotations"][format!("{p}index-digest")]
+        .as_str()
+        .unwrap();
+    let startup = [0u64, 5, 3, 40, 41, 7, 5];
+    let trace = serde_json::json!({
+        "schemaVersion": 1,
+        "layers": [{"indexDigest": index_digest, "chunks": startup}]
+    });
+    let tfile = tmp.path().join("t.json");
+    std::fs::write(&tfile, trace.to_string()).unwrap();
+    let out = String::from_utf8(
+        run_ok(
+            lazyblk()
+                .args(["trace", "relayout"])
+                .arg(format!("{r}/test/img:v2-lazyblk"))
+                .arg(format!("{r}/test/img:v2-relaid"))
+                .arg("--trace")
+                .arg(&tfile)
+                .arg("--plain-http"),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(out.contains("copied"), "{out}");
+    let new = skopeo_raw(&format!("{r}/test/img:v2-relaid"));
+    assert_eq!(new["config"], old["config"]);
+    assert_eq!(new["layers"][1], old["layers"][1]);
+    let n0 = &new["layers"][0];
+    assert_ne!(n0["digest"], l0["digest"]);
+    for k in ["source-digest", "diff-id", "image-size", "chunk-size"] {
+        assert_eq!(
+            n0["annotations"][format!("{p}{k}")],
+            l0["annotations"][format!("{p}{k}")]
+        );
+    }
+    let num = |l: &serde_json::Value, k: &str| -> u64 {
+        l["annotations"][format!("{p}{k}")]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (old_blob, new_blob) = (tmp.path().join("old.blob"), tmp.path().join("new.blob"));
+    for (l, path) in [(l0, &old_blob), (n0, &new_blob)] {
+        fetch_blob(
+            &reg,
+            "test/img",
+            l["digest"].as_str().unwrap(),
+            l["size"].as_u64().unwrap(),
+            path,
+        );
+    }
+    // The region [startup-offset, index-offset) holds exactly the traced stored chunks, in order.
+    let blob = std::fs::read(&new_blob).unwrap();
+    let f = Footer::parse(&blob[blob.len() - FOOTER_LEN..], Some(blob.len() as u64)).unwrap();
+    assert_eq!(f.index_offset, num(n0, "index-offset"));
+    assert_eq!(
+        lazyblk_image_format::digest_string(&f.index_digest),
+        n0["annotations"][format!("{p}index-digest")]
+            .as_str()
+            .unwrap()
+    );
+    let idx = Index::parse_verified(
+        &blob[f.index_offset as usize..][..f.index_length as usize],
+        &f.index_digest,
+        IndexLimits::default(),
+    )
+    .unwrap();
+    let mut at = num(n0, "startup-offset");
+    for c in [0u64, 5, 3, 40, 41, 7] {
+        let e = idx.entry(c);
+        if e.blob_range().is_empty() {
+            continue; // zero chunk: not stored anywhere
+        }
+        assert_eq!(e.offset, at, "chunk {c}");
+        at += e.stored_len as u64;
+    }
+    assert_eq!(at, f.index_offset, "nothing else in the startup region");
+    // Same disk.
+    let export = |b: &Path| {
+        let img = b.with_extension("img");
+        run_ok(
+            lazyblk()
+                .args(["layer", "export"])
+                .arg(b)
+                .arg("-o")
+                .arg(&img),
+        );
+        sha256_file(&img)
+    };
+    assert_eq!(export(&old_blob), export(&new_blob));
+}

@@ -23,6 +23,7 @@ mod error;
 mod footer;
 mod index;
 mod plan;
+mod relayout;
 mod writer;
 
 pub use chunk::{decode_chunk, encode_chunk, is_all_zero, ChunkKind, Codec, EncodedChunk};
@@ -30,6 +31,7 @@ pub use error::FormatError;
 pub use footer::{Footer, FOOTER_LEN, FOOTER_MAGIC};
 pub use index::{ChunkEntry, Index, IndexLimits, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_MAGIC};
 pub use plan::{PlanOptions, RangeFetch, ReadPlan};
+pub use relayout::{relayout, RelayoutSummary};
 pub use writer::{BlobSummary, BlobWriter};
 
 /// Format version written by this crate and the only one it reads.

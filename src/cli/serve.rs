@@ -25,6 +25,11 @@ pub struct SourceArgs {
     /// Index length (annotation `index-length`).
     #[arg(long, requires = "index_offset")]
     pub index_length: Option<u64>,
+    /// Start of the blob's startup region (annotation `startup-offset`, from `lazyblk relayout`):
+    /// fetched with the index in one request and served from memory.
+    #[arg(long, requires = "index_offset")]
+    #[serde(default)]
+    pub startup_offset: Option<u64>,
     /// Registry access.
     #[command(flatten)]
     pub registry: super::RegistryArgs,
@@ -85,6 +90,7 @@ impl SourceArgs {
         Ok(SourceOptions {
             registry: self.registry.options(),
             index,
+            startup_offset: self.startup_offset,
             trusted_index_digest: trusted,
             engine: EngineOptions {
                 mem_cache_bytes: self.mem_cache_mib << 20,

@@ -22,6 +22,27 @@ pub enum TraceCommand {
     Push(PushArgs),
     /// Print the trace shipped with an image (or a trace file), summarised.
     Show(ShowArgs),
+    /// Make a new image whose lazyblk layers hold the traced chunks right before their index, so a
+    /// node fetches the index and the startup set with one range request (layers without trace
+    /// entries are copied; the config, diff IDs and chain IDs do not change).
+    Relayout(RelayoutArgs),
+}
+
+/// Arguments of `lazyblk trace relayout`.
+#[derive(Debug, Args)]
+pub struct RelayoutArgs {
+    /// The converted image (one platform manifest) the trace was recorded with.
+    src: String,
+    /// Where to push the new image.
+    dst: String,
+    /// The trace file.
+    #[arg(long)]
+    trace: PathBuf,
+    /// Scratch directory (default: under $TMPDIR).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 /// Arguments of `lazyblk trace record`.
@@ -80,6 +101,7 @@ pub fn run(c: TraceCommand) -> Result<()> {
         TraceCommand::Record(a) => rt.block_on(record(a)),
         TraceCommand::Push(a) => rt.block_on(push(a)),
         TraceCommand::Show(a) => rt.block_on(show(a)),
+        TraceCommand::Relayout(a) => rt.block_on(relayout(a)),
     }
 }
 
@@ -206,5 +228,34 @@ async fn show(a: ShowArgs) -> Result<()> {
             l.source
         );
     }
+    Ok(())
+}
+
+async fn relayout(a: RelayoutArgs) -> Result<()> {
+    let trace = read_trace(&a.trace)?;
+    let src = ImageRef::parse(&a.src)?;
+    let dst = ImageRef::parse(&a.dst)?;
+    let work = a
+        .work_dir
+        .clone()
+        .unwrap_or_else(crate::image::convert::default_work_dir);
+    let r =
+        crate::image::relayout::relayout_image(&src, &dst, &trace, &a.registry.options(), &work)
+            .await;
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir(&work);
+    }
+    let r = r?;
+    for l in &r.layers {
+        if l.startup_chunks == 0 {
+            println!("{}  copied", l.source_digest);
+        } else {
+            println!(
+                "{} -> {}  {} startup chunks ({} bytes) before the index",
+                l.source_digest, l.target_digest, l.startup_chunks, l.startup_bytes
+            );
+        }
+    }
+    println!("{} {}", r.target, r.manifest_digest);
     Ok(())
 }

@@ -280,6 +280,7 @@ impl Attachment {
                     read_errors: metrics.read_errors.load(Relaxed),
                     fetched_bytes: metrics.fetched_bytes.load(Relaxed),
                     trace_prefetched: metrics.trace_prefetched.load(Relaxed),
+                    startup_region: metrics.startup_region_chunks.load(Relaxed),
                 };
                 let tmp = path.with_extension("tmp");
                 if std::fs::write(&tmp, serde_json::to_vec(&v).expect("stats serialise")).is_ok() {
@@ -401,6 +402,9 @@ pub struct DeviceStats {
     /// Chunks fetched ahead of the workload by a startup-trace replay.
     #[serde(default)]
     pub trace_prefetched: u64,
+    /// Chunks that arrived with the index in the blob's startup region.
+    #[serde(default)]
+    pub startup_region: u64,
 }
 
 fn stats_path(state_file: &Path) -> PathBuf {

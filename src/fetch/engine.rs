@@ -67,6 +67,11 @@ pub enum IndexLocation {
         length: u64,
         /// Trusted SHA-256.
         digest: Digest,
+        /// Start of the blob's startup region (annotation `startup-offset`), if it has one: the region
+        /// `[startup_offset, offset)` is fetched in the same request as the index and its chunks are
+        /// served from it (each verified against the index first). Ignored unless it lies before the
+        /// index and within [`MAX_STARTUP_REGION`] of it.
+        startup_offset: Option<u64>,
     },
     /// Only the blob: read the footer with one suffix request. `trusted` (e.g. `--index-digest`) is
     /// checked if given, else the footer's own digest (detects corruption, not substitution).
@@ -96,6 +101,9 @@ pub struct ChunkAccess {
     /// Milliseconds since the engine was opened.
     pub ms: u64,
 }
+
+/// Largest startup region fetched together with the index, in bytes.
+pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 
 /// First readahead window of a sequential streak, in chunks.
 const INITIAL_READAHEAD: u64 = 8;
@@ -241,6 +249,7 @@ impl Engine {
         let metrics = Arc::new(Metrics::default());
         let deadline = Instant::now() + opts.read_deadline;
         let limits = IndexLimits::default();
+        let mut startup = None;
         let bad = |e: lazyblk_image_format::FormatError| {
             FetchError::permanent("format", format!("{}: {e}", remote.describe()))
         };
@@ -249,6 +258,7 @@ impl Engine {
                 offset,
                 length,
                 digest,
+                startup_offset,
             } => {
                 if length > limits.max_index_len {
                     return Err(bad(lazyblk_image_format::FormatError::IndexTooLarge {
@@ -259,13 +269,25 @@ impl Engine {
                 let end = offset
                     .checked_add(length)
                     .ok_or_else(|| FetchError::permanent("format", "index range overflows"))?;
+                let from = match startup_offset {
+                    Some(s) if s < offset && offset - s <= MAX_STARTUP_REGION => s,
+                    Some(s) if s != offset => {
+                        tracing::warn!(source = %remote.describe(), startup_offset = s, index_offset = offset, "ignoring a startup region that is not just before the index or is over {MAX_STARTUP_REGION} bytes");
+                        offset
+                    }
+                    _ => offset,
+                };
                 let bytes =
-                    with_retries(&opts, &metrics, deadline, || remote.read_range(offset..end))
+                    with_retries(&opts, &metrics, deadline, || remote.read_range(from..end))
                         .await?;
                 metrics.fetches.fetch_add(1, Relaxed);
                 metrics.fetched_bytes.fetch_add(bytes.len() as u64, Relaxed);
-                let idx = Index::parse_verified(&bytes, &digest, limits).map_err(bad)?;
+                let split = (offset - from) as usize;
+                let idx = Index::parse_verified(&bytes[split..], &digest, limits).map_err(bad)?;
                 idx.check_data_end(offset).map_err(bad)?;
+                if split > 0 {
+                    startup = Some((from, bytes.slice(..split)));
+                }
                 idx
             }
             IndexLocation::Footer { trusted } => {
@@ -316,7 +338,11 @@ impl Engine {
                 idx
             }
         };
-        Ok(Engine::from_index(remote, index, opts, metrics))
+        let engine = Engine::from_index(remote, index, opts, metrics);
+        if let Some((from, bytes)) = startup {
+            engine.seed(from, bytes);
+        }
+        Ok(engine)
     }
 
     /// An engine over an already verified index.
@@ -886,6 +912,13 @@ impl Engine {
         })
         .await
         .map_err(|e| e.message)?;
+        Ok(self.store_fetched(res))
+    }
+
+    /// Marks verified chunks cached and writes their stored bytes to the disk cache (in the
+    /// background); returns the decoded chunks.
+    fn store_fetched(&self, res: Vec<(u64, Bytes, Bytes)>) -> Vec<(u64, Bytes)> {
+        let inner = &self.inner;
         let mut out = Vec::with_capacity(res.len());
         let mut to_disk = Vec::new();
         {
@@ -912,7 +945,89 @@ impl Engine {
                 }
             });
         }
-        Ok(out)
+        out
+    }
+
+    /// Serves the chunks stored wholly inside `bytes` (blob bytes from `start`, fetched with the index
+    /// when the blob has a startup region): they are registered as in flight at once (so readers wait
+    /// for them instead of fetching), then verified and decoded off the runtime and put in the memory
+    /// cache (up to half of it) and the disk cache.
+    fn seed(&self, start: u64, bytes: Bytes) {
+        let inner = &self.inner;
+        let end = start + bytes.len() as u64;
+        let mut lead = Vec::new();
+        {
+            let mem = inner.mem.lock().expect("mem lock");
+            let mut inflight = inner.inflight.lock().expect("inflight lock");
+            for (c, e) in inner.index.entries().iter().enumerate() {
+                let c = c as u64;
+                let r = e.blob_range();
+                if e.kind == ChunkKind::Zero || r.start < start || r.end > end {
+                    continue;
+                }
+                if mem.contains(&c) || inflight.contains_key(&c) {
+                    continue;
+                }
+                let (tx, rx) = watch::channel(None);
+                inflight.insert(c, rx);
+                lead.push((c, tx));
+            }
+        }
+        if lead.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let task = async move {
+            let inner = &me.inner;
+            let wanted: Vec<u64> = lead.iter().map(|(c, _)| *c).collect();
+            let dec = me.clone();
+            let decoded = tokio::task::spawn_blocking(move || {
+                wanted
+                    .into_iter()
+                    .map(|c| {
+                        let r = dec.inner.index.entry(c).blob_range();
+                        let stored =
+                            bytes.slice((r.start - start) as usize..(r.end - start) as usize);
+                        (c, dec.decode(c, &stored).map(|b| (b, stored)))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut ok = Vec::new();
+            for (c, r) in decoded {
+                match r {
+                    Ok((b, stored)) => ok.push((c, b, stored)),
+                    Err(e) => {
+                        inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+                        tracing::warn!(layer = %inner.name, chunk = c, error = %e, "startup region chunk failed verification; refetching it");
+                    }
+                }
+            }
+            let mut budget = inner.opts.mem_cache_bytes / 2;
+            let mut senders: HashMap<u64, watch::Sender<ChunkResult>> = lead.into_iter().collect();
+            inner
+                .metrics
+                .startup_region_chunks
+                .fetch_add(ok.len() as u64, Relaxed);
+            for (c, b) in me.store_fetched(ok) {
+                let to_memory = budget >= b.len() as u64;
+                budget = budget.saturating_sub(b.len() as u64);
+                me.finish(c, Ok(b), senders.remove(&c), to_memory);
+            }
+            // Anything not served (undecodable, or the decode task died) is fetched like any miss,
+            // so whoever waits for it gets verified bytes or the usual error.
+            if !senders.is_empty() {
+                let deadline = Instant::now() + inner.opts.read_deadline;
+                me.fetch_chunks(senders.into_iter().collect(), deadline, true)
+                    .await;
+            }
+        };
+        match (&inner.rt, tokio::runtime::Handle::try_current()) {
+            (_, Ok(h)) => drop(h.spawn(task)),
+            (Some(h), Err(_)) => drop(h.spawn(task)),
+            (None, Err(_)) => {}
+        }
     }
 
     /// Fetches every stored chunk not cached yet, in blob order, a few MiB at a time, at most

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub fill_done: AtomicU64,
     /// Chunks requested by sequential readahead.
     pub readahead_chunks: AtomicU64,
+    /// Chunks served from the blob's startup region (fetched with the index).
+    pub startup_region_chunks: AtomicU64,
     /// Chunks fetched ahead of the workload by a trace replay.
     pub trace_prefetched: AtomicU64,
     /// Errors by cause.
@@ -204,6 +206,12 @@ impl Metrics {
             "readahead_chunks_total",
             "Chunks requested ahead of sequential readers.",
             self.readahead_chunks.load(Relaxed),
+        );
+        c(
+            out,
+            "startup_region_chunks_total",
+            "Chunks that arrived with the index in the blob's startup region.",
+            self.startup_region_chunks.load(Relaxed),
         );
         c(
             out,

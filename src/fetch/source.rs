@@ -16,6 +16,8 @@ pub struct SourceOptions {
     pub registry: RegistryOptions,
     /// Index location from the descriptor annotations (offset, length, digest), if known.
     pub index: Option<(u64, u64, Digest)>,
+    /// Start of the blob's startup region (annotation `startup-offset`; needs `index`).
+    pub startup_offset: Option<u64>,
     /// Trusted index digest when only the blob is known.
     pub trusted_index_digest: Option<Digest>,
     /// Engine tuning.
@@ -58,6 +60,7 @@ pub async fn open_source(spec: &str, opts: &SourceOptions) -> Result<Engine, Fet
             offset,
             length,
             digest,
+            startup_offset: opts.startup_offset,
         },
         None => IndexLocation::Footer {
             trusted: opts.trusted_index_digest,

@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod oci;
+pub mod relayout;
 pub mod store;
 
 use std::path::PathBuf;

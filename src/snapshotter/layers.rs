@@ -109,6 +109,9 @@ impl Layers {
         if let Some(t) = remote.trace.as_ref().filter(|t| t.exists()) {
             cmd.arg("--prefetch-trace").arg(t);
         }
+        if let Some(s) = remote.startup_offset {
+            cmd.args(["--startup-offset", &s.to_string()]);
+        }
         let out = cmd
             .arg(&remote.source)
             .args(["--index-offset", &remote.index_offset.to_string()])

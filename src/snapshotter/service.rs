@@ -312,6 +312,10 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
         index_length: num("index-length")?,
         index_digest: index_digest.clone(),
         image_size: num("image-size")?,
+        startup_offset: match get("startup-offset") {
+            Some(_) => Some(num("startup-offset")?),
+            None => None,
+        },
         trace: None,
     }))
 }

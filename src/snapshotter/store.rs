@@ -66,6 +66,9 @@ pub struct Remote {
     pub index_digest: String,
     /// ext4 image size in bytes (reported as the snapshot's usage).
     pub image_size: u64,
+    /// Start of the blob's startup region (annotation `startup-offset`), if it has one.
+    #[serde(default)]
+    pub startup_offset: Option<u64>,
     /// The image's startup trace, replayed when the layer is attached (if one was shipped).
     #[serde(default)]
     pub trace: Option<std::path::PathBuf>,

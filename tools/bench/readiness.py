@@ -12,7 +12,9 @@ Modes, each run from a cold state (image, content, snapshots and lazyblk cache r
 dropped): "overlayfs" (containerd's full pull + unpack), "lazyblk" (`lazyblk pull` + lazily
 attached layers; loop backend on hosts without ublk/nbd) and "lazyblk+trace" (the same, with a startup
 trace recorded once by `lazyblk trace record` and shipped with `lazyblk trace push` as a referrer of
-a copy of the image in its own repository, so the "lazyblk" runs never see it). Measures pull, start
+a copy of the image in its own repository, so the "lazyblk" runs never see it) and "lazyblk+relayout"
+(`lazyblk trace relayout` of the image with that trace: the traced chunks sit right before each
+layer's index and arrive with it in one request). Measures pull, start
 (ctr run returns with the task running), ready (first HTTP 200), total, bytes fetched from the
 registry by the time of the first 200 and in all. Writes results.json, results.md (medians and
 min-max) and readiness.svg (stacked bars) to --out.
@@ -100,7 +102,8 @@ def build_image(name, work, reg):
 
 def repo_tag(name, mode):
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
-            "lazyblk+trace": (f"{name}-traced", "v1-lazyblk")}[mode]
+            "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
+            "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk")}[mode]
 
 
 def record_trace(env, reg, name):
@@ -120,6 +123,8 @@ def record_trace(env, reg, name):
     print(f"trace of {name}:\n{so}", file=sys.stderr)
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
     sh(BIN, "trace", "push", f"{reg}/bench/{name}-traced:v1-lazyblk", out, "--plain-http")
+    sh(BIN, "trace", "relayout", f"{reg}/bench/{name}:v1-lazyblk", f"{reg}/bench/{name}-relaid:v1-lazyblk",
+       "--trace", out, "--plain-http")
 
 
 def manifest(reg, name, tag):
@@ -296,7 +301,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--images", default="nginx,numpy,large")
-    ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace")
+    ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace,lazyblk+relayout")
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -332,7 +337,7 @@ def main():
                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
         wait_sock(env.sock, "containerd")
         rows = []
-        if "lazyblk+trace" in a.modes.split(","):
+        if {"lazyblk+trace", "lazyblk+relayout"} & set(a.modes.split(",")):
             for name in images:
                 record_trace(env, reg, name)
         for name in images:
