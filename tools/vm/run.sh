@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 vm=.cache/vm
-timeout "${1:-600}" qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -nographic -no-reboot \
+timeout "${1:-600}" qemu-system-x86_64 -accel tcg -m "${VM_MEM:-2048}" -smp 2 -nographic -no-reboot \
   -kernel "$vm/vmlinuz" -initrd "$vm/initrd.gz" \
   -append "console=ttyS0 panic=-1 quiet" >"$vm/console.log" 2>&1 || true
 grep -a "LAZYBLK-VM" "$vm/console.log" || true
