@@ -395,10 +395,18 @@ impl Snapshotter {
         } else {
             store.chain(&s.parent)
         };
-        let lowers = parents
-            .iter()
-            .map(|(k, p)| self.lower(k, p))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Remote layers not attached yet are attached in parallel (one `lazyblk attach` each): an
+        // image's first container waits for the slowest layer, not for the sum of them.
+        let lowers = std::thread::scope(|sc| {
+            let attaching: Vec<_> = parents
+                .iter()
+                .map(|(k, p)| sc.spawn(move || self.lower(k, p)))
+                .collect();
+            attaching
+                .into_iter()
+                .map(|h| h.join().expect("layer attach thread panicked"))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let m = |ty: &str, source: &Path, options: Vec<String>| Mount {
             r#type: ty.to_string(),
             source: source.display().to_string(),
