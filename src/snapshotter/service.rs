@@ -868,3 +868,42 @@ impl pb::snapshots_server::Snapshots for Service {
         Ok(Response::new(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let mut l: BTreeMap<String, String> = [
+            (format!("{LAZYBLK_PREFIX}index-digest"), d.clone()),
+            (format!("{LAZYBLK_PREFIX}index-offset"), "1000".into()),
+            (format!("{LAZYBLK_PREFIX}index-length"), "112".into()),
+            (format!("{LAZYBLK_PREFIX}image-size"), "4096".into()),
+            (LABEL_IMAGE_REF.into(), "127.0.0.1:5000/app:v1".into()),
+            (LABEL_LAYER_DIGEST.into(), d),
+        ]
+        .into_iter()
+        .collect();
+        for (k, v) in extra {
+            l.insert(format!("{LAZYBLK_PREFIX}{k}"), v.to_string());
+        }
+        l
+    }
+
+    #[test]
+    fn remote_layers_from_labels_with_and_without_a_startup_region() {
+        let r = remote_from_labels(&labels(&[])).unwrap().unwrap();
+        assert_eq!(r.index_offset, 1000);
+        assert_eq!(r.startup_offset, None);
+        assert!(r.source.starts_with("127.0.0.1:5000/app@sha256:"));
+        let r = remote_from_labels(&labels(&[("startup-offset", "600")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.startup_offset, Some(600));
+        let e = remote_from_labels(&labels(&[("startup-offset", "soon")])).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("startup-offset"), "{}", e.message());
+        assert!(remote_from_labels(&BTreeMap::new()).unwrap().is_none());
+    }
+}
