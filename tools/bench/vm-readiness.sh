@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Readiness in the real-kernel VM (TCG), on the ublk backend (the best one the guest kernel has):
+# Readiness in the real-kernel VM (TCG), on the ublk backend (the best one the guest kernel has) and
+# on NBD:
 # containerd 1.6 + runc, docker-registry and the lazyblk snapshotter all on the guest's loopback; the
 # Debian nginx image of tools/bench/readiness.py. Modes as there: overlayfs (full pull), lazyblk,
 # lazyblk+trace (recorded once in the guest by `lazyblk trace record`, pushed to a second repository
@@ -54,9 +55,12 @@ state = "/run/containerd"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "/run/containerd/containerd.sock"
-[proxy_plugins.lazyblk]
+[proxy_plugins.lazyblk-ublk]
   type = "snapshot"
-  address = "/run/lazyblk/lazyblk.sock"
+  address = "/run/lazyblk/ublk.sock"
+[proxy_plugins.lazyblk-nbd]
+  type = "snapshot"
+  address = "/run/lazyblk/nbd.sock"
 TOML
 echo "$runs" >"$payload/runs"
 LAZYBLK_BIN=$bin tools/vm/prepare.sh "$payload" tools/vm/guest-readiness.sh
@@ -70,7 +74,7 @@ for line in open(f"{out}/results.txt"):
     _, image, mode, run, pull, start, ready, fetched = line.split()
     rows.append(dict(image=image, mode=mode, pull=float(pull), start=float(start), ready=float(ready),
                      total=float(pull) + float(start) + float(ready), fetched=int(fetched)))
-modes = ["overlayfs", "lazyblk", "lazyblk+trace", "lazyblk+relayout"]
+modes = list(dict.fromkeys(r["mode"] for r in rows))
 base = statistics.median(r["total"] for r in rows if r["mode"] == "overlayfs")
 lines = ["| image | mode | pull s | start s | ready s | total s | MB fetched by ready | total vs overlayfs |",
          "|---|---|---|---|---|---|---|---|"]
