@@ -25,7 +25,7 @@ pub struct SourceArgs {
     /// Index length (annotation `index-length`).
     #[arg(long, requires = "index_offset")]
     pub index_length: Option<u64>,
-    /// Start of the blob's startup region (annotation `startup-offset`, from `lazyblk relayout`):
+    /// Start of the blob's startup region (annotation `startup-offset`, from `lazyblk trace relayout`):
     /// fetched with the index in one request and served from memory.
     #[arg(long, requires = "index_offset")]
     #[serde(default)]
@@ -113,10 +113,7 @@ pub fn spawn_background(
     src: &SourceArgs,
 ) {
     let chunks = src.prefetch_trace.as_deref().and_then(|p| {
-        match std::fs::read(p)
-            .map_err(|e| e.to_string())
-            .and_then(|b| crate::trace::Trace::parse(&b).map_err(|e| e.to_string()))
-        {
+        match crate::trace::Trace::read_file(p) {
             Ok(t) => {
                 let c = t.chunks_for(&engine.index_digest()).map(<[u64]>::to_vec);
                 if c.is_none() {

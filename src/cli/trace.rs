@@ -85,7 +85,8 @@ pub struct PushArgs {
 pub struct ShowArgs {
     /// An image (its shipped trace) or a trace file.
     what: String,
-    /// The image's platform manifest digest to look up (default: the image's own manifest).
+    /// The image's platform manifest digest to look up (default: the image's manifest, or an
+    /// index's first).
     #[arg(long)]
     manifest: Option<String>,
     #[command(flatten)]
@@ -143,8 +144,9 @@ async fn record(a: RecordArgs) -> Result<()> {
     let mut ready_ms = None;
     if let Some(url) = &a.ready_url {
         wait_ready(url, Duration::from_secs_f64(a.timeout)).await?;
-        ready_ms = Some(now_ms() - start_ms);
-        eprintln!("ready after {:.3}s", (now_ms() - start_ms) as f64 / 1e3);
+        let ms = now_ms().saturating_sub(start_ms);
+        ready_ms = Some(ms);
+        eprintln!("ready after {:.3}s", ms as f64 / 1e3);
     }
     tokio::time::sleep(Duration::from_secs_f64(a.window)).await;
     let end_ms = now_ms();
@@ -179,13 +181,9 @@ async fn record(a: RecordArgs) -> Result<()> {
     Ok(())
 }
 
-fn read_trace(path: &std::path::Path) -> Result<Trace> {
-    let b = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Trace::parse(&b).with_context(|| path.display().to_string())
-}
-
 async fn push(a: PushArgs) -> Result<()> {
-    let trace = read_trace(&a.trace)?;
+    let trace =
+        Trace::read_file(&a.trace).with_context(|| format!("trace file {}", a.trace.display()))?;
     let image = ImageRef::parse(&a.image)?;
     for (subject, artifact) in
         crate::trace::registry::push_trace(&image, &trace, &a.registry.options()).await?
@@ -197,18 +195,21 @@ async fn push(a: PushArgs) -> Result<()> {
 
 async fn show(a: ShowArgs) -> Result<()> {
     let trace = if std::path::Path::new(&a.what).exists() {
-        read_trace(std::path::Path::new(&a.what))?
+        Trace::read_file(std::path::Path::new(&a.what))
+            .with_context(|| format!("trace file {}", a.what))?
     } else {
         let image = ImageRef::parse(&a.what)?;
         let opts = a.registry.options();
         let store = image.store(&opts, false)?;
         let manifest = match a.manifest {
             Some(m) => m,
+            // Traces refer to platform manifests: an index's first one by default.
             None => {
-                store
-                    .get_manifest(image.reference())
+                crate::image::convert::image_manifests(&*store, &image)
                     .await?
-                    .with_context(|| format!("{image}: not found"))?
+                    .into_iter()
+                    .next()
+                    .with_context(|| format!("{image}: an index without manifests"))?
                     .digest
             }
         };
@@ -232,7 +233,8 @@ async fn show(a: ShowArgs) -> Result<()> {
 }
 
 async fn relayout(a: RelayoutArgs) -> Result<()> {
-    let trace = read_trace(&a.trace)?;
+    let trace =
+        Trace::read_file(&a.trace).with_context(|| format!("trace file {}", a.trace.display()))?;
     let src = ImageRef::parse(&a.src)?;
     let dst = ImageRef::parse(&a.dst)?;
     let work = a

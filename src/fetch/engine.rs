@@ -487,28 +487,16 @@ impl Engine {
     }
 
     async fn replay_window(&self, window: Vec<u64>, to_memory: bool) -> ReplayStats {
-        let inner = &self.inner;
-        let mut stats = ReplayStats::default();
-        let mut lead = Vec::new();
-        let mut results = Vec::new();
-        {
-            let mem = inner.mem.lock().expect("mem lock");
-            let mut inflight = inner.inflight.lock().expect("inflight lock");
-            for c in window {
-                if mem.contains(&c) || inflight.contains_key(&c) {
-                    stats.skipped += 1;
-                    continue;
-                }
-                let (tx, rx) = watch::channel(None);
-                inflight.insert(c, rx.clone());
-                results.push(rx);
-                lead.push((c, tx));
-            }
-        }
+        let lead = self.claim(window.iter().copied());
+        let mut stats = ReplayStats {
+            skipped: (window.len() - lead.len()) as u64,
+            ..ReplayStats::default()
+        };
         if lead.is_empty() {
             return stats;
         }
-        let deadline = Instant::now() + inner.opts.read_deadline;
+        let results: Vec<_> = lead.iter().map(|(_, tx)| tx.subscribe()).collect();
+        let deadline = Instant::now() + self.inner.opts.read_deadline;
         self.fetch_chunks(lead, deadline, to_memory).await;
         for rx in results {
             match &*rx.borrow() {
@@ -517,6 +505,25 @@ impl Engine {
             }
         }
         stats
+    }
+
+    /// Registers as in flight those of `chunks` that are neither in memory nor in flight already, so
+    /// readers wait for them; the caller must resolve every returned sender (via
+    /// [`Engine::fetch_chunks`] or [`Engine::finish`]).
+    fn claim(&self, chunks: impl Iterator<Item = u64>) -> Vec<(u64, watch::Sender<ChunkResult>)> {
+        let inner = &self.inner;
+        let mem = inner.mem.lock().expect("mem lock");
+        let mut inflight = inner.inflight.lock().expect("inflight lock");
+        let mut lead = Vec::new();
+        for c in chunks {
+            if mem.contains(&c) || inflight.contains_key(&c) {
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            inflight.insert(c, rx);
+            lead.push((c, tx));
+        }
+        lead
     }
 
     /// `sha256:<hex>` of the layer's index (what traces key layers by).
@@ -598,12 +605,7 @@ impl Engine {
             .metrics
             .mem_hits
             .fetch_add(parts.iter().flatten().count() as u64, Relaxed);
-        inner
-            .access
-            .lock()
-            .expect("access lock")
-            .record(chunks.clone());
-        self.readahead(offset, len, chunks.end);
+        self.note_read(offset, len, chunks.clone());
         let mut skip = (offset - idx.chunk_offset(chunks.start)) as usize;
         let mut done = 0;
         for (c, p) in chunks.zip(&parts) {
@@ -635,12 +637,7 @@ impl Engine {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        inner
-            .access
-            .lock()
-            .expect("access lock")
-            .record(chunks.clone());
-        self.readahead(offset, len, chunks.end);
+        self.note_read(offset, len, chunks.clone());
         inner.foreground.fetch_add(1, Relaxed);
         let _guard = Decrement(&inner.foreground);
         let deadline = Instant::now() + inner.opts.read_deadline;
@@ -676,6 +673,16 @@ impl Engine {
             skip = 0;
         }
         Ok(out.freeze())
+    }
+
+    /// Bookkeeping of every workload read: the access log (first reads, for traces) and readahead.
+    fn note_read(&self, offset: u64, len: usize, chunks: std::ops::Range<u64>) {
+        self.inner
+            .access
+            .lock()
+            .expect("access lock")
+            .record(chunks.clone());
+        self.readahead(offset, len, chunks.end);
     }
 
     /// Readahead for sequential readers, like the kernel's: a read that starts where the previous one
@@ -720,6 +727,12 @@ impl Engine {
             let deadline = Instant::now() + me.inner.opts.read_deadline;
             let _ = me.get_chunks(chunks, deadline, true).await;
         };
+        self.spawn_task(task);
+    }
+
+    /// Spawns `task` on the current runtime, or on the one the engine was made on when called from
+    /// outside any (ublk queue threads); without either, the task is dropped.
+    fn spawn_task(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         match (&self.inner.rt, tokio::runtime::Handle::try_current()) {
             (_, Ok(h)) => drop(h.spawn(task)),
             (Some(h), Err(_)) => drop(h.spawn(task)),
@@ -955,24 +968,16 @@ impl Engine {
     fn seed(&self, start: u64, bytes: Bytes) {
         let inner = &self.inner;
         let end = start + bytes.len() as u64;
-        let mut lead = Vec::new();
-        {
-            let mem = inner.mem.lock().expect("mem lock");
-            let mut inflight = inner.inflight.lock().expect("inflight lock");
-            for (c, e) in inner.index.entries().iter().enumerate() {
-                let c = c as u64;
+        let in_region = inner
+            .index
+            .entries()
+            .iter()
+            .enumerate()
+            .filter_map(|(c, e)| {
                 let r = e.blob_range();
-                if e.kind == ChunkKind::Zero || r.start < start || r.end > end {
-                    continue;
-                }
-                if mem.contains(&c) || inflight.contains_key(&c) {
-                    continue;
-                }
-                let (tx, rx) = watch::channel(None);
-                inflight.insert(c, rx);
-                lead.push((c, tx));
-            }
-        }
+                (e.kind != ChunkKind::Zero && r.start >= start && r.end <= end).then_some(c as u64)
+            });
+        let lead = self.claim(in_region);
         if lead.is_empty() {
             return;
         }
@@ -1023,11 +1028,7 @@ impl Engine {
                     .await;
             }
         };
-        match (&inner.rt, tokio::runtime::Handle::try_current()) {
-            (_, Ok(h)) => drop(h.spawn(task)),
-            (Some(h), Err(_)) => drop(h.spawn(task)),
-            (None, Err(_)) => {}
-        }
+        self.spawn_task(task);
     }
 
     /// Fetches every stored chunk not cached yet, in blob order, a few MiB at a time, at most

@@ -93,7 +93,8 @@ struct Ctx<'a> {
     bars: Option<indicatif::MultiProgress>,
 }
 
-fn sha256_str(b: &[u8]) -> String {
+/// `sha256:<hex>` of `b`.
+pub fn sha256_str(b: &[u8]) -> String {
     lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(b))
 }
 
@@ -495,19 +496,11 @@ pub async fn find_referrers(
     registry: &RegistryOptions,
 ) -> Result<Vec<(String, Option<String>, Manifest)>, ImageError> {
     let store = image.store(registry, false)?;
-    let top = store
-        .get_manifest(image.reference())
+    let subjects: Vec<(String, Option<String>)> = image_manifests(&*store, image)
         .await?
-        .ok_or_else(|| ImageError(format!("{image}: not found")))?;
-    let mut subjects = Vec::new();
-    match parse_document(&top.bytes, &top.media_type).map_err(ImageError)? {
-        Document::Manifest(_) => subjects.push((top.digest.clone(), None)),
-        Document::Index(ix) => {
-            for d in ix.manifests {
-                subjects.push((d.digest.clone(), d.platform.map(|p| p.name())));
-            }
-        }
-    }
+        .into_iter()
+        .map(|d| (d.digest, d.platform.map(|p| p.name())))
+        .collect();
     let mut out = Vec::new();
     for (subject, platform) in subjects {
         for (digest, man) in referrer_manifests(&*store, &subject, LAZYBLK_ARTIFACT).await? {
@@ -515,6 +508,28 @@ pub async fn find_referrers(
         }
     }
     Ok(out)
+}
+
+/// The image manifests `image` names in `store`: the manifest itself, or each manifest of an index
+/// (with its platform).
+pub async fn image_manifests(
+    store: &dyn ImageStore,
+    image: &ImageRef,
+) -> Result<Vec<Descriptor>, ImageError> {
+    let top = store
+        .get_manifest(image.reference())
+        .await?
+        .ok_or_else(|| ImageError(format!("{image}: not found")))?;
+    Ok(
+        match parse_document(&top.bytes, &top.media_type).map_err(ImageError)? {
+            Document::Manifest(_) => vec![Descriptor::new(
+                &top.media_type,
+                &top.digest,
+                top.bytes.len() as u64,
+            )],
+            Document::Index(ix) => ix.manifests,
+        },
+    )
 }
 
 /// The referrers of manifest `subject` with artifact type `artifact_type`: from the Referrers API when

@@ -13,6 +13,7 @@ use lazyblk_image_format::{
 };
 use serde::Serialize;
 
+use super::convert::sha256_str;
 use super::oci::{parse_document, Document, OCI_MANIFEST};
 use super::{ImageError, ImageRef};
 use crate::convert::{ANNOTATION_PREFIX, MEDIA_TYPE};
@@ -44,10 +45,6 @@ pub struct RelayoutReport {
     pub manifest_digest: String,
     /// Per layer.
     pub layers: Vec<RelaidLayer>,
-}
-
-fn sha(b: &[u8]) -> String {
-    digest_string(&lazyblk_image_format::sha256(b))
 }
 
 /// Relays out the lazyblk layers of image manifest `src` that `trace` has entries for and pushes
@@ -151,7 +148,7 @@ pub async fn relayout_image(
         .await?;
     Ok(RelayoutReport {
         target: dst.to_string(),
-        manifest_digest: sha(&bytes),
+        manifest_digest: sha256_str(&bytes),
         layers,
     })
 }

@@ -62,6 +62,14 @@ pub enum TraceError {
     /// Wrong version or inconsistent fields.
     #[error("trace: {0}")]
     Invalid(String),
+    /// The trace file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl Trace {
@@ -91,6 +99,15 @@ impl Trace {
             }
         }
         Ok(t)
+    }
+
+    /// Reads and parses a trace file.
+    pub fn read_file(path: &std::path::Path) -> Result<Trace, TraceError> {
+        let bytes = std::fs::read(path).map_err(|source| TraceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Trace::parse(&bytes)
     }
 
     /// Serialises the trace.

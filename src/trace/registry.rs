@@ -6,19 +6,13 @@ use bytes::Bytes;
 
 use super::{Trace, TRACE_MEDIA_TYPE};
 use crate::fetch::registry::RegistryOptions;
-use crate::image::convert::{push_referrer, referrer_manifests};
-use crate::image::oci::{
-    parse_document, Descriptor, Document, Manifest, EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST,
-};
+use crate::image::convert::{image_manifests, push_referrer, referrer_manifests, sha256_str};
+use crate::image::oci::{Descriptor, Manifest, EMPTY_JSON, OCI_EMPTY, OCI_MANIFEST};
 use crate::image::store::ImageStore;
 use crate::image::{ImageError, ImageRef};
 
 /// Annotation on a trace artifact: how many chunks it lists.
 pub const CHUNKS_ANNOTATION: &str = "io.lazyblk.trace.chunks";
-
-fn digest_of(b: &[u8]) -> String {
-    lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(b))
-}
 
 /// Pushes `trace` as a referrer of every image manifest `image` names (the manifest itself, or each
 /// manifest of an index: a trace only matches layers by index digest, so extra entries are inert).
@@ -29,23 +23,11 @@ pub async fn push_trace(
     registry: &RegistryOptions,
 ) -> Result<Vec<(String, String)>, ImageError> {
     let store = image.store(registry, true)?;
-    let top = store
-        .get_manifest(image.reference())
-        .await?
-        .ok_or_else(|| ImageError(format!("{image}: not found")))?;
-    let mut subjects = Vec::new();
-    match parse_document(&top.bytes, &top.media_type).map_err(ImageError)? {
-        Document::Manifest(_) => subjects.push(Descriptor::new(
-            &top.media_type,
-            &top.digest,
-            top.bytes.len() as u64,
-        )),
-        Document::Index(ix) => subjects.extend(ix.manifests),
-    }
+    let subjects = image_manifests(&*store, image).await?;
     let body = Bytes::from(trace.to_bytes());
-    let body_digest = digest_of(&body);
+    let body_digest = sha256_str(&body);
     store.put_blob_bytes(body.clone(), &body_digest).await?;
-    let empty = digest_of(EMPTY_JSON);
+    let empty = sha256_str(EMPTY_JSON);
     store
         .put_blob_bytes(Bytes::from_static(EMPTY_JSON), &empty)
         .await?;
