@@ -71,6 +71,16 @@ struct Env {
 }
 
 impl Env {
+    /// The cleanup guard for this environment and containers `(namespace, name)`.
+    fn cleanup(&self, containers: Vec<(String, String)>) -> Cleanup {
+        Cleanup {
+            ctr: self.bin.join("ctr"),
+            env_sock: self.sock.clone(),
+            root: self.root.clone(),
+            containers,
+        }
+    }
+
     fn ctr(&self, ns: &str) -> Command {
         let mut c = Command::new(self.bin.join("ctr"));
         c.arg("-a").arg(&self.sock).args(["-n", ns]);
@@ -420,8 +430,9 @@ fn stats_files(env: &Env) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The common preconditions; None means skip.
-fn setup(tools: &[&str]) -> Option<(PathBuf, Registry)> {
+/// The common preconditions, a registry with the test images ([`build_images`]) and an [`Env`] for
+/// containerd binaries in `bin`, all in a temp dir (kept alive by the returned guard); None means skip.
+fn setup(tools: &[&str], bin: PathBuf) -> Option<(Registry, tempfile::TempDir, Env)> {
     if !have(tools) {
         return None;
     }
@@ -437,7 +448,17 @@ fn setup(tools: &[&str]) -> Option<(PathBuf, Registry)> {
         return None;
     }
     let reg = Registry::start()?;
-    Some((rootfs, reg))
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    build_images(&dir, &reg, &rootfs);
+    let env = Env {
+        bin,
+        sock: dir.join("containerd.sock"),
+        snap_sock: dir.join("lazyblk.sock"),
+        root: dir.join("lazyblk"),
+        dir,
+    };
+    Some((reg, tmp, env))
 }
 
 /// Pushes `test/app:web` (the Debian rootfs, a layer with deletions and a replaced directory, a
@@ -533,23 +554,14 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
 
 #[test]
 fn containerd_runs_images_from_lazyblk_layers() {
-    let Some((rootfs, reg)) = setup(&["containerd", "ctr", "runc", "skopeo", "umoci", "curl"])
-    else {
+    let tools = ["containerd", "ctr", "runc", "skopeo", "umoci", "curl"];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
         return;
     };
     let r = reg.addr.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    build_images(&dir, &reg, &rootfs);
+    let dir = env.dir.clone();
 
     // containerd 1.6 with the lazyblk proxy plugin.
-    let env = Env {
-        bin: PathBuf::from("/usr/bin"),
-        sock: dir.join("containerd.sock"),
-        snap_sock: dir.join("lazyblk.sock"),
-        root: dir.join("lazyblk"),
-        dir: dir.clone(),
-    };
     let mut snapd = Some(env.start_snapshotter());
     let _containerd = env.start_containerd(&format!(
         "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
@@ -558,15 +570,10 @@ fn containerd_runs_images_from_lazyblk_layers() {
     let image = format!("{r}/test/app:web-lazyblk");
     let id = std::process::id();
     let (web1, web2) = (format!("web1-{id}"), format!("web2-{id}"));
-    let mut cleanup = Cleanup {
-        ctr: env.bin.join("ctr"),
-        env_sock: env.sock.clone(),
-        root: env.root.clone(),
-        containers: vec![
-            ("default".into(), web1.clone()),
-            ("default".into(), web2.clone()),
-        ],
-    };
+    let mut cleanup = env.cleanup(vec![
+        ("default".into(), web1.clone()),
+        ("default".into(), web2.clone()),
+    ]);
 
     // Pull: every layer remote, nothing downloaded.
     let out = stdout(run_ok(
@@ -751,20 +758,11 @@ fn containerd_2_pulls_lazyblk_images_through_the_transfer_service() {
         eprintln!("SKIPPED: LAZYBLK_CONTAINERD2_DIR not set (tools/get-containerd2.sh)");
         return;
     };
-    let Some((rootfs, reg)) = setup(&["runc", "skopeo", "umoci", "curl"]) else {
+    let Some((reg, _tmp, env)) = setup(&["runc", "skopeo", "umoci", "curl"], bin) else {
         return;
     };
     let r = reg.addr.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    build_images(&dir, &reg, &rootfs);
-    let env = Env {
-        bin,
-        sock: dir.join("containerd.sock"),
-        snap_sock: dir.join("lazyblk.sock"),
-        root: dir.join("lazyblk"),
-        dir: dir.clone(),
-    };
+    let dir = env.dir.clone();
     let snapd = env.start_snapshotter();
     // The configuration deploy/containerd/config-2.x.toml documents: remote-snapshot annotations
     // exported to the proxy, and an unpack entry for lazyblk in the transfer service.
@@ -796,15 +794,10 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
     );
     let id = std::process::id();
     let web = format!("web-{id}");
-    let _cleanup = Cleanup {
-        ctr: env.bin.join("ctr"),
-        env_sock: env.sock.clone(),
-        root: env.root.clone(),
-        containers: vec![
-            ("default".into(), web.clone()),
-            ("default".into(), format!("ref-{id}")),
-        ],
-    };
+    let _cleanup = env.cleanup(vec![
+        ("default".into(), web.clone()),
+        ("default".into(), format!("ref-{id}")),
+    ]);
     // The original image plus a `--referrer` artifact: containerd's own pull of the *original*
     // image (transfer service) gets every layer from the artifact's lazyblk layers.
     run_ok(lazyblk().args([
@@ -867,21 +860,12 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
 
 #[test]
 fn cri_pulls_take_lazyblk_layers_remotely() {
-    let Some((rootfs, reg)) = setup(&["containerd", "ctr", "runc", "skopeo", "umoci", "curl"])
-    else {
+    let tools = ["containerd", "ctr", "runc", "skopeo", "umoci", "curl"];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
         return;
     };
     let r = reg.addr.clone();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    build_images(&dir, &reg, &rootfs);
-    let env = Env {
-        bin: PathBuf::from("/usr/bin"),
-        sock: dir.join("containerd.sock"),
-        snap_sock: dir.join("lazyblk.sock"),
-        root: dir.join("lazyblk"),
-        dir: dir.clone(),
-    };
+    let dir = env.dir.clone();
     let snapd = env.start_snapshotter();
     // deploy/containerd/config-1.x.toml's CRI part, plus a plain-HTTP mirror for the test registry.
     let _containerd = env.start_containerd(&format!(
@@ -904,12 +888,7 @@ state = "{d}/cstate"
 "#,
         d = dir.display()
     ));
-    let _cleanup = Cleanup {
-        ctr: env.bin.join("ctr"),
-        env_sock: env.sock.clone(),
-        root: env.root.clone(),
-        containers: vec![],
-    };
+    let _cleanup = env.cleanup(vec![]);
     let image = format!("{r}/test/app:web-lazyblk");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

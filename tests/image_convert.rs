@@ -78,22 +78,22 @@ fn fetch_blob(reg: &Registry, repo: &str, digest: &str, size: u64, to: &Path) {
     rt.block_on(store.blob_to_file(&d, to)).unwrap();
 }
 
-#[test]
-fn converts_real_images_between_registries_and_layouts() {
+/// The preconditions, a registry, and `tools/make-test-image.sh`'s layout (in a temp dir) pushed as
+/// `test/img:TAG` for each `(TAG, all platforms)`; None means skip.
+fn test_images(tags: &[(&str, bool)]) -> Option<(Registry, tempfile::TempDir, PathBuf)> {
     if !tools_ok() {
-        return;
+        return None;
     }
-    let Some(rootfs) = rootfs_tar() else { return };
+    let rootfs = rootfs_tar()?;
     if !privileged() {
-        return;
+        return None;
     }
-    let Some(reg) = Registry::start() else { return };
+    let reg = Registry::start()?;
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-test-image.sh");
     run_ok(Command::new(script).arg(&rootfs).arg(&layout));
-    let r = &reg.addr;
-    for (tag, all) in [("v2", false), ("multi", true)] {
+    for &(tag, all) in tags {
         let mut c = Command::new("skopeo");
         c.args(["copy", "--quiet", "--dest-tls-verify=false"]);
         if all {
@@ -101,9 +101,18 @@ fn converts_real_images_between_registries_and_layouts() {
         }
         run_ok(
             c.arg(format!("oci:{}:{tag}", layout.display()))
-                .arg(format!("docker://{r}/test/img:{tag}")),
+                .arg(format!("docker://{}/test/img:{tag}", reg.addr)),
         );
     }
+    Some((reg, tmp, layout))
+}
+
+#[test]
+fn converts_real_images_between_registries_and_layouts() {
+    let Some((reg, tmp, layout)) = test_images(&[("v2", false), ("multi", true)]) else {
+        return;
+    };
+    let r = &reg.addr;
 
     // registry → registry, new tag.
     let s = convert(&[
@@ -429,25 +438,10 @@ fn conversion_errors_are_clear_and_push_nothing() {
 #[test]
 fn relayout_puts_the_traced_chunks_next_to_the_index() {
     use lazyblk_image_format::{Footer, Index, IndexLimits, FOOTER_LEN};
-    if !tools_ok() {
+    let Some((reg, tmp, _)) = test_images(&[("v2", false)]) else {
         return;
-    }
-    let Some(rootfs) = rootfs_tar() else { return };
-    if !privileged() {
-        return;
-    }
-    let Some(reg) = Registry::start() else { return };
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = tmp.path().join("layout");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/make-test-image.sh");
-    run_ok(Command::new(script).arg(&rootfs).arg(&layout));
+    };
     let r = &reg.addr;
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:v2", layout.display()))
-            .arg(format!("docker://{r}/test/img:v2")),
-    );
     convert(&[
         &format!("{r}/test/img:v2"),
         &format!("{r}/test/img:v2-lazyblk"),

@@ -18,6 +18,29 @@ use common::*;
 /// Both tests build and boot the one VM image under `.cache/vm`: one at a time.
 static VM: Mutex<()> = Mutex::new(());
 
+/// Builds the VM's initramfs with `payload` and the guest `scripts` (tools/vm/), boots it (at most
+/// `timeout` seconds) and returns the console, failing unless every script passed.
+fn boot(payload: &std::path::Path, scripts: &[&str], timeout: u32) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    run_ok(
+        Command::new(format!("{root}/tools/vm/prepare.sh"))
+            .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
+            .arg(payload)
+            .args(scripts.iter().map(|s| format!("{root}/tools/vm/{s}"))),
+    );
+    let out = Command::new(format!("{root}/tools/vm/run.sh"))
+        .arg(timeout.to_string())
+        .output()
+        .unwrap();
+    let console =
+        std::fs::read_to_string(format!("{root}/.cache/vm/console.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "guest test failed; console:\n{console}"
+    );
+    console
+}
+
 fn have_qemu() -> bool {
     let have = Command::new("sh")
         .arg("-c")
@@ -78,25 +101,15 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
     std::fs::write(&utar, u.finish()).unwrap();
     convert(&utar, &payload.join("upper.blob"));
     std::fs::write(payload.join("SHA256SUMS"), sums).unwrap();
-    let root = env!("CARGO_MANIFEST_DIR");
-    run_ok(
-        Command::new(format!("{root}/tools/vm/prepare.sh"))
-            .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
-            .arg(&payload)
-            .arg(format!("{root}/tools/vm/guest-backends.sh"))
-            .arg(format!("{root}/tools/vm/guest-crash.sh"))
-            .arg(format!("{root}/tools/vm/guest-overlay.sh"))
-            .arg(format!("{root}/tools/vm/guest-dead.sh")),
-    );
-    let out = Command::new(format!("{root}/tools/vm/run.sh"))
-        .arg("600")
-        .output()
-        .unwrap();
-    let console =
-        std::fs::read_to_string(format!("{root}/.cache/vm/console.log")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "guest test failed; console:\n{console}"
+    let console = boot(
+        &payload,
+        &[
+            "guest-backends.sh",
+            "guest-crash.sh",
+            "guest-overlay.sh",
+            "guest-dead.sh",
+        ],
+        600,
     );
     for backend in ["ublk", "nbd", "loop"] {
         for line in [
@@ -168,22 +181,7 @@ fn containerd_on_ublk_and_nbd_in_a_real_6_12_kernel() {
             .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
             .arg(&payload),
     );
-    run_ok(
-        Command::new(format!("{root}/tools/vm/prepare.sh"))
-            .env("LAZYBLK_BIN", env!("CARGO_BIN_EXE_lazyblk"))
-            .arg(&payload)
-            .arg(format!("{root}/tools/vm/guest-containerd.sh")),
-    );
-    let out = Command::new(format!("{root}/tools/vm/run.sh"))
-        .arg("900")
-        .output()
-        .unwrap();
-    let console =
-        std::fs::read_to_string(format!("{root}/.cache/vm/console.log")).unwrap_or_default();
-    assert!(
-        out.status.success(),
-        "guest test failed; console:\n{console}"
-    );
+    let console = boot(&payload, &["guest-containerd.sh"], 900);
     for b in ["ublk", "nbd"] {
         for line in [
             "pull: 127.0.0.1:5000/test/tiny:lazyblk: 1 remote layer(s), 0 unpacked",

@@ -13,16 +13,10 @@ qemu-utils). Everything on loopback, in one run:
 """
 import argparse, json, os, random, shutil, socket, statistics, struct, subprocess, sys, tempfile, time, urllib.request
 
+from benchlib import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAZYBLK = os.path.join(ROOT, "target", "release", "lazyblk")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_port(port):

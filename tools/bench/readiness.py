@@ -33,6 +33,8 @@ import tempfile
 import time
 import urllib.request
 
+from benchlib import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target/release/lazyblk")
 PORT = 18080
@@ -51,14 +53,6 @@ def sh(*cmd, check=True, **kw):
     if check and r.returncode != 0:
         sys.exit(f"{' '.join(map(str, cmd))} failed:\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_sock(path, what):

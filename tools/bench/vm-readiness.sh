@@ -48,20 +48,7 @@ skopeo inspect --raw --tls-verify=false "docker://$r/bench/nginx:v1" >"$work/m.j
 python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(sum(l["size"] for l in m["layers"]) + m["config"]["size"])' "$work/m.json" >"$payload/overlay_bytes"
 kill "$reg"; reg=
 printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /payload/registry\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:5000\n' >"$payload/registry.yml"
-cat >"$payload/containerd.toml" <<'TOML'
-version = 2
-root = "/var/lib/containerd"
-state = "/run/containerd"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "/run/containerd/containerd.sock"
-[proxy_plugins.lazyblk-ublk]
-  type = "snapshot"
-  address = "/run/lazyblk/ublk.sock"
-[proxy_plugins.lazyblk-nbd]
-  type = "snapshot"
-  address = "/run/lazyblk/nbd.sock"
-TOML
+cp tools/vm/containerd.toml "$payload/containerd.toml"
 echo "$runs" >"$payload/runs"
 LAZYBLK_BIN=$bin tools/vm/prepare.sh "$payload" tools/vm/guest-readiness.sh
 VM_MEM=3072 tools/vm/run.sh 3000 || { tail -30 .cache/vm/console.log; exit 1; }

@@ -40,18 +40,5 @@ for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && br
 skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:tiny" "docker://127.0.0.1:$port/test/tiny:v1"
 "$bin" convert "127.0.0.1:$port/test/tiny:v1" "127.0.0.1:$port/test/tiny:lazyblk" --plain-http >/dev/null
 printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /payload/registry\nhttp:\n  addr: 127.0.0.1:5000\n' >"$out/registry.yml"
-cat >"$out/containerd.toml" <<'TOML'
-version = 2
-root = "/var/lib/containerd"
-state = "/run/containerd"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "/run/containerd/containerd.sock"
-[proxy_plugins.lazyblk-ublk]
-  type = "snapshot"
-  address = "/run/lazyblk/ublk.sock"
-[proxy_plugins.lazyblk-nbd]
-  type = "snapshot"
-  address = "/run/lazyblk/nbd.sock"
-TOML
+cp tools/vm/containerd.toml "$out/containerd.toml"
 du -sh "$out" >&2
