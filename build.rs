@@ -1,4 +1,4 @@
-//! Compiles containerd's API protos (src/snapshotter/proto, see its README) with tonic-prost-build.
+//! Compiles containerd's API protos and the node daemon's control API (src/snapshotter/proto, see its README) with tonic-prost-build.
 //! Needs `protoc` (Debian: protobuf-compiler); the well-known types are vendored next to the protos.
 
 fn main() {
@@ -20,4 +20,11 @@ fn main() {
         .build_client(true)
         .compile_protos(&protos, &[root.to_string()])
         .expect("compiling containerd's protos (is protoc installed? apt-get install protobuf-compiler)");
+    // The node daemon's own control API.
+    println!("cargo:rerun-if-changed=src/node/proto");
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["src/node/proto/daemon.proto"], &["src/node/proto"])
+        .expect("compiling src/node/proto/daemon.proto");
 }

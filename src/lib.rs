@@ -15,6 +15,8 @@ pub mod ext4;
 pub mod fetch;
 pub mod image;
 pub mod nbd;
+pub mod node;
+pub mod process;
 pub mod snapshotter;
 pub mod trace;
 

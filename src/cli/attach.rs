@@ -1,16 +1,19 @@
-//! `lazyblk attach`, `lazyblk ls`, `lazyblk detach`.
+//! `lazyblk attach`, `ls`, `detach`, `recover`: clients of the node daemon when one serves the run
+//! directory; without one, `attach` serves its layer in the foreground (the debugging mode).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::serve::{spawn_background, SourceArgs};
-use crate::device::{choose, list, ublk::UblkOptions, Attachment, Backend, DeviceState};
-use crate::fetch::{open_source, BlockSource};
+use super::serve::SourceArgs;
+use crate::device::Backend;
+use crate::node::proto::{DetachRequest, LayerStatus, ListRequest, RecoverRequest};
+use crate::node::spec::{IndexRef, RegistrySpec, SPEC_VERSION};
+use crate::node::{api, LayerSpec, Node, NodeConfig};
 
-const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
+/// The default run directory of the node.
+pub const DEFAULT_RUN_DIR: &str = "/run/lazyblk";
 
 /// Arguments of `lazyblk attach`.
 #[derive(Debug, Args)]
@@ -23,13 +26,14 @@ pub struct AttachArgs {
     /// Also mount the ext4 read-only here.
     #[arg(long)]
     mount: Option<PathBuf>,
-    /// State directory.
+    /// State directory (the node daemon's, if one runs).
     #[arg(long, default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
-    /// Serve Prometheus metrics on this address.
+    /// Foreground mode: serve Prometheus metrics on this address.
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// Return once the device is ready, leaving a background process serving it (log in RUN_DIR).
+    /// Return once the device is ready: attach through the node daemon of the run dir, starting one
+    /// (`lazyblk daemon`, own session, log in RUN_DIR/daemon.log) if none runs.
     #[arg(long)]
     daemon: bool,
     /// ublk: hardware queues (one serving thread each).
@@ -42,133 +46,184 @@ pub struct AttachArgs {
     src: SourceArgs,
 }
 
-/// Re-runs this command without `--daemon` in a new session, waits for the device line, prints it.
-fn daemonize(run_dir: &std::path::Path) -> Result<()> {
-    use std::io::BufRead;
+impl AttachArgs {
+    fn spec(&self) -> Result<LayerSpec> {
+        let s = &self.src;
+        let index = match (s.index_offset, s.index_length, &s.index_digest) {
+            (Some(offset), Some(length), Some(digest)) => Some(IndexRef {
+                offset,
+                length,
+                digest: digest.clone(),
+            }),
+            _ => None,
+        };
+        // A relative blob path means nothing to a daemon with another working directory.
+        let source = match std::path::Path::new(&self.source) {
+            p if p.exists() => std::fs::canonicalize(p)
+                .with_context(|| format!("resolving {}", p.display()))?
+                .display()
+                .to_string(),
+            _ => self.source.clone(),
+        };
+        let abs = |p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+            Ok(match p {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                other => other.clone(),
+            })
+        };
+        let spec = LayerSpec {
+            version: SPEC_VERSION,
+            source,
+            index_digest: if index.is_none() {
+                s.index_digest.clone()
+            } else {
+                None
+            },
+            index,
+            startup_offset: s.startup_offset,
+            prefetch_trace: abs(&s.prefetch_trace)?,
+            fill: s.fill,
+            backend: self.backend,
+            mount: abs(&self.mount)?,
+            registry: RegistrySpec {
+                plain_http: s.registry.plain_http,
+                hosts_dir: abs(&s.registry.hosts_dir)?,
+                docker_config: abs(&s.registry.docker_config)?,
+            },
+            read_deadline_secs: s.read_deadline,
+            readahead_chunks: Some(s.readahead_chunks),
+            ublk_queues: self.ublk_queues,
+            ublk_depth: self.ublk_depth,
+        };
+        // Same checks as the daemon applies.
+        LayerSpec::from_json(&serde_json::to_vec(&spec)?).map_err(anyhow::Error::msg)
+    }
+}
+
+fn client_rt() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// Runs `lazyblk attach`.
+pub fn attach(a: AttachArgs) -> Result<()> {
+    let spec = a.spec()?;
+    let rt = client_rt()?;
+    if let Some(mut c) = rt.block_on(api::connect(&a.run_dir)) {
+        return attach_remote(&rt, &mut c, &spec);
+    }
+    if a.daemon {
+        start_daemon(&a)?;
+        let mut c = rt
+            .block_on(api::connect(&a.run_dir))
+            .context("the daemon started but its socket does not answer")?;
+        return attach_remote(&rt, &mut c, &spec);
+    }
+    drop(rt);
+    attach_foreground(a, spec)
+}
+
+fn attach_remote(
+    rt: &tokio::runtime::Runtime,
+    c: &mut api::Client,
+    spec: &LayerSpec,
+) -> Result<()> {
+    let st = rt
+        .block_on(api::attach(c, spec))
+        .map_err(status_error)
+        .with_context(|| format!("attaching {}", spec.source))?;
+    println!("{}", st.device);
+    Ok(())
+}
+
+/// Starts `lazyblk daemon` for the run dir in its own session and waits for its socket.
+fn start_daemon(a: &AttachArgs) -> Result<()> {
     use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(run_dir)?;
-    let log_path = run_dir.join(format!("attach-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path)?;
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--daemon")
-        .collect();
+    crate::process::private_dir(&a.run_dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.run_dir.join("daemon.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
+    cmd.arg("daemon").arg("--run-dir").arg(&a.run_dir);
+    if let Some(d) = &a.src.cache_dir {
+        cmd.arg("--cache-dir").arg(d);
+        cmd.args(["--cache-size-mib", &a.src.cache_size_mib.to_string()]);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and only detaches the child from our session and terminal.
+    // SAFETY: setsid is async-signal-safe and only detaches the child from our session.
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    if line.trim().is_empty() {
-        let _ = child.wait();
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        bail!(
-            "attach failed:\n{}",
-            log.lines()
-                .rev()
-                .take(10)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    let mut child = cmd.spawn().context("starting lazyblk daemon")?;
+    let sock = api::socket_path(&a.run_dir);
+    let started = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "lazyblk daemon exited ({status}); see {}",
+                a.run_dir.join("daemon.log").display()
+            );
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("lazyblk daemon did not open {} in 30 s", sock.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    print!("{line}");
+    // Reap it if it ever exits while we run (we normally exit first).
+    std::thread::spawn(move || child.wait());
     Ok(())
 }
 
-/// Publishes the layer's stats and access log next to the device's state file.
-fn publish(att: &mut Attachment, engine: &crate::fetch::Engine, rt: &tokio::runtime::Runtime) {
-    att.publish_stats(engine.metrics(), rt.handle());
-    let file = att.side_file(crate::trace::publish::ACCESS_SUFFIX);
-    let task = crate::trace::publish::spawn_publisher(engine.clone(), file.clone(), rt.handle());
-    att.keep_publisher(task, file);
-}
-
-/// Runs `lazyblk attach` in the foreground until SIGINT/SIGTERM, then detaches cleanly.
-pub fn attach(a: AttachArgs) -> Result<()> {
-    let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
-    if a.daemon {
-        return daemonize(&a.run_dir);
-    }
+/// Serves one layer in this process until SIGINT/SIGTERM, then detaches it.
+fn attach_foreground(a: AttachArgs, spec: LayerSpec) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    let opts = a.src.options()?;
-    let engine = rt
-        .block_on(open_source(&a.source, &opts))
-        .with_context(|| format!("opening {}", a.source))?;
+    let node = Node::new(
+        NodeConfig {
+            run_dir: a.run_dir.clone(),
+            cache_dir: a.src.cache_dir.clone(),
+            cache_size_mib: a.src.cache_size_mib,
+            memory_mib: a.src.mem_cache_mib,
+            parallel_fetches: a.src.parallel_fetches,
+            fill_rate_mib: a.src.fill_rate_mib,
+            ..NodeConfig::default()
+        },
+        rt.handle().clone(),
+    )?;
     if let Some(addr) = &a.metrics_addr {
         let l = rt
             .block_on(tokio::net::TcpListener::bind(addr))
             .with_context(|| format!("metrics listen {addr}"))?;
-        rt.spawn(crate::fetch::metrics::serve_metrics(
-            l,
-            vec![(engine.name().to_string(), engine.metrics())],
-        ));
+        rt.spawn(crate::node::metrics::serve(node.clone(), l));
     }
-    spawn_background(rt.handle(), &engine, &a.src);
-    let name = engine.name().to_string();
-    let source: Arc<dyn BlockSource> = Arc::new(engine.clone());
-    let mut att = match backend {
-        Backend::Ublk => Attachment::attach_ublk(
-            source,
-            rt.handle().clone(),
-            &name,
-            &a.run_dir,
-            a.mount.as_deref(),
-            UblkOptions {
-                queues: a.ublk_queues,
-                depth: a.ublk_depth,
-                ..UblkOptions::default()
-            },
-        )
-        .context("attaching with the ublk backend")?,
-        Backend::Loop => Attachment::attach_loop(
-            source,
-            rt.handle().clone(),
-            &name,
-            &a.run_dir,
-            a.mount.as_deref(),
-        )
-        .context("attaching with the loop backend")?,
-        Backend::Nbd => {
-            let timeout = (opts.engine.read_deadline.as_secs() + 30).max(30);
-            Attachment::attach_nbd(
-                source,
-                rt.handle().clone(),
-                &name,
-                &a.run_dir,
-                a.mount.as_deref(),
-                timeout,
-            )
-            .context("attaching with the kernel NBD backend")?
-        }
-        Backend::Auto => unreachable!("choose() resolves auto"),
-    };
-    publish(&mut att, &engine, &rt);
-    att.set_source_args(serde_json::json!({"spec": a.source, "args": a.src}))?;
-    println!("{}", att.state().device);
+    let st = rt
+        .block_on(node.attach(spec))
+        .with_context(|| format!("attaching {}", a.source))?;
+    println!("{}", st.device);
     use std::io::Write;
     std::io::stdout().flush()?;
     wait_for_signal(&rt)?;
-    let dev = att.state().device.clone();
-    att.detach().with_context(|| format!("detaching {dev}"))?;
-    tracing::info!(device = %dev, "detached");
+    rt.block_on(node.detach_all())
+        .with_context(|| format!("detaching {}", st.device))?;
+    tracing::info!(device = %st.device, "detached");
     Ok(())
 }
 
-fn wait_for_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
+/// Waits for SIGINT or SIGTERM.
+pub fn wait_for_signal(rt: &tokio::runtime::Runtime) -> std::io::Result<()> {
     rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -185,131 +240,25 @@ pub struct RecoverArgs {
     /// State directory.
     #[arg(long, default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
-    /// Keep running: take over any device whose server dies later too (run this as a service so a
-    /// restarted supervisor resumes every device).
-    #[arg(long)]
-    watch: bool,
 }
 
-/// Holds `RUN_DIR/recover.lock`: one recoverer at a time, or two would fight over a device.
-fn recover_lock(run_dir: &std::path::Path) -> Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(run_dir)?;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(run_dir.join("recover.lock"))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-        bail!(
-            "another `lazyblk recover` holds {}",
-            run_dir.join("recover.lock").display()
-        );
-    }
-    // Who holds it (for operators and tests; the lock itself is the flock).
-    let _ = std::fs::write(
-        run_dir.join("recover.pid"),
-        format!("{}\n", std::process::id()),
-    );
-    Ok(f)
-}
-
-/// Reopens the source recorded for `state` and takes the device over.
-fn adopt(
-    state: DeviceState,
-    rt: &tokio::runtime::Runtime,
-    run_dir: &std::path::Path,
-) -> Result<Attachment> {
-    let spec = state.source_args["spec"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let src: SourceArgs = serde_json::from_value(state.source_args["args"].clone())
-        .with_context(|| format!("{}: no recorded source options", state.device))?;
-    let opts = src.options()?;
-    let engine = rt
-        .block_on(open_source(&spec, &opts))
-        .with_context(|| format!("{}: reopening {spec}", state.device))?;
-    spawn_background(rt.handle(), &engine, &src);
-    let device = state.device.clone();
-    let source_args = state.source_args.clone();
-    let source: Arc<dyn BlockSource> = Arc::new(engine.clone());
-    let mut att = match state.backend {
-        Backend::Nbd => Attachment::adopt_nbd(state, source, rt.handle().clone(), run_dir)
-            .with_context(|| format!("{device}: NBD_CMD_RECONFIGURE"))?,
-        Backend::Ublk => Attachment::adopt_ublk(state, source, rt.handle().clone(), run_dir)
-            .with_context(|| format!("{device}: ublk user recovery"))?,
-        other => bail!(
-            "{device}: the {other:?} backend cannot be resumed (its FUSE export died with the \
-             server); run `lazyblk detach {device}`"
-        ),
-    };
-    att.set_source_args(source_args)?;
-    publish(&mut att, &engine, rt);
-    Ok(att)
-}
-
-/// Resumes every ublk and NBD device whose serving process died, serving them in the foreground
-/// until SIGINT/SIGTERM (then they are detached like with `attach`). With `--watch`, keeps looking.
+/// Asks the daemon to retry every device waiting to be resumed now, and shows the result.
 pub fn recover(a: RecoverArgs) -> Result<()> {
-    let _lock = recover_lock(&a.run_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let mut adopted: Vec<Attachment> = Vec::new();
-    let mut given_up = std::collections::HashSet::new();
-    use std::io::Write;
-    loop {
-        for (state, alive) in list(&a.run_dir) {
-            if alive || given_up.contains(&state.device) {
-                continue;
-            }
-            let device = state.device.clone();
-            match adopt(state, &rt, &a.run_dir) {
-                Ok(att) => {
-                    println!("{device} recovered");
-                    tracing::info!(device = %device, "recovered");
-                    adopted.push(att);
-                }
-                Err(e) => {
-                    eprintln!("{device}: cannot recover: {e:#}");
-                    tracing::error!(device = %device, error = format!("{e:#}"), "recovery failed");
-                    given_up.insert(device);
-                }
-            }
-            std::io::stdout().flush()?;
-        }
-        if !a.watch {
-            break;
-        }
-        let stop = rt.block_on(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => Ok::<bool, std::io::Error>(true),
-                _ = term.recv() => Ok(true),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => Ok(false),
-            }
-        })?;
-        if stop {
-            return detach_all(adopted);
-        }
-    }
-    if adopted.is_empty() {
-        println!("nothing to recover");
-        return Ok(());
-    }
-    std::io::stdout().flush()?;
-    wait_for_signal(&rt)?;
-    detach_all(adopted)
-}
-
-fn detach_all(adopted: Vec<Attachment>) -> Result<()> {
-    for att in adopted {
-        let dev = att.state().device.clone();
-        att.detach().with_context(|| format!("detaching {dev}"))?;
-    }
+    let rt = client_rt()?;
+    let Some(mut c) = rt.block_on(api::connect(&a.run_dir)) else {
+        bail!(
+            "no lazyblk daemon serves {}: start one (`lazyblk daemon --run-dir {}`); it resumes \
+             every ublk and NBD device whose server died",
+            a.run_dir.display(),
+            a.run_dir.display()
+        );
+    };
+    let layers = rt
+        .block_on(c.recover(RecoverRequest {}))
+        .map_err(status_error)?
+        .into_inner()
+        .layers;
+    print_table(&layers);
     Ok(())
 }
 
@@ -324,129 +273,189 @@ pub struct LsArgs {
     run_dir: PathBuf,
 }
 
+/// The devices of a run dir: from its daemon, else from the state files.
+fn statuses(run_dir: &std::path::Path) -> Result<Vec<LayerStatus>> {
+    let rt = client_rt()?;
+    if let Some(mut c) = rt.block_on(api::connect(run_dir)) {
+        return Ok(rt
+            .block_on(c.list(ListRequest {}))
+            .map_err(status_error)?
+            .into_inner()
+            .layers);
+    }
+    Ok(crate::device::list(run_dir)
+        .into_iter()
+        .map(|(s, alive)| {
+            let st = crate::device::stats(run_dir, &s.device).filter(|_| alive);
+            LayerStatus {
+                device: s.device.clone(),
+                backend: format!("{:?}", s.backend).to_lowercase(),
+                source: s.source.clone(),
+                size: s.size,
+                mount: s
+                    .mount
+                    .as_ref()
+                    .map(|m| m.display().to_string())
+                    .unwrap_or_default(),
+                pid: s.pid,
+                state: if alive { "serving" } else { "dead" }.into(),
+                reason: if alive {
+                    String::new()
+                } else {
+                    "its server is gone and no daemon serves this run dir".into()
+                },
+                fill: st.as_ref().map(|s| s.fill).unwrap_or(0.0),
+                reads: st.as_ref().map(|s| s.reads).unwrap_or(0),
+                read_errors: st.as_ref().map(|s| s.read_errors).unwrap_or(0),
+                fetched_bytes: st.as_ref().map(|s| s.fetched_bytes).unwrap_or(0),
+                trace_prefetched: st.as_ref().map(|s| s.trace_prefetched).unwrap_or(0),
+                startup_region: st.as_ref().map(|s| s.startup_region).unwrap_or(0),
+                depends_on_registry: st.as_ref().is_none_or(|s| s.fill < 1.0),
+                ..LayerStatus::default()
+            }
+        })
+        .collect())
+}
+
+fn print_table(layers: &[LayerStatus]) {
+    println!(
+        "{:<13} {:<7} {:>12} {:>5} {:>8} {:>6} {:>8} {:<10} {:<8} SOURCE",
+        "DEVICE", "BACKEND", "SIZE", "FILL", "READS", "ERRORS", "PID", "STATE", "REGISTRY"
+    );
+    for s in layers {
+        let serving = s.state == "serving";
+        println!(
+            "{:<13} {:<7} {:>12} {:>5} {:>8} {:>6} {:>8} {:<10} {:<8} {}",
+            s.device,
+            s.backend,
+            s.size,
+            if serving {
+                format!("{:.0}%", s.fill * 100.0)
+            } else {
+                "-".into()
+            },
+            s.reads,
+            s.read_errors,
+            s.pid,
+            s.state,
+            // Whether reads may still need the registry (the layer is not complete locally).
+            if s.depends_on_registry {
+                "needed"
+            } else {
+                "no"
+            },
+            s.source
+        );
+        if !s.reason.is_empty() {
+            println!("  └ {}", s.reason);
+        }
+        if !s.last_error.is_empty() {
+            println!("  └ last failed read: {}", s.last_error);
+        }
+    }
+}
+
 /// Lists attached devices.
 pub fn ls(a: LsArgs) -> Result<()> {
-    let devs = list(&a.run_dir);
+    let layers = statuses(&a.run_dir)?;
     if a.json {
-        let v: Vec<_> = devs
+        let v: Vec<_> = layers
             .iter()
-            .map(|(s, alive)| {
-                let stats = crate::device::stats(&a.run_dir, &s.device);
-                serde_json::json!({"state": s, "serving": alive, "stats": stats})
+            .map(|s| {
+                serde_json::json!({
+                    "device": s.device, "backend": s.backend, "source": s.source, "size": s.size,
+                    "mount": s.mount, "pid": s.pid, "state": s.state, "reason": s.reason,
+                    "fill": s.fill, "reads": s.reads, "read_errors": s.read_errors,
+                    "fetched_bytes": s.fetched_bytes, "trace_prefetched": s.trace_prefetched,
+                    "startup_region": s.startup_region, "last_error": s.last_error,
+                    "depends_on_registry": s.depends_on_registry, "index_digest": s.index_digest,
+                })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!(
-        "{:<12} {:<7} {:>12} {:>6} {:>9} {:>7} {:>8} {:<8} SOURCE",
-        "DEVICE", "BACKEND", "SIZE", "FILL", "READS", "ERRORS", "PID", "STATE"
-    );
-    for (s, alive) in devs {
-        let st = crate::device::stats(&a.run_dir, &s.device);
-        let (fill, reads, errors) = match (&st, alive) {
-            (Some(st), true) => (
-                format!("{:.0}%", st.fill * 100.0),
-                st.reads.to_string(),
-                st.read_errors.to_string(),
-            ),
-            _ => ("-".into(), "-".into(), "-".into()),
-        };
-        println!(
-            "{:<12} {:<7} {:>12} {:>6} {:>9} {:>7} {:>8} {:<8} {}",
-            s.device,
-            format!("{:?}", s.backend).to_lowercase(),
-            s.size,
-            fill,
-            reads,
-            errors,
-            s.pid,
-            if alive { "serving" } else { "dead" },
-            s.source
-        );
-    }
+    print_table(&layers);
     Ok(())
 }
 
 /// Arguments of `lazyblk detach`.
 #[derive(Debug, Args)]
 pub struct DetachArgs {
-    /// `/dev/loopN` (or `loopN`), or `all`.
+    /// `/dev/loopN` (or `loopN`), a mount point, or `all`.
     device: String,
     /// State directory.
     #[arg(long, default_value = DEFAULT_RUN_DIR)]
     run_dir: PathBuf,
 }
 
-/// Asks the serving process of a device to detach it, and waits.
+/// Detaches devices: through the daemon, else by stopping their foreground server (or removing them
+/// if it is gone).
 pub fn detach(a: DetachArgs) -> Result<()> {
-    let want = a.device.trim_start_matches("/dev/").to_string();
-    let devs = list(&a.run_dir);
-    let targets: Vec<_> = devs
-        .iter()
-        .filter(|(s, _)| want == "all" || s.device.trim_start_matches("/dev/") == want)
-        .collect();
-    if targets.is_empty() {
+    let rt = client_rt()?;
+    let all = a.device == "all";
+    let targets: Vec<String> = if all {
+        statuses(&a.run_dir)?
+            .into_iter()
+            .map(|s| s.device)
+            .collect()
+    } else {
+        vec![a.device.clone()]
+    };
+    if targets.is_empty() && !all {
         bail!("{} is not attached by lazyblk (see lazyblk ls)", a.device);
     }
-    for (s, alive) in targets {
-        if !alive {
-            eprintln!(
-                "{}: serving process {} is gone; removing the device and its state",
-                s.device, s.pid
-            );
-            remove_orphan(s)?;
-            let _ = std::fs::remove_file(
-                a.run_dir
-                    .join("devices")
-                    .join(format!("{}.json", s.device.trim_start_matches("/dev/"))),
-            );
-            continue;
-        }
-        // SAFETY: sending SIGTERM to a pid read from our own state file.
-        unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
-        let state = a
-            .run_dir
-            .join("devices")
-            .join(format!("{}.json", s.device.trim_start_matches("/dev/")));
-        let started = std::time::Instant::now();
-        while state.exists() {
-            if started.elapsed() > std::time::Duration::from_secs(30) {
-                bail!("{}: still attached after 30 s (is it in use?)", s.device);
+    if let Some(mut c) = rt.block_on(api::connect(&a.run_dir)) {
+        let mut failed = 0;
+        for d in targets {
+            match rt.block_on(c.detach(DetachRequest { device: d.clone() })) {
+                Ok(_) => println!("{d} detached"),
+                Err(e) => {
+                    eprintln!("{d}: {}", e.message());
+                    failed += 1;
+                }
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        println!("{} detached", s.device);
+        if failed > 0 {
+            bail!("{failed} device(s) not detached");
+        }
+        return Ok(());
+    }
+    for d in targets {
+        detach_without_daemon(&a.run_dir, &d)?;
     }
     Ok(())
 }
 
-/// Removes a device nobody serves, so that reads it holds fail with EIO instead of waiting for a
-/// recovery that will not come. (A loop device over a dead FUSE export already fails them.)
-fn remove_orphan(s: &DeviceState) -> Result<()> {
-    let detach_mount = || {
-        if let Some(dir) = &s.mount {
-            if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-                // SAFETY: `c` is a valid NUL-terminated path; a failure leaves the mount as it was.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+fn detach_without_daemon(run_dir: &std::path::Path, device: &str) -> Result<()> {
+    let want = device.trim_start_matches("/dev/");
+    let Some((s, alive)) = crate::device::list(run_dir).into_iter().find(|(s, _)| {
+        s.device.trim_start_matches("/dev/") == want
+            || s.mount.as_deref() == Some(std::path::Path::new(device))
+    }) else {
+        bail!("{device} is not attached by lazyblk (see lazyblk ls)");
     };
-    match s.backend {
-        Backend::Ublk => {
-            crate::device::ublk::delete_orphan(crate::device::ublk_id(&s.device)?, detach_mount)
-                .with_context(|| format!("deleting {}", s.device))
-        }
-        Backend::Nbd => {
-            let r =
-                crate::device::nbd_kernel::disconnect_index(crate::device::nbd_index(&s.device)?)
-                    .with_context(|| format!("disconnecting {}", s.device));
-            detach_mount();
-            r
-        }
-        _ => {
-            detach_mount();
-            Ok(())
-        }
+    if !alive {
+        eprintln!(
+            "{}: serving process {} is gone; removing the device and its state",
+            s.device, s.pid
+        );
+        return crate::device::remove_orphan(&s, run_dir)
+            .with_context(|| format!("removing {}", s.device));
     }
+    // SAFETY: SIGTERM to the process our state file names, checked alive by pid *and* start time
+    // just above, so not a stranger that reused the pid.
+    unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
+    let state = run_dir
+        .join("devices")
+        .join(format!("{}.json", s.device.trim_start_matches("/dev/")));
+    let started = std::time::Instant::now();
+    while state.exists() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            bail!("{}: still attached after 30 s (is it in use?)", s.device);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    println!("{} detached", s.device);
+    Ok(())
 }

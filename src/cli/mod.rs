@@ -2,6 +2,7 @@
 
 mod attach;
 mod bench;
+mod daemon;
 mod image;
 mod layer;
 mod pull;
@@ -38,8 +39,10 @@ enum Command {
     Ls(attach::LsArgs),
     /// Detach a device (or `all`).
     Detach(attach::DetachArgs),
-    /// Resume devices whose serving process died (ublk user recovery, NBD reconnect); `--watch` keeps at it.
+    /// Ask the node daemon to resume, now, devices whose server died (ublk user recovery, NBD reconnect).
     Recover(attach::RecoverArgs),
+    /// The node daemon: serves every attached layer of the node (control socket RUN_DIR/daemon.sock).
+    Daemon(daemon::DaemonArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
     Convert(image::ConvertImageArgs),
     /// List the lazyblk referrer artifacts of an image.
@@ -75,6 +78,7 @@ pub fn main() -> Result<()> {
         Command::Ls(a) => attach::ls(a),
         Command::Detach(a) => attach::detach(a),
         Command::Recover(a) => attach::recover(a),
+        Command::Daemon(a) => daemon::run(a),
         Command::Referrers(a) => image::referrers(a),
         Command::Bench(c) => bench::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),

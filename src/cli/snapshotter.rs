@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::RegistryArgs;
 use crate::device::{choose, Backend};
+use crate::node::spec::RegistrySpec;
 use crate::snapshotter::layers::{LayerOptions, Layers};
 use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
 use crate::snapshotter::service::{ReferrerLookup, Service, Snapshotter};
@@ -16,8 +17,8 @@ use crate::snapshotter::service::{ReferrerLookup, Service, Snapshotter};
 /// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
-    /// TOML file with any of: address, root, backend, grace_secs, fill, prefetch_traces, plain_http,
-    /// hosts_dir, docker_config.
+    /// TOML file with any of: address, root, run_dir, start_daemon, backend, grace_secs, fill,
+    /// prefetch_traces, plain_http, hosts_dir, docker_config.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`)
@@ -34,8 +35,19 @@ pub struct SnapshotterArgs {
     /// Seconds an unused remote layer stays attached [default: 60].
     #[arg(long)]
     grace_secs: Option<u64>,
-    /// Fetch every attached layer completely in the background.
+    /// The node daemon's run directory (its control socket `daemon.sock`) [default: ROOT/run].
     #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Do not start `lazyblk daemon` when none answers on the run dir (under systemd the daemon has
+    /// its own unit).
+    #[arg(long)]
+    no_start_daemon: bool,
+    /// Do not fetch attached layers completely in the background (by default every layer is filled
+    /// from attach on, behind demand reads, so the registry stops being a runtime dependency).
+    #[arg(long)]
+    no_fill: bool,
+    /// Deprecated: filling is the default now.
+    #[arg(long, hide = true)]
     fill: bool,
     /// Do not look up startup traces shipped with images (`lazyblk trace push`); by default a
     /// layer's traced chunks are fetched as soon as it is attached.
@@ -55,6 +67,8 @@ struct ConfigFile {
     grace_secs: Option<u64>,
     fill: Option<bool>,
     prefetch_traces: Option<bool>,
+    run_dir: Option<PathBuf>,
+    start_daemon: Option<bool>,
     plain_http: Option<bool>,
     hosts_dir: Option<PathBuf>,
     docker_config: Option<PathBuf>,
@@ -69,6 +83,8 @@ struct Settings {
     fill: bool,
     prefetch_traces: bool,
     registry: RegistryArgs,
+    run_dir: PathBuf,
+    start_daemon: bool,
 }
 
 fn settings(a: SnapshotterArgs) -> Result<Settings> {
@@ -79,7 +95,14 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         .with_context(|| format!("{}", p.display()))?,
         None => ConfigFile::default(),
     };
+    let root = a
+        .root
+        .clone()
+        .or(c.root.clone())
+        .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into());
     Ok(Settings {
+        run_dir: a.run_dir.or(c.run_dir).unwrap_or_else(|| root.join("run")),
+        start_daemon: !a.no_start_daemon && c.start_daemon.unwrap_or(true),
         address: a
             .address
             .or(c.address)
@@ -90,7 +113,7 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
             .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into()),
         backend: a.backend.or(c.backend).unwrap_or(Backend::Auto),
         grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
-        fill: a.fill || c.fill.unwrap_or(false),
+        fill: !a.no_fill && (a.fill || c.fill.unwrap_or(true)),
         prefetch_traces: !a.no_prefetch_traces && c.prefetch_traces.unwrap_or(true),
         registry: RegistryArgs {
             plain_http: a.registry.plain_http || c.plain_http.unwrap_or(false),
@@ -101,7 +124,7 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
 }
 
 /// Tells systemd (Type=notify) that the socket is ready, if it is watching.
-fn sd_notify_ready() {
+pub(crate) fn sd_notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -126,32 +149,31 @@ fn sd_notify_ready() {
 pub fn run(a: SnapshotterArgs) -> Result<()> {
     let a = settings(a)?;
     let backend = choose(a.backend).map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&a.root).with_context(|| format!("creating {}", a.root.display()))?;
-    let mut attach_args = Vec::new();
-    if a.registry.plain_http {
-        attach_args.push("--plain-http".to_string());
-    }
-    if let Some(d) = &a.registry.hosts_dir {
-        attach_args.extend(["--hosts-dir".to_string(), d.display().to_string()]);
-    }
-    if let Some(d) = &a.registry.docker_config {
-        attach_args.extend(["--docker-config".to_string(), d.display().to_string()]);
-    }
-    if a.fill {
-        attach_args.push("--fill".to_string());
-    }
-    let layers = Layers::new(LayerOptions {
-        exe: std::env::current_exe()?,
-        mount_dir: a.root.join("layers"),
-        run_dir: a.root.join("run"),
-        cache_dir: a.root.join("cache"),
-        backend,
-        attach_args,
-        grace: Duration::from_secs(a.grace_secs),
-    })?;
+    crate::process::private_dir(&a.root)
+        .with_context(|| format!("creating {}", a.root.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
+    let layers = Layers::new(
+        LayerOptions {
+            exe: std::env::current_exe()?,
+            mount_dir: a.root.join("layers"),
+            run_dir: a.run_dir.clone(),
+            cache_dir: a.root.join("cache"),
+            backend,
+            registry: RegistrySpec {
+                plain_http: a.registry.plain_http,
+                hosts_dir: a.registry.hosts_dir.clone(),
+                docker_config: a.registry.docker_config.clone(),
+            },
+            fill: a.fill,
+            grace: Duration::from_secs(a.grace_secs),
+            start_daemon: a.start_daemon,
+        },
+        rt.handle().clone(),
+    )
+    .context("connecting to the node daemon")?;
     let mut referrers = ReferrerLookup::new(rt.handle().clone(), a.registry.options());
     if a.prefetch_traces {
         referrers = referrers.with_traces(a.root.join("traces"));

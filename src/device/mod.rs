@@ -97,6 +97,9 @@ pub struct DeviceState {
     pub size: u64,
     /// Serving process.
     pub pid: u32,
+    /// The serving process's start time (see [`crate::process::ProcessId`]; 0 in old state files).
+    #[serde(default)]
+    pub pid_start: u64,
     /// Where the ext4 is mounted, if `--mount` was given.
     pub mount: Option<PathBuf>,
     /// How the source was opened (opaque to this module; `lazyblk recover` reopens it the same way).
@@ -129,6 +132,7 @@ impl Attachment {
                 source: source.to_string(),
                 size,
                 pid: std::process::id(),
+                pid_start: crate::process::ProcessId::current().start,
                 mount: None,
                 source_args: serde_json::Value::Null,
             },
@@ -205,6 +209,7 @@ impl Attachment {
     ) -> std::io::Result<Attachment> {
         let nbd = nbd_kernel::KernelNbd::reconnect(nbd_index(&state.device)?, source, &rt, 2)?;
         state.pid = std::process::id();
+        state.pid_start = crate::process::ProcessId::current().start;
         let mut a = Attachment {
             mounted: state.mount.clone(),
             state,
@@ -250,6 +255,7 @@ impl Attachment {
         let id = ublk_id(&state.device)?;
         let dev = ublk::UblkDevice::recover(id, source, &rt)?;
         state.pid = std::process::id();
+        state.pid_start = crate::process::ProcessId::current().start;
         let mut a = Attachment::new(
             state.device.clone(),
             Backend::Ublk,
@@ -273,6 +279,7 @@ impl Attachment {
         let path = stats_path(&self.state_file);
         self.stats = Some(rt.spawn(async move {
             use std::sync::atomic::Ordering::Relaxed;
+            let mut last: Option<Vec<u8>> = None;
             loop {
                 let v = DeviceStats {
                     fill: metrics.fill_ratio(),
@@ -282,21 +289,30 @@ impl Attachment {
                     trace_prefetched: metrics.trace_prefetched.load(Relaxed),
                     startup_region: metrics.startup_region_chunks.load(Relaxed),
                 };
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, serde_json::to_vec(&v).expect("stats serialise")).is_ok() {
-                    let _ = std::fs::rename(&tmp, &path);
+                let body = serde_json::to_vec(&v).expect("stats serialise");
+                if last.as_ref() != Some(&body) {
+                    let tmp = path.with_extension("tmp");
+                    if std::fs::write(&tmp, &body).is_ok() {
+                        let _ = std::fs::rename(&tmp, &path);
+                    }
+                    last = Some(body);
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         }));
     }
 
-    /// Records the source options in the state file.
+    /// Records how the source was opened in the state file (opaque here; the node keeps its
+    /// versioned layer spec there).
     pub fn set_source_args(&mut self, v: serde_json::Value) -> std::io::Result<()> {
         self.state.source_args = v;
-        std::fs::write(
+        self.write_state()
+    }
+
+    fn write_state(&self) -> std::io::Result<()> {
+        crate::process::write_atomic(
             &self.state_file,
-            serde_json::to_vec_pretty(&self.state).expect("state serialises"),
+            &serde_json::to_vec_pretty(&self.state).expect("state serialises"),
         )
     }
 
@@ -316,11 +332,7 @@ impl Attachment {
             .create(run_dir.join("devices"))?;
         let dev_name = a.state.device.trim_start_matches("/dev/").to_string();
         a.state_file = run_dir.join("devices").join(format!("{dev_name}.json"));
-        std::fs::write(
-            &a.state_file,
-            serde_json::to_vec_pretty(&a.state).expect("state serialises"),
-        )?;
-        Ok(())
+        a.write_state()
     }
 
     /// The device state.
@@ -339,8 +351,16 @@ impl Attachment {
         self.publishers.push((task, file));
     }
 
-    /// Unmounts, detaches the loop device, unmounts FUSE and removes the state.
-    pub fn detach(mut self) -> std::io::Result<()> {
+    /// Unmounts, detaches the device, unmounts FUSE and removes the state. If the filesystem cannot
+    /// be unmounted (busy: a container still uses it), nothing is torn down and the error comes back:
+    /// a device is never deleted under a mount. After success the attachment is empty.
+    pub fn detach(&mut self) -> std::io::Result<()> {
+        if let Some(dir) = self.mounted.clone() {
+            umount(&dir).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("unmounting {}: {e}", dir.display()))
+            })?;
+            self.mounted = None;
+        }
         self.teardown()
     }
 
@@ -493,20 +513,47 @@ pub fn list(run_dir: &Path) -> Vec<(DeviceState, bool)> {
         let Ok(s) = serde_json::from_slice::<DeviceState>(&b) else {
             continue;
         };
-        let alive = process_alive(s.pid);
+        let alive = crate::process::ProcessId {
+            pid: s.pid,
+            start: s.pid_start,
+        }
+        .alive();
         out.push((s, alive));
     }
     out.sort_by(|a, b| a.0.device.cmp(&b.0.device));
     out
 }
 
-/// Whether `pid` is a running process (a zombie that nobody reaped yet counts as dead).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself contain ") ".
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
+/// Removes a device nobody serves, so that reads it holds fail with EIO instead of waiting for a
+/// recovery that will not come (a loop device over a dead FUSE export already fails them), with its
+/// mount (detached lazily) and its state files.
+pub fn remove_orphan(s: &DeviceState, run_dir: &Path) -> std::io::Result<()> {
+    let detach_mount = || {
+        if let Some(dir) = &s.mount {
+            if let Ok(c) = cstr(dir) {
+                // SAFETY: `c` is a valid NUL-terminated path; a failure leaves the mount as it was.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    };
+    let r = match s.backend {
+        Backend::Ublk => ublk::delete_orphan(ublk_id(&s.device)?, detach_mount)
+            .map_err(|e| std::io::Error::other(format!("deleting {}: {e}", s.device))),
+        Backend::Nbd => {
+            let r = nbd_kernel::disconnect_index(nbd_index(&s.device)?)
+                .map_err(|e| std::io::Error::other(format!("disconnecting {}: {e}", s.device)));
+            detach_mount();
+            r
+        }
+        _ => {
+            detach_mount();
+            Ok(())
+        }
+    };
+    let dev = s.device.trim_start_matches("/dev/");
+    let dir = run_dir.join("devices");
+    for suffix in ["json", "stats.json", "access.json", "index"] {
+        let _ = std::fs::remove_file(dir.join(format!("{dev}.{suffix}")));
     }
+    r
 }

@@ -181,7 +181,7 @@ impl DiskCache {
             else {
                 continue;
             };
-            if !crate::device::process_alive(pid) {
+            if !crate::process::pid_alive(pid) {
                 let _ = fs::remove_file(e.path());
                 continue;
             }

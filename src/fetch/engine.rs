@@ -10,10 +10,11 @@ use lazyblk_image_format::{
     decode_chunk, sha256, ChunkKind, Digest, Footer, Index, IndexLimits, PlanOptions, RangeFetch,
     FOOTER_LEN,
 };
-use lru::LruCache;
 use tokio::sync::{watch, Semaphore};
 
 use super::diskcache::DiskCache;
+use super::fill::FillGate;
+use super::memcache::MemCache;
 use super::metrics::Metrics;
 use super::remote::{FetchError, RangeReader};
 use super::{BlockSource, BoxFuture, ReadError};
@@ -21,8 +22,11 @@ use super::{BlockSource, BoxFuture, ReadError};
 /// Tuning of an engine.
 #[derive(Clone)]
 pub struct EngineOptions {
-    /// Memory cache of decompressed chunks, in bytes.
+    /// Memory cache of decompressed chunks, in bytes (when `memory` is not given).
     pub mem_cache_bytes: u64,
+    /// A memory cache shared with other layers (the node daemon's budget); else each engine has its
+    /// own of `mem_cache_bytes`.
+    pub memory: Option<Arc<MemCache>>,
     /// Node-wide persistent cache of stored chunks.
     pub disk_cache: Option<Arc<DiskCache>>,
     /// A read that cannot be served within this time fails with EIO.
@@ -35,6 +39,10 @@ pub struct EngineOptions {
     /// sequential reader, whatever its request size or connection) keeps a window of chunks requested
     /// ahead that starts at 8 chunks and doubles up to this; other reads fetch only what they ask.
     pub readahead_chunks: u64,
+    /// The node's fill scheduler (shared limits, demand reads first); else fills run unscheduled.
+    pub fill_gate: Option<Arc<FillGate>>,
+    /// Called for every read that fails (the node daemon turns it into an event).
+    pub on_read_error: Option<ReadErrorHook>,
     /// First retry delay (doubles each attempt, with jitter).
     pub retry_base: Duration,
     /// Longest retry delay.
@@ -45,16 +53,22 @@ impl Default for EngineOptions {
     fn default() -> Self {
         EngineOptions {
             mem_cache_bytes: 256 << 20,
+            memory: None,
             disk_cache: None,
             read_deadline: Duration::from_secs(30),
             max_parallel_fetches: 8,
             plan: PlanOptions::default(),
             readahead_chunks: 32,
+            fill_gate: None,
+            on_read_error: None,
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
         }
     }
 }
+
+/// A callback for failed reads: layer name, the error.
+pub type ReadErrorHook = Arc<dyn Fn(&str, &ReadError) + Send + Sync>;
 
 /// Where the index is and which digest to trust for it.
 #[derive(Debug, Clone)]
@@ -168,7 +182,9 @@ struct Inner {
     index: Index,
     index_digest: String,
     opts: EngineOptions,
-    mem: Mutex<LruCache<u64, Bytes>>,
+    mem: Arc<MemCache>,
+    /// This layer's keys in `mem`.
+    mem_id: u64,
     inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
@@ -353,7 +369,6 @@ impl Engine {
         metrics: Arc<Metrics>,
     ) -> Engine {
         let chunk = index.chunk_size();
-        let cap = (opts.mem_cache_bytes / chunk).max(4) as usize;
         let stored = index
             .entries()
             .iter()
@@ -377,9 +392,11 @@ impl Engine {
                 access: Mutex::new(AccessLog::new(index.chunk_count() as usize)),
                 index_digest: lazyblk_image_format::digest_string(&sha256(&index.to_bytes())),
                 index,
-                mem: Mutex::new(LruCache::new(
-                    std::num::NonZeroUsize::new(cap).expect("cap >= 4"),
-                )),
+                mem: opts
+                    .memory
+                    .clone()
+                    .unwrap_or_else(|| MemCache::new(opts.mem_cache_bytes.max(4 * chunk))),
+                mem_id: MemCache::new_layer_id(),
                 inflight: Mutex::new(HashMap::new()),
                 fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
                 foreground: AtomicUsize::new(0),
@@ -437,7 +454,7 @@ impl Engine {
         let mut seen = vec![false; idx.chunk_count() as usize];
         let mut windows: Vec<Vec<u64>> = vec![Vec::new()];
         let mut window_bytes = 0u64;
-        let mut memory_budget = inner.opts.mem_cache_bytes / 2;
+        let mut memory_budget = inner.mem.capacity() / 2;
         let mut to_memory = Vec::new();
         for &c in chunks {
             if c >= idx.chunk_count() || seen[c as usize] || idx.entry(c).kind == ChunkKind::Zero {
@@ -512,11 +529,10 @@ impl Engine {
     /// [`Engine::fetch_chunks`] or [`Engine::finish`]).
     fn claim(&self, chunks: impl Iterator<Item = u64>) -> Vec<(u64, watch::Sender<ChunkResult>)> {
         let inner = &self.inner;
-        let mem = inner.mem.lock().expect("mem lock");
         let mut inflight = inner.inflight.lock().expect("inflight lock");
         let mut lead = Vec::new();
         for c in chunks {
-            if mem.contains(&c) || inflight.contains_key(&c) {
+            if inner.mem.contains(inner.mem_id, c) || inflight.contains_key(&c) {
                 continue;
             }
             let (tx, rx) = watch::channel(None);
@@ -560,6 +576,9 @@ impl Engine {
             Err(e) => {
                 inner.metrics.read_errors.fetch_add(1, Relaxed);
                 tracing::error!(layer = %inner.name, offset, len, error = %e, "read failed; returning EIO");
+                if let Some(hook) = &inner.opts.on_read_error {
+                    hook(&inner.name, e);
+                }
             }
         }
         res
@@ -589,12 +608,11 @@ impl Engine {
         }
         let mut parts = Vec::with_capacity((chunks.end - chunks.start) as usize);
         {
-            let mut mem = inner.mem.lock().expect("mem lock");
             for c in chunks.clone() {
                 if idx.entry(c).kind == ChunkKind::Zero {
                     parts.push(None);
                 } else {
-                    match mem.get(&c) {
+                    match inner.mem.get(inner.mem_id, c) {
                         Some(b) => parts.push(Some(b.clone())),
                         None => return false,
                     }
@@ -640,6 +658,7 @@ impl Engine {
         self.note_read(offset, len, chunks.clone());
         inner.foreground.fetch_add(1, Relaxed);
         let _guard = Decrement(&inner.foreground);
+        let _node_demand = inner.opts.fill_gate.as_ref().map(|g| g.demand());
         let deadline = Instant::now() + inner.opts.read_deadline;
         let parts = match tokio::time::timeout_at(
             deadline.into(),
@@ -755,7 +774,6 @@ impl Engine {
         let mut waits: Vec<(usize, u64, watch::Receiver<ChunkResult>)> = Vec::new();
         let mut lead: Vec<(u64, watch::Sender<ChunkResult>)> = Vec::new();
         {
-            let mut mem = inner.mem.lock().expect("mem lock");
             let mut inflight = inner.inflight.lock().expect("inflight lock");
             for (i, c) in chunks.clone().enumerate() {
                 let e = inner.index.entry(c);
@@ -763,7 +781,7 @@ impl Engine {
                     out[i] = Some(inner.zeros.slice(..inner.index.chunk_len(c) as usize));
                     continue;
                 }
-                if let Some(b) = mem.get(&c) {
+                if let Some(b) = inner.mem.get(inner.mem_id, c) {
                     inner.metrics.mem_hits.fetch_add(1, Relaxed);
                     out[i] = Some(b.clone());
                     continue;
@@ -875,7 +893,7 @@ impl Engine {
         let inner = &self.inner;
         if let Ok(b) = &r {
             if to_memory {
-                inner.mem.lock().expect("mem lock").put(c, b.clone());
+                inner.mem.put(inner.mem_id, c, b.clone());
             }
         }
         inner.inflight.lock().expect("inflight lock").remove(&c);
@@ -1061,6 +1079,10 @@ impl Engine {
             if batch.is_empty() {
                 continue;
             }
+            let _permit = match &inner.opts.fill_gate {
+                Some(g) => Some(g.admit(bytes).await),
+                None => None,
+            };
             let started = Instant::now();
             let deadline = Instant::now() + inner.opts.read_deadline;
             // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks).
@@ -1100,6 +1122,13 @@ struct Decrement<'a>(&'a AtomicUsize);
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A shared memory cache outlives the layer: give its budget back to the others.
+        self.mem.forget_layer(self.mem_id);
     }
 }
 

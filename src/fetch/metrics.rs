@@ -1,7 +1,14 @@
-//! Per-layer metrics, rendered in the Prometheus text format.
+//! Per-layer metrics (atomics on the read path) and their exposition through prometheus-client: one
+//! family per metric, one labelled series per layer.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,24 +50,6 @@ impl Histogram {
         }
         self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
         self.count.fetch_add(1, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (i, b) in self.bounds.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{b}\"}} {}",
-                self.counts[i].load(Relaxed)
-            );
-        }
-        let n = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {n}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {}",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{{{labels}}} {n}");
     }
 }
 
@@ -127,118 +116,209 @@ impl Metrics {
             self.fill_done.load(Relaxed) as f64 / t as f64
         }
     }
+}
 
-    /// Renders this layer's metrics with `layer="<name>"`.
-    pub fn render(&self, out: &mut String, layer: &str) {
-        let l = format!(
-            "layer=\"{}\"",
-            layer.replace('\\', "\\\\").replace('"', "\\\"")
-        );
-        let c = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP lazyblk_{name} {help}\n# TYPE lazyblk_{name} counter\nlazyblk_{name}{{{l}}} {v}");
-        };
-        c(
-            out,
-            "reads_total",
-            "Reads of the virtual disk.",
-            self.reads.load(Relaxed),
-        );
-        c(
-            out,
-            "read_bytes_total",
-            "Bytes returned to readers.",
-            self.read_bytes.load(Relaxed),
-        );
-        c(
-            out,
-            "read_errors_total",
-            "Reads that failed (EIO).",
-            self.read_errors.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP lazyblk_cache_hits_total Chunk lookups served from a cache.\n# TYPE lazyblk_cache_hits_total counter");
-        let _ = writeln!(
-            out,
-            "lazyblk_cache_hits_total{{{l},tier=\"memory\"}} {}",
-            self.mem_hits.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "lazyblk_cache_hits_total{{{l},tier=\"disk\"}} {}",
-            self.disk_hits.load(Relaxed)
-        );
-        let _ = writeln!(out, "# HELP lazyblk_cache_misses_total Chunk lookups a cache could not serve.\n# TYPE lazyblk_cache_misses_total counter");
-        let _ = writeln!(
-            out,
-            "lazyblk_cache_misses_total{{{l},tier=\"memory\"}} {}",
-            self.mem_misses.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "lazyblk_cache_misses_total{{{l},tier=\"disk\"}} {}",
-            self.disk_misses.load(Relaxed)
-        );
-        c(
-            out,
-            "fetches_total",
+/// The labels of one layer's series (e.g. `layer`, `device`).
+pub type LayerLabels = Vec<(&'static str, String)>;
+
+fn with(labels: &LayerLabels, key: &'static str, value: &str) -> LayerLabels {
+    let mut l = labels.clone();
+    l.push((key, value.to_string()));
+    l
+}
+
+/// Encodes the per-layer families: one descriptor per family, one series per layer (labelled), so
+/// the exposition stays valid with any number of layers.
+pub fn encode_layers(
+    encoder: &mut DescriptorEncoder,
+    layers: &[(LayerLabels, Arc<Metrics>)],
+) -> Result<(), std::fmt::Error> {
+    type Get = fn(&Metrics) -> u64;
+    let counters: [(&str, &str, Get); 11] = [
+        ("lazyblk_reads", "Reads of the virtual disk.", |m| {
+            m.reads.load(Relaxed)
+        }),
+        ("lazyblk_read_bytes", "Bytes returned to readers.", |m| {
+            m.read_bytes.load(Relaxed)
+        }),
+        ("lazyblk_read_errors", "Reads that failed (EIO).", |m| {
+            m.read_errors.load(Relaxed)
+        }),
+        (
+            "lazyblk_fetches",
             "Range requests sent to the source.",
-            self.fetches.load(Relaxed),
-        );
-        c(
-            out,
-            "fetched_bytes_total",
+            |m| m.fetches.load(Relaxed),
+        ),
+        (
+            "lazyblk_fetched_bytes",
             "Bytes received from the source.",
-            self.fetched_bytes.load(Relaxed),
-        );
-        c(
-            out,
-            "fetch_retries_total",
+            |m| m.fetched_bytes.load(Relaxed),
+        ),
+        (
+            "lazyblk_fetch_retries",
             "Range requests retried after an error.",
-            self.fetch_retries.load(Relaxed),
-        );
-        c(
-            out,
-            "corrupt_chunks_total",
+            |m| m.fetch_retries.load(Relaxed),
+        ),
+        (
+            "lazyblk_corrupt_chunks",
             "Chunks that failed verification (refetched, never served).",
-            self.corrupt_chunks.load(Relaxed),
-        );
-        c(
-            out,
-            "readahead_chunks_total",
+            |m| m.corrupt_chunks.load(Relaxed),
+        ),
+        (
+            "lazyblk_readahead_chunks",
             "Chunks requested ahead of sequential readers.",
-            self.readahead_chunks.load(Relaxed),
-        );
-        c(
-            out,
-            "startup_region_chunks_total",
+            |m| m.readahead_chunks.load(Relaxed),
+        ),
+        (
+            "lazyblk_startup_region_chunks",
             "Chunks that arrived with the index in the blob's startup region.",
-            self.startup_region_chunks.load(Relaxed),
-        );
-        c(
-            out,
-            "trace_prefetched_chunks_total",
+            |m| m.startup_region_chunks.load(Relaxed),
+        ),
+        (
+            "lazyblk_trace_prefetched_chunks",
             "Chunks fetched ahead of the workload by a startup-trace replay.",
-            self.trace_prefetched.load(Relaxed),
-        );
-        let _ = writeln!(out, "# HELP lazyblk_inflight_fetches Range requests in flight.\n# TYPE lazyblk_inflight_fetches gauge\nlazyblk_inflight_fetches{{{l}}} {}", self.inflight_fetches.load(Relaxed));
-        let _ = writeln!(out, "# HELP lazyblk_fill_ratio Fraction of the layer's stored chunks cached locally.\n# TYPE lazyblk_fill_ratio gauge\nlazyblk_fill_ratio{{{l}}} {}", self.fill_ratio());
-        let _ = writeln!(out, "# HELP lazyblk_errors_total Fetch errors by cause.\n# TYPE lazyblk_errors_total counter");
-        for (k, v) in self.errors.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "lazyblk_errors_total{{{l},cause=\"{k}\"}} {v}");
+            |m| m.trace_prefetched.load(Relaxed),
+        ),
+        (
+            "lazyblk_fill_chunks",
+            "Stored chunks of the layer cached locally.",
+            |m| m.fill_done.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        let mut f = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, m) in layers {
+            ConstCounter::new(get(m)).encode(f.encode_family(labels)?)?;
         }
-        let _ = writeln!(out, "# HELP lazyblk_read_duration_seconds Read latency.\n# TYPE lazyblk_read_duration_seconds histogram");
-        self.read_latency
-            .render(out, "lazyblk_read_duration_seconds", &l);
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_cache_hits",
+        "Chunk lookups served from a cache.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (labels, m) in layers {
+        for (tier, v) in [("memory", &m.mem_hits), ("disk", &m.disk_hits)] {
+            let l = with(labels, "tier", tier);
+            ConstCounter::new(v.load(Relaxed)).encode(f.encode_family(&l)?)?;
+        }
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_cache_misses",
+        "Chunk lookups a cache could not serve.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (labels, m) in layers {
+        for (tier, v) in [("memory", &m.mem_misses), ("disk", &m.disk_misses)] {
+            let l = with(labels, "tier", tier);
+            ConstCounter::new(v.load(Relaxed)).encode(f.encode_family(&l)?)?;
+        }
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_errors",
+        "Fetch errors by cause.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (labels, m) in layers {
+        for (cause, v) in m.errors.lock().expect("metrics lock").iter() {
+            let l = with(labels, "cause", cause);
+            ConstCounter::new(*v).encode(f.encode_family(&l)?)?;
+        }
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_inflight_fetches",
+        "Range requests in flight.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (labels, m) in layers {
+        ConstGauge::new(m.inflight_fetches.load(Relaxed)).encode(f.encode_family(labels)?)?;
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_fill_ratio",
+        "Fraction of the layer's stored chunks cached locally.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (labels, m) in layers {
+        ConstGauge::new(m.fill_ratio()).encode(f.encode_family(labels)?)?;
+    }
+    let mut f = encoder.encode_descriptor(
+        "lazyblk_read_duration_seconds",
+        "Read latency.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (labels, m) in layers {
+        let h = &m.read_latency;
+        let count = h.count.load(Relaxed);
+        let mut buckets = Vec::with_capacity(h.bounds.len() + 1);
+        let mut below = 0;
+        for (b, c) in h.bounds.iter().zip(&h.counts) {
+            let c = c.load(Relaxed).max(below);
+            buckets.push((*b, c - below));
+            below = c;
+        }
+        buckets.push((f64::INFINITY, count.saturating_sub(below)));
+        f.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+            h.sum_us.load(Relaxed) as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// A prometheus-client collector over a fixed set of layers (`lazyblk serve`, foreground attach).
+#[derive(Debug)]
+struct FixedLayers(Vec<(LayerLabels, Arc<Metrics>)>);
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 
-/// Serves `GET /metrics` in the Prometheus text format on `listener` until the task is dropped.
+impl Collector for FixedLayers {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        encode_layers(&mut encoder, &self.0)
+    }
+}
+
+/// The exposition of `registry` in the text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String");
+    out
+}
+
+/// Serves `GET /metrics` for a fixed set of layers (`lazyblk serve`).
 pub async fn serve_metrics(listener: tokio::net::TcpListener, layers: Vec<(String, Arc<Metrics>)>) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(FixedLayers(
+        layers
+            .into_iter()
+            .map(|(name, m)| (vec![("layer", name)], m))
+            .collect(),
+    )));
+    let registry = Arc::new(registry);
+    serve_http(listener, Arc::new(move || render(&registry))).await
+}
+
+/// Serves `GET /metrics` with the text `render` produces on each scrape, until the task is dropped.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let layers = layers.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
             let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut req))
@@ -248,19 +328,16 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, layers: Vec<(Strin
                 .unwrap_or(0);
             let line = String::from_utf8_lossy(&req[..n]);
             let (status, body) = if line.starts_with("GET /metrics") {
-                let mut body = String::new();
-                for (name, m) in &layers {
-                    m.render(&mut body, name);
-                }
-                ("200 OK", body)
+                ("200 OK", render())
             } else {
                 ("404 Not Found", "try /metrics\n".to_string())
             };
             let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.0 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), sock.write_all(resp.as_bytes()))
+                .await;
         });
     }
 }

@@ -6,12 +6,16 @@
 
 pub mod diskcache;
 pub mod engine;
+pub mod fill;
+pub mod memcache;
 pub mod metrics;
 pub mod registry;
 pub mod remote;
 pub mod source;
 
 pub use engine::{Engine, EngineOptions};
+pub use fill::FillGate;
+pub use memcache::MemCache;
 pub use metrics::Metrics;
 pub use remote::{FetchError, RangeReader};
 pub use source::{open_source, SourceOptions};

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -408,7 +408,7 @@ impl RepoClient {
 
 /// Ranged reads of one blob from a registry.
 pub struct RegistryBlob {
-    repo: RepoClient,
+    repo: Arc<RepoClient>,
     blob: BlobRef,
     redirect: Mutex<Option<Url>>,
 }
@@ -420,11 +420,26 @@ impl RegistryBlob {
         blob: BlobRef,
         opts: &RegistryOptions,
     ) -> Result<RegistryBlob, String> {
-        Ok(RegistryBlob {
-            repo: RepoClient::new(client, &blob.registry, &blob.repository, opts, false)?,
+        Ok(RegistryBlob::with_session(
+            Arc::new(RepoClient::new(
+                client,
+                &blob.registry,
+                &blob.repository,
+                opts,
+                false,
+            )?),
+            blob,
+        ))
+    }
+
+    /// A reader for `blob` through a repository session shared with other layers (connections,
+    /// tokens): see [`Sessions`].
+    pub fn with_session(repo: Arc<RepoClient>, blob: BlobRef) -> RegistryBlob {
+        RegistryBlob {
+            repo,
             blob,
             redirect: Mutex::new(None),
-        })
+        }
     }
 
     /// Sends GET (or HEAD) for the blob with `range`, following (and caching) a redirect.
@@ -526,6 +541,65 @@ pub fn parse_challenge(s: &str) -> (String, Vec<(String, String)>) {
         rest = tail.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
     }
     (scheme.to_string(), params)
+}
+
+/// One registry session per (registry, repository, access options), shared by every layer of that
+/// repository on the node: one connection pool (HTTP/2 where offered), one token cache.
+pub struct Sessions {
+    client: reqwest::Client,
+    repos: Mutex<std::collections::HashMap<String, Arc<RepoClient>>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            client: registry_client(),
+            repos: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl Sessions {
+    /// The shared HTTP client.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The session for `registry/repository` with `opts` (made on first use).
+    pub fn repo(
+        &self,
+        registry: &str,
+        repository: &str,
+        opts: &RegistryOptions,
+    ) -> Result<Arc<RepoClient>, String> {
+        let key = format!(
+            "{registry}/{repository}|{}|{:?}|{:?}",
+            opts.plain_http, opts.hosts_dir, opts.docker_config
+        );
+        let mut repos = self.repos.lock().expect("sessions lock");
+        if let Some(r) = repos.get(&key) {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(RepoClient::new(
+            self.client.clone(),
+            registry,
+            repository,
+            opts,
+            false,
+        )?);
+        repos.insert(key, r.clone());
+        Ok(r)
+    }
+
+    /// Repository sessions open now.
+    pub fn len(&self) -> usize {
+        self.repos.lock().expect("sessions lock").len()
+    }
+
+    /// Whether no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// An HTTP client for registries: no automatic redirects (they are handled and cached here), HTTP/2

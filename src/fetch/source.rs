@@ -6,7 +6,7 @@ use std::sync::Arc;
 use lazyblk_image_format::Digest;
 
 use super::engine::{Engine, EngineOptions, IndexLocation};
-use super::registry::{registry_client, BlobRef, RegistryBlob, RegistryOptions};
+use super::registry::{registry_client, BlobRef, RegistryBlob, RegistryOptions, Sessions};
 use super::remote::{FetchError, FileRange, HttpRange, RangeReader};
 
 /// How to open a source.
@@ -26,6 +26,15 @@ pub struct SourceOptions {
 
 /// The range reader for `spec`.
 pub fn range_reader(spec: &str, opts: &SourceOptions) -> Result<Arc<dyn RangeReader>, FetchError> {
+    range_reader_in(spec, opts, None)
+}
+
+/// [`range_reader`], with registry blobs read through `sessions` (shared connections and tokens).
+pub fn range_reader_in(
+    spec: &str,
+    opts: &SourceOptions,
+    sessions: Option<&Sessions>,
+) -> Result<Arc<dyn RangeReader>, FetchError> {
     if spec.starts_with("http://") || spec.starts_with("https://") {
         let url = reqwest::Url::parse(spec)
             .map_err(|e| FetchError::permanent("config", format!("bad URL: {e}")))?;
@@ -42,8 +51,16 @@ pub fn range_reader(spec: &str, opts: &SourceOptions) -> Result<Arc<dyn RangeRea
     }
     if spec.contains('@') {
         let blob = BlobRef::parse(spec).map_err(|e| FetchError::permanent("config", e))?;
-        let r = RegistryBlob::new(registry_client(), blob, &opts.registry)
-            .map_err(|e| FetchError::permanent("config", e))?;
+        let r = match sessions {
+            Some(s) => {
+                let repo = s
+                    .repo(&blob.registry, &blob.repository, &opts.registry)
+                    .map_err(|e| FetchError::permanent("config", e))?;
+                RegistryBlob::with_session(repo, blob)
+            }
+            None => RegistryBlob::new(registry_client(), blob, &opts.registry)
+                .map_err(|e| FetchError::permanent("config", e))?,
+        };
         return Ok(Arc::new(r));
     }
     Err(FetchError::permanent(
@@ -54,7 +71,16 @@ pub fn range_reader(spec: &str, opts: &SourceOptions) -> Result<Arc<dyn RangeRea
 
 /// Opens `spec` and its index.
 pub async fn open_source(spec: &str, opts: &SourceOptions) -> Result<Engine, FetchError> {
-    let remote = range_reader(spec, opts)?;
+    open_source_in(spec, opts, None).await
+}
+
+/// [`open_source`] through shared registry sessions.
+pub async fn open_source_in(
+    spec: &str,
+    opts: &SourceOptions,
+    sessions: Option<&Sessions>,
+) -> Result<Engine, FetchError> {
+    let remote = range_reader_in(spec, opts, sessions)?;
     let location = match opts.index {
         Some((offset, length, digest)) => IndexLocation::Known {
             offset,

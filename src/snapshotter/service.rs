@@ -386,17 +386,34 @@ impl Snapshotter {
         }
     }
 
-    fn mounts_of(&self, store: &Store, key: &str) -> Result<Vec<Mount>, Status> {
+    /// A snapshot and the committed chain under it (a short read of the store).
+    #[allow(clippy::type_complexity)]
+    fn chain_of(
+        &self,
+        store: &Store,
+        key: &str,
+    ) -> Result<(Snapshot, Vec<(String, Snapshot)>), Status> {
         let s = store
             .get(key)
-            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+            .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?
+            .clone();
         let parents = if s.kind == Kind::Committed {
             store.chain(key)
         } else {
             store.chain(&s.parent)
         };
-        // Remote layers not attached yet are attached in parallel (one `lazyblk attach` each): an
-        // image's first container waits for the slowest layer, not for the sum of them.
+        Ok((s, parents))
+    }
+
+    /// The mounts of snapshot `s` over `parents`, attaching remote layers as needed. Slow (network,
+    /// devices): never called with the store lock held.
+    fn mounts_from(
+        &self,
+        s: &Snapshot,
+        parents: &[(String, Snapshot)],
+    ) -> Result<Vec<Mount>, Status> {
+        // Remote layers not attached yet are attached in parallel: an image's first container waits
+        // for the slowest layer, not for the sum of them.
         let lowers = std::thread::scope(|sc| {
             let attaching: Vec<_> = parents
                 .iter()
@@ -457,6 +474,15 @@ impl Snapshotter {
         })
     }
 
+    /// The mounts of `key`: the store is read in one short transaction, layers attached after it.
+    fn mounts_of(&self, key: &str) -> Result<Vec<Mount>, Status> {
+        let (s, parents) = {
+            let store = self.store.lock().expect("store lock");
+            self.chain_of(&store, key)?
+        };
+        self.mounts_from(&s, &parents)
+    }
+
     fn create(
         &self,
         kind: Kind,
@@ -467,23 +493,7 @@ impl Snapshotter {
         if key.is_empty() {
             return Err(Status::invalid_argument("empty snapshot key"));
         }
-        let mut store = self.store.lock().expect("store lock");
-        if store.get(key).is_some() {
-            return Err(Status::already_exists(format!(
-                "snapshot {key} already exists"
-            )));
-        }
-        if !parent.is_empty() {
-            match store.get(parent) {
-                None => return Err(Status::not_found(format!("parent snapshot {parent}"))),
-                Some(p) if p.kind != Kind::Committed => {
-                    return Err(Status::failed_precondition(format!(
-                        "parent {parent} is not committed"
-                    )))
-                }
-                _ => {}
-            }
-        }
+        // Network lookups first, with no lock held: other snapshots' calls never wait for them.
         let target = labels.get(LABEL_TARGET).cloned();
         let remote = match remote_from_labels(&labels)? {
             Some(r) => Some(r),
@@ -501,75 +511,103 @@ impl Snapshotter {
                 _ => None,
             },
         };
-        if let (Some(target), Some(mut remote)) = (target, remote) {
-            if let (Some(look), Some(image), Some(manifest)) = (
-                &self.referrers,
-                labels.get(LABEL_IMAGE_REF),
-                labels.get(LABEL_MANIFEST_DIGEST),
-            ) {
-                remote.trace = look.trace(image, manifest);
+        let remote = match (&target, remote) {
+            (Some(_), Some(mut remote)) => {
+                if let (Some(look), Some(image), Some(manifest)) = (
+                    &self.referrers,
+                    labels.get(LABEL_IMAGE_REF),
+                    labels.get(LABEL_MANIFEST_DIGEST),
+                ) {
+                    remote.trace = look.trace(image, manifest);
+                }
+                Some(remote)
             }
-            let target = target.as_str();
-            let mut labels = labels;
-            labels.insert(LABEL_REMOTE.into(), remote.source.clone());
-            if store.get(target).is_some() {
+            _ => None,
+        };
+        // One short store transaction: checks, then the record.
+        let (s, parents) = {
+            let mut store = self.store.lock().expect("store lock");
+            if store.get(key).is_some() {
                 return Err(Status::already_exists(format!(
-                    "target snapshot {target} exists"
+                    "snapshot {key} already exists"
+                )));
+            }
+            if !parent.is_empty() {
+                match store.get(parent) {
+                    None => return Err(Status::not_found(format!("parent snapshot {parent}"))),
+                    Some(p) if p.kind != Kind::Committed => {
+                        return Err(Status::failed_precondition(format!(
+                            "parent {parent} is not committed"
+                        )))
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(target), Some(remote)) = (target, remote) {
+                let target = target.as_str();
+                let mut labels = labels;
+                labels.insert(LABEL_REMOTE.into(), remote.source.clone());
+                if store.get(target).is_some() {
+                    return Err(Status::already_exists(format!(
+                        "target snapshot {target} exists"
+                    )));
+                }
+                let id = store.alloc_id();
+                let t = now();
+                let usage = (remote.image_size as i64, 0);
+                tracing::info!(target = %target, layer = %remote.source, "remote layer recorded");
+                store.put(
+                    target,
+                    Snapshot {
+                        id,
+                        kind: Kind::Committed,
+                        parent: parent.to_string(),
+                        labels,
+                        created: t,
+                        updated: t,
+                        usage,
+                        remote: Some(remote),
+                    },
+                    None,
+                )?;
+                return Err(Status::already_exists(format!(
+                    "target snapshot {target} (remote lazyblk layer)"
                 )));
             }
             let id = store.alloc_id();
+            let d = self.dir(id);
+            let mk = || -> std::io::Result<()> {
+                std::fs::create_dir_all(d.join("fs"))?;
+                if kind == Kind::Active {
+                    std::fs::create_dir_all(d.join("work"))?;
+                }
+                Ok(())
+            };
+            mk().map_err(|e| Status::internal(format!("creating {}: {e}", d.display())))?;
             let t = now();
-            let usage = (remote.image_size as i64, 0);
-            tracing::info!(target = %target, layer = %remote.source, "remote layer recorded");
             store.put(
-                target,
+                key,
                 Snapshot {
                     id,
-                    kind: Kind::Committed,
+                    kind,
                     parent: parent.to_string(),
                     labels,
                     created: t,
                     updated: t,
-                    usage,
-                    remote: Some(remote),
+                    usage: (0, 0),
+                    remote: None,
                 },
                 None,
             )?;
-            return Err(Status::already_exists(format!(
-                "target snapshot {target} (remote lazyblk layer)"
-            )));
-        }
-        let id = store.alloc_id();
-        let d = self.dir(id);
-        let mk = || -> std::io::Result<()> {
-            std::fs::create_dir_all(d.join("fs"))?;
-            if kind == Kind::Active {
-                std::fs::create_dir_all(d.join("work"))?;
-            }
-            Ok(())
+            self.chain_of(&store, key)?
         };
-        mk().map_err(|e| Status::internal(format!("creating {}: {e}", d.display())))?;
-        let t = now();
-        store.put(
-            key,
-            Snapshot {
-                id,
-                kind,
-                parent: parent.to_string(),
-                labels,
-                created: t,
-                updated: t,
-                usage: (0, 0),
-                remote: None,
-            },
-            None,
-        )?;
-        match self.mounts_of(&store, key) {
+        // Slow work (attaching remote layers) after the transaction.
+        match self.mounts_from(&s, &parents) {
             Ok(m) => Ok(m),
             Err(e) => {
                 // Do not leave a snapshot whose layers could not be mounted.
-                let _ = store.remove(key);
-                let _ = std::fs::remove_dir_all(&d);
+                let _ = self.store.lock().expect("store lock").remove(key);
+                let _ = std::fs::remove_dir_all(self.dir(s.id));
                 Err(e)
             }
         }
@@ -617,7 +655,7 @@ impl Snapshotter {
         store.remove(key)?;
         drop(store);
         if s.remote.is_some() {
-            if let Err(e) = self.layers.release(s.id) {
+            if let Err(e) = self.layers.release(s.id, || true) {
                 tracing::error!(snapshot = key, error = %e, "detaching a removed layer");
             }
             let _ = std::fs::remove_dir(self.layers.mountpoint(s.id));
@@ -658,9 +696,10 @@ impl Snapshotter {
                 return;
             }
             std::thread::sleep(me.layers.grace());
-            let now = me.unused_layers();
-            for id in first.into_iter().filter(|i| now.contains(i)) {
-                if let Err(e) = me.layers.release(id) {
+            for id in first {
+                // Re-checked under the layer's lock: a Prepare since then keeps it.
+                let still_unused = || me.unused_layers().contains(&id);
+                if let Err(e) = me.layers.release(id, still_unused) {
                     tracing::error!(layer = id, error = %e, "detaching an unused layer");
                 }
             }
@@ -766,11 +805,7 @@ impl pb::snapshots_server::Snapshots for Service {
     ) -> Result<Response<pb::MountsResponse>, Status> {
         let r = r.into_inner();
         let s = self.0.clone();
-        let mounts = blocking(move || {
-            let store = s.store.lock().expect("store lock");
-            s.mounts_of(&store, &r.key)
-        })
-        .await?;
+        let mounts = blocking(move || s.mounts_of(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse { mounts }))
     }
 
@@ -847,14 +882,17 @@ impl pb::snapshots_server::Snapshots for Service {
         let key = r.into_inner().key;
         let s = self.0.clone();
         let (size, inodes) = blocking(move || {
-            let store = s.store.lock().expect("store lock");
-            let snap = store
-                .get(&key)
-                .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
-            Ok(match snap.kind {
-                // The writable upper directory is local: measure it now.
-                Kind::Active => disk_usage(&s.dir(snap.id).join("fs")),
-                _ => snap.usage,
+            let (kind, id, usage) = {
+                let store = s.store.lock().expect("store lock");
+                let snap = store
+                    .get(&key)
+                    .ok_or_else(|| Status::not_found(format!("snapshot {key}")))?;
+                (snap.kind, snap.id, snap.usage)
+            };
+            Ok(match kind {
+                // The writable upper directory is local: measure it now (outside the lock).
+                Kind::Active => disk_usage(&s.dir(id).join("fs")),
+                _ => usage,
             })
         })
         .await?;

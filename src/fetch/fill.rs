@@ -1,0 +1,135 @@
+//! The node's fill scheduler: background fills of every layer share one concurrency limit and one
+//! bandwidth budget, and give way to demand reads anywhere on the node.
+//!
+//! Priorities: a demand read (a workload waiting) > a trace replay (runs before its layer's fill and
+//! takes no fill slot) > background fill. Fairness: every fill batch (a few MiB) queues for a slot of
+//! a FIFO semaphore, so layers filling at once take turns batch by batch.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// Shared by every engine of a node (see the module docs).
+pub struct FillGate {
+    slots: Semaphore,
+    bytes_per_sec: Option<u64>,
+    next_free: Mutex<Instant>,
+    demand: AtomicUsize,
+}
+
+/// A fill batch's right to run; dropping it frees the slot.
+pub struct FillPermit<'a> {
+    _slot: SemaphorePermit<'a>,
+}
+
+impl FillGate {
+    /// At most `concurrency` fill batches at once on the node, together at most `bytes_per_sec`.
+    pub fn new(concurrency: usize, bytes_per_sec: Option<u64>) -> FillGate {
+        FillGate {
+            slots: Semaphore::new(concurrency.max(1)),
+            bytes_per_sec: bytes_per_sec.filter(|&r| r > 0),
+            next_free: Mutex::new(Instant::now()),
+            demand: AtomicUsize::new(0),
+        }
+    }
+
+    /// Marks a demand read in progress somewhere on the node (until the guard drops).
+    pub fn demand(&self) -> DemandGuard<'_> {
+        self.demand.fetch_add(1, Relaxed);
+        DemandGuard(self)
+    }
+
+    /// Waits until a batch of `bytes` may be fetched: no demand read running on the node, a free
+    /// slot (first come, first served), and its share of the node's bandwidth.
+    pub async fn admit(&self, bytes: u64) -> FillPermit<'_> {
+        loop {
+            while self.demand.load(Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let slot = self.slots.acquire().await.expect("fill gate never closes");
+            if self.demand.load(Relaxed) > 0 {
+                drop(slot);
+                continue;
+            }
+            if let Some(rate) = self.bytes_per_sec {
+                let start = {
+                    let mut next = self.next_free.lock().expect("fill gate lock");
+                    let start = (*next).max(Instant::now());
+                    *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+                    start
+                };
+                tokio::time::sleep_until(start.into()).await;
+            }
+            return FillPermit { _slot: slot };
+        }
+    }
+}
+
+/// See [`FillGate::demand`].
+pub struct DemandGuard<'a>(&'a FillGate);
+
+impl Drop for DemandGuard<'_> {
+    fn drop(&mut self) {
+        self.0.demand.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn batches_take_turns_within_the_concurrency_limit() {
+        let gate = Arc::new(FillGate::new(2, None));
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (gate, running, peak) = (gate.clone(), running.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let _p = gate.admit(1).await;
+                    let n = running.fetch_add(1, Relaxed) + 1;
+                    peak.fetch_max(n, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    running.fetch_sub(1, Relaxed);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(peak.load(Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_node_bandwidth_is_shared() {
+        let gate = FillGate::new(4, Some(1 << 20));
+        let t = tokio::time::Instant::now();
+        for _ in 0..4 {
+            drop(gate.admit(512 << 10).await);
+        }
+        // Four half-MiB batches at 1 MiB/s: the last may start only after 1.5 s.
+        assert!(
+            t.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demand_reads_hold_fills_back() {
+        let gate = Arc::new(FillGate::new(1, None));
+        let guard = gate.demand();
+        let g = gate.clone();
+        let fill = tokio::spawn(async move {
+            drop(g.admit(1).await);
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!fill.is_finished());
+        drop(guard);
+        fill.await.unwrap();
+    }
+}
