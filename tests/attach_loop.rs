@@ -81,8 +81,9 @@ fn attach_mount_compare_detach() {
     );
     let ls = run_ok(lazyblk().args(["ls", "--json", "--run-dir"]).arg(&run));
     let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
-    assert_eq!(v[0]["state"]["device"], dev.as_str());
-    assert_eq!(v[0]["serving"], true);
+    assert_eq!(v[0]["device"], dev.as_str());
+    assert_eq!(v[0]["state"], "serving");
+    assert_eq!(v[0]["pid"], child.0.id());
     // Detach through the CLI: the serving process exits cleanly and removes everything.
     run_ok(lazyblk().args(["detach", "all", "--run-dir"]).arg(&run));
     let status = child.0.wait().unwrap();
@@ -140,7 +141,18 @@ fn daemon_mode_returns_once_the_device_is_ready() {
     );
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(dev.starts_with("/dev/loop"), "{dev:?}");
-    // The command has returned; the device keeps serving from the background process.
+    // It started a node daemon for the run dir, which serves the device.
+    let pid: u32 = std::fs::read_to_string(run.join("daemon.pid"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ls = run_ok(lazyblk().args(["ls", "--json", "--run-dir"]).arg(&run));
+    let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(v[0]["pid"], pid);
+    // The command has returned; the device keeps serving from the daemon.
     assert_eq!(
         std::fs::read(mnt.join("hello")).unwrap(),
         b"from a daemon\n"
@@ -149,6 +161,7 @@ fn daemon_mode_returns_once_the_device_is_ready() {
     assert!(!std::fs::read_to_string("/proc/self/mounts")
         .unwrap()
         .contains(mnt.to_str().unwrap()));
+    stop_daemon_of(&run);
 }
 
 /// Kills the attach process if the test fails half-way (its own SIGTERM handler then detaches).

@@ -459,3 +459,49 @@ fn detach_without_daemon(run_dir: &std::path::Path, device: &str) -> Result<()> 
     println!("{} detached", s.device);
     Ok(())
 }
+
+/// Arguments of `lazyblk events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they happen.
+    #[arg(long)]
+    follow: bool,
+    /// JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// State directory.
+    #[arg(long, default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+/// Prints the daemon's recent events (attach, detach, failed reads, recoveries).
+pub fn events(a: EventsArgs) -> Result<()> {
+    use futures::StreamExt;
+    let rt = client_rt()?;
+    let Some(mut c) = rt.block_on(api::connect(&a.run_dir)) else {
+        bail!("no lazyblk daemon serves {}", a.run_dir.display());
+    };
+    rt.block_on(async {
+        let mut s = c
+            .events(crate::node::proto::EventsRequest { follow: a.follow })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        while let Some(e) = s.next().await {
+            let e = e.map_err(status_error)?;
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"seq": e.seq, "time_ms": e.time_ms, "kind": e.kind,
+                        "device": e.device, "layer": e.layer, "offset": e.offset, "message": e.message})
+                );
+            } else {
+                println!(
+                    "{} {:<16} {:<13} offset={} {} {}",
+                    e.time_ms, e.kind, e.device, e.offset, e.layer, e.message
+                );
+            }
+        }
+        Ok(())
+    })
+}

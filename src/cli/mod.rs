@@ -41,6 +41,8 @@ enum Command {
     Detach(attach::DetachArgs),
     /// Ask the node daemon to resume, now, devices whose server died (ublk user recovery, NBD reconnect).
     Recover(attach::RecoverArgs),
+    /// Events of the node daemon: attaches, detaches, failed reads (layer, offset, cause), recoveries.
+    Events(attach::EventsArgs),
     /// The node daemon: serves every attached layer of the node (control socket RUN_DIR/daemon.sock).
     Daemon(daemon::DaemonArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
@@ -79,6 +81,7 @@ pub fn main() -> Result<()> {
         Command::Detach(a) => attach::detach(a),
         Command::Recover(a) => attach::recover(a),
         Command::Daemon(a) => daemon::run(a),
+        Command::Events(a) => attach::events(a),
         Command::Referrers(a) => image::referrers(a),
         Command::Bench(c) => bench::run(c),
         Command::Snapshotter(a) => snapshotter::run(a),

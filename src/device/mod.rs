@@ -102,9 +102,12 @@ pub struct DeviceState {
     pub pid_start: u64,
     /// Where the ext4 is mounted, if `--mount` was given.
     pub mount: Option<PathBuf>,
-    /// How the source was opened (opaque to this module; `lazyblk recover` reopens it the same way).
+    /// How the source was opened (opaque to this module; the node keeps its layer spec here).
     #[serde(default)]
     pub source_args: serde_json::Value,
+    /// The loop backend's work directory (its FUSE export), for removing an orphan.
+    #[serde(default)]
+    pub work: Option<PathBuf>,
 }
 
 /// A live attachment; everything is undone on [`Attachment::detach`] or drop.
@@ -135,6 +138,7 @@ impl Attachment {
                 pid_start: crate::process::ProcessId::current().start,
                 mount: None,
                 source_args: serde_json::Value::Null,
+                work: None,
             },
             state_file: PathBuf::new(),
             work,
@@ -157,7 +161,16 @@ impl Attachment {
         mount: Option<&Path>,
     ) -> std::io::Result<Attachment> {
         use std::os::unix::fs::DirBuilderExt;
-        let work = run_dir.join(format!("attach-{}", std::process::id()));
+        // One work dir per device: a daemon serves many loop devices, each with its own FUSE export.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let work = run_dir.join(format!("loop-{}-{seq}", std::process::id()));
+        if std::fs::symlink_metadata(&work).is_ok() {
+            return Err(std::io::Error::other(format!(
+                "{} exists (left by a crashed server?)",
+                work.display()
+            )));
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -172,6 +185,7 @@ impl Attachment {
         cfg.n_threads = Some(2);
         let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
         let mut a = Attachment::new(String::new(), Backend::Loop, name, size, work.clone());
+        a.state.work = Some(work.clone());
         a.fuse = Some(fuse);
         let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
         a.state.device = lo.path().display().to_string();
@@ -547,6 +561,17 @@ pub fn remove_orphan(s: &DeviceState, run_dir: &Path) -> std::io::Result<()> {
         }
         _ => {
             detach_mount();
+            // The loop device clears itself once its last user (the mount) is gone; the dead FUSE
+            // export under it is unmounted lazily.
+            if let Some(work) = &s.work {
+                let fuse = work.join("fuse");
+                if let Ok(c) = cstr(&fuse) {
+                    // SAFETY: `c` is a valid NUL-terminated path.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+                let _ = std::fs::remove_dir(&fuse);
+                let _ = std::fs::remove_dir(work);
+            }
             Ok(())
         }
     };

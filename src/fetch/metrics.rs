@@ -1,14 +1,9 @@
-//! Per-layer metrics (atomics on the read path) and their exposition through prometheus-client: one
-//! family per metric, one labelled series per layer.
+//! Per-layer metrics (atomics on the read path) and their exposition through the `prometheus` crate's text
+//! encoder: one family per metric, one labelled series per layer.
 
 use std::collections::BTreeMap;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,191 +116,232 @@ impl Metrics {
 /// The labels of one layer's series (e.g. `layer`, `device`).
 pub type LayerLabels = Vec<(&'static str, String)>;
 
+fn label_pairs(labels: &[(&'static str, String)]) -> Vec<LabelPair> {
+    labels
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.clone());
+            l
+        })
+        .collect()
+}
+
 fn with(labels: &LayerLabels, key: &'static str, value: &str) -> LayerLabels {
     let mut l = labels.clone();
     l.push((key, value.to_string()));
     l
 }
 
-/// Encodes the per-layer families: one descriptor per family, one series per layer (labelled), so
-/// the exposition stays valid with any number of layers.
-pub fn encode_layers(
-    encoder: &mut DescriptorEncoder,
-    layers: &[(LayerLabels, Arc<Metrics>)],
-) -> Result<(), std::fmt::Error> {
+/// A metric family of the exposition.
+pub fn family(name: &str, help: &str, ty: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(ty);
+    f.set_metric(metrics);
+    f
+}
+
+/// A counter sample.
+pub fn counter(labels: &[(&'static str, String)], v: u64) -> Metric {
+    let mut c = prometheus::proto::Counter::default();
+    c.set_value(v as f64);
+    let mut m = Metric::from_label(label_pairs(labels));
+    m.set_counter(c);
+    m
+}
+
+/// A gauge sample.
+pub fn gauge(labels: &[(&'static str, String)], v: f64) -> Metric {
+    let mut g = prometheus::proto::Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::from_label(label_pairs(labels));
+    m.set_gauge(g);
+    m
+}
+
+/// The per-layer families: one family per metric, one labelled series per layer, so the
+/// exposition stays valid with any number of layers.
+pub fn layer_families(layers: &[(LayerLabels, Arc<Metrics>)]) -> Vec<MetricFamily> {
     type Get = fn(&Metrics) -> u64;
     let counters: [(&str, &str, Get); 11] = [
-        ("lazyblk_reads", "Reads of the virtual disk.", |m| {
+        ("lazyblk_reads_total", "Reads of the virtual disk.", |m| {
             m.reads.load(Relaxed)
         }),
-        ("lazyblk_read_bytes", "Bytes returned to readers.", |m| {
-            m.read_bytes.load(Relaxed)
-        }),
-        ("lazyblk_read_errors", "Reads that failed (EIO).", |m| {
-            m.read_errors.load(Relaxed)
-        }),
         (
-            "lazyblk_fetches",
+            "lazyblk_read_bytes_total",
+            "Bytes returned to readers.",
+            |m| m.read_bytes.load(Relaxed),
+        ),
+        (
+            "lazyblk_read_errors_total",
+            "Reads that failed (EIO).",
+            |m| m.read_errors.load(Relaxed),
+        ),
+        (
+            "lazyblk_fetches_total",
             "Range requests sent to the source.",
             |m| m.fetches.load(Relaxed),
         ),
         (
-            "lazyblk_fetched_bytes",
+            "lazyblk_fetched_bytes_total",
             "Bytes received from the source.",
             |m| m.fetched_bytes.load(Relaxed),
         ),
         (
-            "lazyblk_fetch_retries",
+            "lazyblk_fetch_retries_total",
             "Range requests retried after an error.",
             |m| m.fetch_retries.load(Relaxed),
         ),
         (
-            "lazyblk_corrupt_chunks",
+            "lazyblk_corrupt_chunks_total",
             "Chunks that failed verification (refetched, never served).",
             |m| m.corrupt_chunks.load(Relaxed),
         ),
         (
-            "lazyblk_readahead_chunks",
+            "lazyblk_readahead_chunks_total",
             "Chunks requested ahead of sequential readers.",
             |m| m.readahead_chunks.load(Relaxed),
         ),
         (
-            "lazyblk_startup_region_chunks",
+            "lazyblk_startup_region_chunks_total",
             "Chunks that arrived with the index in the blob's startup region.",
             |m| m.startup_region_chunks.load(Relaxed),
         ),
         (
-            "lazyblk_trace_prefetched_chunks",
+            "lazyblk_trace_prefetched_chunks_total",
             "Chunks fetched ahead of the workload by a startup-trace replay.",
             |m| m.trace_prefetched.load(Relaxed),
         ),
         (
-            "lazyblk_fill_chunks",
+            "lazyblk_fill_chunks_total",
             "Stored chunks of the layer cached locally.",
             |m| m.fill_done.load(Relaxed),
         ),
     ];
+    let mut out = Vec::new();
     for (name, help, get) in counters {
-        let mut f = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for (labels, m) in layers {
-            ConstCounter::new(get(m)).encode(f.encode_family(labels)?)?;
-        }
+        let samples = layers.iter().map(|(l, m)| counter(l, get(m))).collect();
+        out.push(family(name, help, MetricType::COUNTER, samples));
     }
-    let mut f = encoder.encode_descriptor(
-        "lazyblk_cache_hits",
+    let tiered = |f: fn(&Metrics) -> [(&'static str, u64); 2]| -> Vec<Metric> {
+        layers
+            .iter()
+            .flat_map(|(l, m)| f(m).map(|(tier, v)| counter(&with(l, "tier", tier), v)))
+            .collect()
+    };
+    out.push(family(
+        "lazyblk_cache_hits_total",
         "Chunk lookups served from a cache.",
-        None,
-        MetricType::Counter,
-    )?;
-    for (labels, m) in layers {
-        for (tier, v) in [("memory", &m.mem_hits), ("disk", &m.disk_hits)] {
-            let l = with(labels, "tier", tier);
-            ConstCounter::new(v.load(Relaxed)).encode(f.encode_family(&l)?)?;
-        }
-    }
-    let mut f = encoder.encode_descriptor(
-        "lazyblk_cache_misses",
+        MetricType::COUNTER,
+        tiered(|m| {
+            [
+                ("memory", m.mem_hits.load(Relaxed)),
+                ("disk", m.disk_hits.load(Relaxed)),
+            ]
+        }),
+    ));
+    out.push(family(
+        "lazyblk_cache_misses_total",
         "Chunk lookups a cache could not serve.",
-        None,
-        MetricType::Counter,
-    )?;
-    for (labels, m) in layers {
-        for (tier, v) in [("memory", &m.mem_misses), ("disk", &m.disk_misses)] {
-            let l = with(labels, "tier", tier);
-            ConstCounter::new(v.load(Relaxed)).encode(f.encode_family(&l)?)?;
-        }
-    }
-    let mut f = encoder.encode_descriptor(
-        "lazyblk_errors",
+        MetricType::COUNTER,
+        tiered(|m| {
+            [
+                ("memory", m.mem_misses.load(Relaxed)),
+                ("disk", m.disk_misses.load(Relaxed)),
+            ]
+        }),
+    ));
+    let errors = layers
+        .iter()
+        .flat_map(|(l, m)| {
+            m.errors
+                .lock()
+                .expect("metrics lock")
+                .iter()
+                .map(|(cause, v)| counter(&with(l, "cause", cause), *v))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.push(family(
+        "lazyblk_errors_total",
         "Fetch errors by cause.",
-        None,
-        MetricType::Counter,
-    )?;
-    for (labels, m) in layers {
-        for (cause, v) in m.errors.lock().expect("metrics lock").iter() {
-            let l = with(labels, "cause", cause);
-            ConstCounter::new(*v).encode(f.encode_family(&l)?)?;
-        }
-    }
-    let mut f = encoder.encode_descriptor(
+        MetricType::COUNTER,
+        errors,
+    ));
+    out.push(family(
         "lazyblk_inflight_fetches",
         "Range requests in flight.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (labels, m) in layers {
-        ConstGauge::new(m.inflight_fetches.load(Relaxed)).encode(f.encode_family(labels)?)?;
-    }
-    let mut f = encoder.encode_descriptor(
+        MetricType::GAUGE,
+        layers
+            .iter()
+            .map(|(l, m)| gauge(l, m.inflight_fetches.load(Relaxed) as f64))
+            .collect(),
+    ));
+    out.push(family(
         "lazyblk_fill_ratio",
         "Fraction of the layer's stored chunks cached locally.",
-        None,
-        MetricType::Gauge,
-    )?;
-    for (labels, m) in layers {
-        ConstGauge::new(m.fill_ratio()).encode(f.encode_family(labels)?)?;
-    }
-    let mut f = encoder.encode_descriptor(
+        MetricType::GAUGE,
+        layers
+            .iter()
+            .map(|(l, m)| gauge(l, m.fill_ratio()))
+            .collect(),
+    ));
+    let histograms = layers
+        .iter()
+        .map(|(l, m)| {
+            let h = &m.read_latency;
+            let mut p = prometheus::proto::Histogram::default();
+            p.set_sample_count(h.count.load(Relaxed));
+            p.set_sample_sum(h.sum_us.load(Relaxed) as f64 / 1e6);
+            p.set_bucket(
+                h.bounds
+                    .iter()
+                    .zip(&h.counts)
+                    .map(|(b, c)| {
+                        let mut bucket = prometheus::proto::Bucket::default();
+                        bucket.set_upper_bound(*b);
+                        bucket.set_cumulative_count(c.load(Relaxed));
+                        bucket
+                    })
+                    .collect(),
+            );
+            let mut metric = Metric::from_label(label_pairs(l));
+            metric.set_histogram(p);
+            metric
+        })
+        .collect();
+    out.push(family(
         "lazyblk_read_duration_seconds",
         "Read latency.",
-        None,
-        MetricType::Histogram,
-    )?;
-    for (labels, m) in layers {
-        let h = &m.read_latency;
-        let count = h.count.load(Relaxed);
-        let mut buckets = Vec::with_capacity(h.bounds.len() + 1);
-        let mut below = 0;
-        for (b, c) in h.bounds.iter().zip(&h.counts) {
-            let c = c.load(Relaxed).max(below);
-            buckets.push((*b, c - below));
-            below = c;
-        }
-        buckets.push((f64::INFINITY, count.saturating_sub(below)));
-        f.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-            h.sum_us.load(Relaxed) as f64 / 1e6,
-            count,
-            &buckets,
-            None,
-        )?;
-    }
-    Ok(())
-}
-
-/// A prometheus-client collector over a fixed set of layers (`lazyblk serve`, foreground attach).
-#[derive(Debug)]
-struct FixedLayers(Vec<(LayerLabels, Arc<Metrics>)>);
-
-impl std::fmt::Debug for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Metrics")
-    }
-}
-
-impl Collector for FixedLayers {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        encode_layers(&mut encoder, &self.0)
-    }
-}
-
-/// The exposition of `registry` in the text format.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, registry).expect("writing to a String");
+        MetricType::HISTOGRAM,
+        histograms,
+    ));
     out
+}
+
+/// The exposition of `families` in the Prometheus text format (0.0.4).
+pub fn render(families: &[MetricFamily]) -> String {
+    // Families without samples are legal but noise (and older parsers dislike them).
+    let families: Vec<MetricFamily> = families
+        .iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .cloned()
+        .collect();
+    prometheus::TextEncoder::new()
+        .encode_to_string(&families)
+        .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
 }
 
 /// Serves `GET /metrics` for a fixed set of layers (`lazyblk serve`).
 pub async fn serve_metrics(listener: tokio::net::TcpListener, layers: Vec<(String, Arc<Metrics>)>) {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(FixedLayers(
-        layers
-            .into_iter()
-            .map(|(name, m)| (vec![("layer", name)], m))
-            .collect(),
-    )));
-    let registry = Arc::new(registry);
-    serve_http(listener, Arc::new(move || render(&registry))).await
+    let layers: Vec<(LayerLabels, Arc<Metrics>)> = layers
+        .into_iter()
+        .map(|(name, m)| (vec![("layer", name)], m))
+        .collect();
+    serve_http(listener, Arc::new(move || render(&layer_families(&layers)))).await
 }
 
 /// Serves `GET /metrics` with the text `render` produces on each scrape, until the task is dropped.
@@ -333,7 +369,7 @@ pub async fn serve_http(
                 ("404 Not Found", "try /metrics\n".to_string())
             };
             let resp = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = tokio::time::timeout(Duration::from_secs(10), sock.write_all(resp.as_bytes()))

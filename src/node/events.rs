@@ -33,6 +33,7 @@ pub mod kind {
 pub struct Events {
     ring: Mutex<(u64, VecDeque<Event>)>,
     tx: broadcast::Sender<Event>,
+    totals: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Default for Events {
@@ -40,6 +41,7 @@ impl Default for Events {
         Events {
             ring: Mutex::new((0, VecDeque::new())),
             tx: broadcast::channel(HISTORY).0,
+            totals: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -54,6 +56,12 @@ fn now_ms() -> u64 {
 impl Events {
     /// Records an event.
     pub fn emit(&self, kind: &str, device: &str, layer: &str, offset: u64, message: String) {
+        *self
+            .totals
+            .lock()
+            .expect("events lock")
+            .entry(kind.to_string())
+            .or_default() += 1;
         let mut ring = self.ring.lock().expect("events lock");
         ring.0 += 1;
         let e = Event {
@@ -78,15 +86,14 @@ impl Events {
         (ring.1.iter().cloned().collect(), self.tx.subscribe())
     }
 
-    /// How many events of `kind` were recorded in the history.
-    pub fn count(&self, kind: &str) -> usize {
-        self.ring
+    /// How many events of `kind` there were since the daemon started.
+    pub fn total(&self, kind: &str) -> u64 {
+        self.totals
             .lock()
             .expect("events lock")
-            .1
-            .iter()
-            .filter(|e| e.kind == kind)
-            .count()
+            .get(kind)
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -1,105 +1,87 @@
 //! The node's one Prometheus endpoint: every served layer's series (labels `layer`, `device`,
-//! `index_digest`) plus node totals, through prometheus-client.
+//! `index_digest`) plus node totals, encoded by the `prometheus` crate (text format 0.0.4).
 
 use std::sync::Arc;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus::proto::{MetricFamily, MetricType};
 
 use super::daemon::Node;
 use super::events::kind;
-use crate::fetch::metrics::encode_layers;
+use crate::fetch::metrics::{counter, family, gauge, layer_families, render, serve_http};
 
-struct NodeCollector(Node);
-
-impl std::fmt::Debug for NodeCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeCollector")
+/// The node's metric families now.
+pub fn families(node: &Node) -> Vec<MetricFamily> {
+    let layers: Vec<_> = node
+        .layer_metrics()
+        .into_iter()
+        .map(|(device, layer, digest, m)| {
+            (
+                vec![
+                    ("layer", layer),
+                    ("device", device),
+                    ("index_digest", digest),
+                ],
+                m,
+            )
+        })
+        .collect();
+    let mut out = layer_families(&layers);
+    let gauges: [(&str, &str, f64); 6] = [
+        (
+            "lazyblk_node_layers",
+            "Layers served by this node daemon.",
+            layers.len() as f64,
+        ),
+        (
+            "lazyblk_node_layers_pending",
+            "Devices waiting to be resumed (see lazyblk ls).",
+            node.pending_count() as f64,
+        ),
+        (
+            "lazyblk_node_memory_cache_bytes",
+            "Decoded chunk bytes held in the node's memory cache.",
+            node.memory().bytes() as f64,
+        ),
+        (
+            "lazyblk_node_memory_budget_bytes",
+            "The node's memory budget for decoded chunks.",
+            node.memory().capacity() as f64,
+        ),
+        (
+            "lazyblk_node_disk_cache_bytes",
+            "Bytes in the node's chunk cache on disk.",
+            node.disk().map(|d| d.total_bytes()).unwrap_or(0) as f64,
+        ),
+        (
+            "lazyblk_node_registry_sessions",
+            "Registry sessions (one per repository) open.",
+            node.sessions() as f64,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        out.push(family(name, help, MetricType::GAUGE, vec![gauge(&[], v)]));
     }
-}
-
-impl Collector for NodeCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let node = &self.0;
-        let layers: Vec<_> = node
-            .layer_metrics()
-            .into_iter()
-            .map(|(device, layer, digest, m)| {
-                (
-                    vec![
-                        ("layer", layer),
-                        ("device", device),
-                        ("index_digest", digest),
-                    ],
-                    m,
-                )
-            })
-            .collect();
-        encode_layers(&mut encoder, &layers)?;
-        let gauges: [(&str, &str, i64); 6] = [
-            (
-                "lazyblk_node_layers",
-                "Layers served by this node daemon.",
-                layers.len() as i64,
-            ),
-            (
-                "lazyblk_node_layers_pending",
-                "Devices waiting to be resumed (see lazyblk ls).",
-                node.pending_count() as i64,
-            ),
-            (
-                "lazyblk_node_memory_cache_bytes",
-                "Decoded chunk bytes held in the node's memory cache.",
-                node.memory().bytes() as i64,
-            ),
-            (
-                "lazyblk_node_memory_budget_bytes",
-                "The node's memory budget for decoded chunks.",
-                node.memory().capacity() as i64,
-            ),
-            (
-                "lazyblk_node_disk_cache_bytes",
-                "Bytes in the node's chunk cache on disk.",
-                node.disk().map(|d| d.total_bytes()).unwrap_or(0) as i64,
-            ),
-            (
-                "lazyblk_node_registry_sessions",
-                "Registry sessions (one per repository) open.",
-                node.sessions() as i64,
-            ),
-        ];
-        for (name, help, v) in gauges {
-            let f = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            ConstGauge::new(v).encode(f)?;
-        }
-        let f = encoder.encode_descriptor(
-            "lazyblk_node_read_errors",
-            "Failed reads on this node (each is also an event).",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(node.events().count(kind::READ_ERROR) as u64).encode(f)?;
-        Ok(())
-    }
-}
-
-/// The registry of a node (its collector reads the node at each scrape).
-pub fn registry(node: &Node) -> Arc<Registry> {
-    let mut r = Registry::default();
-    r.register_collector(Box::new(NodeCollector(node.clone())));
-    Arc::new(r)
+    out.push(family(
+        "lazyblk_node_events_total",
+        "Events of this daemon by kind (failed reads, recoveries, ...).",
+        MetricType::COUNTER,
+        [
+            kind::ATTACHED,
+            kind::DETACHED,
+            kind::READ_ERROR,
+            kind::RECOVERED,
+            kind::RECOVERY_FAILED,
+            kind::FILL_COMPLETE,
+            kind::FILL_FAILED,
+        ]
+        .iter()
+        .map(|k| counter(&[("kind", k.to_string())], node.events().total(k)))
+        .collect(),
+    ));
+    out
 }
 
 /// Serves `GET /metrics` for `node` on `listener`.
 pub async fn serve(node: Node, listener: tokio::net::TcpListener) {
-    let reg = registry(&node);
-    crate::fetch::metrics::serve_http(
-        listener,
-        Arc::new(move || crate::fetch::metrics::render(&reg)),
-    )
-    .await
+    serve_http(listener, Arc::new(move || render(&families(&node)))).await
 }

@@ -386,3 +386,101 @@ pub fn noise(n: usize, seed: u32) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A `lazyblk daemon` serving `run_dir`, stopped (SIGKILL, so its devices stay for the next one, like
+/// a crash) when dropped unless [`NodeDaemon::stop`] was called. Tests that start daemons through
+/// `attach --daemon` or the snapshotter use [`stop_daemon_of`] instead.
+pub struct NodeDaemon {
+    pub child: std::process::Child,
+    pub run_dir: std::path::PathBuf,
+}
+
+impl NodeDaemon {
+    /// Starts a daemon with `args` and waits for its socket.
+    pub fn start(run_dir: &Path, args: &[&str]) -> NodeDaemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.with_extension("daemon.log"))
+            .unwrap();
+        let child = lazyblk()
+            .arg("daemon")
+            .arg("--run-dir")
+            .arg(run_dir)
+            .args(args)
+            .args(["--log", "info"])
+            .stdin(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = NodeDaemon {
+            child,
+            run_dir: run_dir.to_path_buf(),
+        };
+        let t = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(run_dir.join("daemon.sock")).is_err() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "daemon did not start: {}",
+                std::fs::read_to_string(run_dir.with_extension("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.with_extension("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeDaemon {
+    fn drop(&mut self) {
+        let _ = lazyblk()
+            .args(["detach", "all", "--run-dir"])
+            .arg(&self.run_dir)
+            .output();
+        self.kill9();
+    }
+}
+
+/// Stops the daemon serving `run_dir` (started by `attach --daemon` or the snapshotter), after
+/// detaching its devices.
+pub fn stop_daemon_of(run_dir: &Path) {
+    let _ = lazyblk()
+        .args(["detach", "all", "--run-dir"])
+        .arg(run_dir)
+        .output();
+    let Ok(s) = std::fs::read_to_string(run_dir.join("daemon.pid")) else {
+        return;
+    };
+    let mut it = s.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next(), it.next()) else {
+        return;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<i32>(), start.parse::<u64>()) else {
+        return;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let started = stat
+        .rsplit_once(") ")
+        .and_then(|(_, r)| r.split_whitespace().nth(19).map(str::to_string));
+    if started.as_deref() != Some(start.to_string().as_str()) {
+        return;
+    }
+    // SAFETY: signalling the daemon this test started, identified by pid and start time.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+}
