@@ -140,7 +140,7 @@ impl Env {
 }
 
 /// Undoes everything on the way out, also when an assertion fails: containers, the serving
-/// processes (own sessions, so they would outlive the test), the recovery supervisor, mounts.
+/// node daemon (own session, so it would outlive the test) and its devices and mounts.
 struct Cleanup {
     ctr: PathBuf,
     env_sock: PathBuf,
@@ -152,8 +152,14 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let dir = self.env_sock.parent().unwrap();
-            for log in ["snapshotter.log", "containerd.log"] {
-                let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+            let daemon_log = self.root.join("run").join("daemon.log");
+            for log in [
+                dir.join("snapshotter.log"),
+                dir.join("containerd.log"),
+                daemon_log,
+            ] {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let log = log.display();
                 let tail: Vec<&str> = text.lines().rev().take(60).collect();
                 eprintln!("--- {log} (last lines)");
                 for l in tail.iter().rev() {
@@ -175,17 +181,8 @@ impl Drop for Cleanup {
             ctr(&["task", "rm", "-f", c]);
             ctr(&["containers", "rm", c]);
         }
-        let run = self.root.join("run");
-        if let Ok(pid) = std::fs::read_to_string(run.join("recover.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // SAFETY: stopping the recovery supervisor this test's snapshotter started.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-        }
-        let _ = lazyblk()
-            .args(["detach", "all", "--run-dir"])
-            .arg(&run)
-            .output();
+        // The node daemon the snapshotter started (own session): detach its layers, stop it.
+        stop_daemon_of(&self.root.join("run"));
     }
 }
 
@@ -397,12 +394,9 @@ fn check_trace(
     // The new devices replayed the trace (published within 250 ms).
     let t = Instant::now();
     loop {
-        let prefetched: u64 = stats_files(env)
+        let prefetched: u64 = attached(env)
             .iter()
-            .filter_map(|p| {
-                let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-                v["trace_prefetched"].as_u64()
-            })
+            .filter_map(|v| v["trace_prefetched"].as_u64())
             .sum();
         if prefetched > 0 {
             assert!(
@@ -419,15 +413,14 @@ fn check_trace(
     }
 }
 
-/// The stats files of the devices attached now.
-fn stats_files(env: &Env) -> Vec<PathBuf> {
-    std::fs::read_dir(env.root.join("run/devices"))
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.to_string_lossy().ends_with(".stats.json"))
-                .collect()
-        })
-        .unwrap_or_default()
+/// The devices the node daemon lists now (`lazyblk ls --json`).
+fn attached(env: &Env) -> Vec<serde_json::Value> {
+    let out = run_ok(
+        lazyblk()
+            .args(["ls", "--json", "--run-dir"])
+            .arg(env.root.join("run")),
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The common preconditions, a registry with the test images ([`build_images`]) and an [`Env`] for
@@ -702,7 +695,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
         remove_all(&env, ns);
     }
     let t = Instant::now();
-    while !stats_files(&env).is_empty() {
+    while !attached(&env).is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "layers still attached after their images were removed"

@@ -1,9 +1,9 @@
 #!/bin/sh
 # Guest test: the snapshotter with real containerd 1.6 + runc in the real kernel, for ublk and NBD.
 # `lazyblk pull` takes the converted image's layer remotely, a container serves HTTP from it, and while
-# a reader in the container loops over every file, the snapshotter *and* the layer's serving process
-# are killed with SIGKILL: the supervisor takes the device over, the reader sees zero errors, and a
-# restarted snapshotter starts a new container.
+# a reader in the container loops over every file, the snapshotter *and* the node daemon serving the
+# layer are killed with SIGKILL: the restarted snapshotter starts a new daemon, which resumes the device
+# from its persisted state; the reader sees zero errors and a new container starts.
 export PATH=/payload/bin:$PATH
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null
 mkdir -p /var/lib /run/lazyblk /etc
@@ -44,7 +44,7 @@ for b in ublk nbd; do
   sleep 2
   kill -9 $(cat /tmp/snap-$b.pid)
   kill -9 $(echo $dev | awk '{print $2}')
-  echo "containerd-$b: killed the snapshotter and the layer's serving process"
+  echo "containerd-$b: killed the snapshotter and the node daemon"
   snap $b
   wait $rpid
   touch /tmp/stop-$b

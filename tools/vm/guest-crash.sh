@@ -1,56 +1,64 @@
 #!/bin/sh
-# Guest crash test, for ublk and kernel NBD: a reader loops over every file (page cache dropped each
-# round, so reads reach the device) while the serving process is killed with SIGKILL. A supervising
-# `lazyblk recover --watch`, started beforehand, notices and takes the device over (ublk user recovery
-# with reissue; NBD_CMD_RECONFIGURE). The reader must see zero errors. `ublk-idle`: the same with no
-# read in flight at the kill (the kernel quiesces the device without a request to requeue).
+# Node daemon crash test, for ublk and kernel NBD: ten layers attached in one `lazyblk daemon`, read
+# lazily over HTTP ranges from a busybox httpd (the registry), with a disk cache. Once every chunk has
+# been read once, readers loop over every file of every layer (page cache dropped each round, so reads
+# reach the devices) while the daemon is killed with SIGKILL and the HTTP server stopped for good. A new
+# daemon resumes every device (ublk user recovery with reissue; NBD_CMD_RECONFIGURE) from the spec and
+# verified index it persisted, with the source unreachable. The readers must see zero errors.
 rc=0
-for mode in ublk nbd ublk-idle; do
-  backend=${mode%-idle}
-  run=/run/lazyblk-crash-$mode
-  mnt=/mnt/c-$mode
-  rm -f /tmp/stop /tmp/reader /tmp/recover /tmp/dev /tmp/attach.err
-  lazyblk attach /payload/layer.blob --backend $backend --mount $mnt --run-dir $run > /tmp/dev 2>/tmp/attach.err &
-  pid=$!
-  for i in $(seq 1 300); do [ -s /tmp/dev ] && break; sleep 0.1; done
-  [ -s /tmp/dev ] || { echo "crash-$mode: attach failed: $(cat /tmp/attach.err)"; rc=1; continue; }
-  lazyblk recover --watch --run-dir $run > /tmp/recover 2>/tmp/recover.err &
-  wpid=$!
-  if [ $mode != ublk-idle ]; then
-    (
-      ok=0; fail=0; longest=0
-      while [ ! -e /tmp/stop ]; do
-        s=$(date +%s)
-        echo 3 > /proc/sys/vm/drop_caches
-        if (cd $mnt && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1); then ok=$((ok+1)); else fail=$((fail+1)); grep -v ': OK' /tmp/round.log | head -3; fi
-        d=$(( $(date +%s) - s )); [ $d -gt $longest ] && longest=$d
+eval "$(lazyblk layer inspect --json /payload/layer.blob | sed -n 's/^ *"\(index_offset\|index_length\|index_digest\)": "\{0,1\}\([^",]*\)"\{0,1\},\{0,1\}$/\1=\2/p')"
+for backend in ublk nbd; do
+  run=/run/lb-crash-$backend
+  rm -f /tmp/stop /tmp/reader
+  busybox httpd -p 127.0.0.1:8000 -h /payload
+  lazyblk daemon --run-dir $run --cache-dir /tmp/cache-$backend 2>/tmp/daemon1.err &
+  dpid=$!
+  for i in $(seq 1 300); do [ -S $run/daemon.sock ] && break; sleep 0.1; done
+  n=0
+  for i in 0 1 2 3 4 5 6 7 8 9; do
+    lazyblk attach http://127.0.0.1:8000/layer.blob --index-offset "$index_offset" --index-length "$index_length" \
+      --index-digest "$index_digest" --backend $backend --mount /mnt/c-$backend-$i --run-dir $run >/dev/null 2>>/tmp/attach.err && n=$((n+1))
+  done
+  echo "crash-$backend: $n layers attached in one daemon (pid $dpid): $(ls $run/devices/*.json | grep -vc stats) state files"
+  [ $n = 10 ] || { rc=1; tail -3 /tmp/attach.err; }
+  # Every chunk once (into the disk cache), then the readers.
+  for i in 0 1 2 3 4 5 6 7 8 9; do (cd /mnt/c-$backend-$i && sha256sum -c /payload/SHA256SUMS >/dev/null) || rc=1; done
+  (
+    ok=0; fail=0
+    while [ ! -e /tmp/stop ]; do
+      echo 3 > /proc/sys/vm/drop_caches
+      for i in 0 1 2 3 4 5 6 7 8 9; do
+        if (cd /mnt/c-$backend-$i && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1); then ok=$((ok+1)); else fail=$((fail+1)); grep -v ': OK' /tmp/round.log | head -3; fi
       done
-      echo "crash-$mode: reader rounds ok=$ok fail=$fail longest=${longest}s" > /tmp/reader
-    ) &
-    rpid=$!
-  fi
+    done
+    echo "crash-$backend: reader rounds ok=$ok fail=$fail" > /tmp/reader
+  ) &
+  rpid=$!
   sleep 2
-  kill -9 $pid
+  kill -9 $dpid
+  killall httpd
   t0=$(date +%s)
-  echo "crash-$mode: killed the serving process"
-  for i in $(seq 1 600); do grep -q recovered /tmp/recover 2>/dev/null && break; sleep 0.1; done
-  echo "crash-$mode: supervisor said after $(( $(date +%s) - t0 ))s: $(cat /tmp/recover)"
-  grep -q "recovered" /tmp/recover || { rc=1; tail -5 /tmp/recover.err; for t in /proc/$wpid/task/*; do echo "$t $(cat $t/comm) $(cat $t/wchan)"; done; }
-  if [ $mode = ublk-idle ]; then
-    echo 3 > /proc/sys/vm/drop_caches
-    (cd $mnt && sha256sum -c /payload/SHA256SUMS > /tmp/round.log 2>&1) && ok=1 || ok=0
-    echo "crash-$mode: reader rounds ok=$ok fail=$((1-ok)) (after recovery)" > /tmp/reader
-  else
-    sleep 3
-    touch /tmp/stop
-    wait $rpid
-  fi
+  echo "crash-$backend: killed the daemon and stopped the HTTP server"
+  if wget -q -O /dev/null http://127.0.0.1:8000/SHA256SUMS 2>/dev/null; then echo "crash-$backend: the source still answers"; rc=1; fi
+  lazyblk daemon --run-dir $run --cache-dir /tmp/cache-$backend 2>/tmp/daemon2.err &
+  dpid=$!
+  serving=0
+  for i in $(seq 1 600); do
+    serving=$(lazyblk ls --json --run-dir $run 2>/dev/null | grep -c '"state": "serving"')
+    [ "$serving" = 10 ] && break
+    sleep 0.1
+  done
+  echo "crash-$backend: daemon restarted, $serving of 10 devices serving after $(( $(date +%s) - t0 ))s, $(lazyblk events --run-dir $run | grep -c recovered) recovered events"
+  [ "$serving" = 10 ] || { rc=1; lazyblk ls --run-dir $run; tail -5 /tmp/daemon2.err; }
+  sleep 3
+  touch /tmp/stop
+  wait $rpid
   cat /tmp/reader
   grep -q "fail=0" /tmp/reader || rc=1
-  grep -q "ok=0 " /tmp/reader && { echo "crash-$mode: reader never completed a round"; rc=1; }
-  lazyblk ls --run-dir $run
-  kill $wpid
-  wait $wpid || { echo "crash-$mode: supervisor exited with an error: $(tail -3 /tmp/recover.err)"; rc=1; }
-  if grep -q " $mnt " /proc/mounts; then echo "crash-$mode: still mounted"; rc=1; fi
+  grep -q "ok=0 " /tmp/reader && { echo "crash-$backend: reader never completed a round"; rc=1; }
+  lazyblk ls --run-dir $run | head -3
+  lazyblk detach all --run-dir $run >/dev/null || { echo "crash-$backend: detach failed"; rc=1; }
+  kill $dpid; wait $dpid
+  if grep -q " /mnt/c-$backend" /proc/mounts; then echo "crash-$backend: still mounted"; rc=1; fi
 done
 exit $rc
