@@ -10,7 +10,8 @@ eval "$(lazyblk layer inspect --json /payload/layer.blob | sed -n 's/^ *"\(index
 for backend in ublk nbd; do
   run=/run/lb-crash-$backend
   rm -f /tmp/stop /tmp/reader
-  busybox httpd -p 127.0.0.1:8000 -h /payload
+  busybox httpd -f -p 127.0.0.1:8000 -h /payload &
+  hpid=$!
   lazyblk daemon --run-dir $run --cache-dir /tmp/cache-$backend 2>/tmp/daemon1.err &
   dpid=$!
   for i in $(seq 1 300); do [ -S $run/daemon.sock ] && break; sleep 0.1; done
@@ -19,7 +20,7 @@ for backend in ublk nbd; do
     lazyblk attach http://127.0.0.1:8000/layer.blob --index-offset "$index_offset" --index-length "$index_length" \
       --index-digest "$index_digest" --backend $backend --mount /mnt/c-$backend-$i --run-dir $run >/dev/null 2>>/tmp/attach.err && n=$((n+1))
   done
-  echo "crash-$backend: $n layers attached in one daemon (pid $dpid): $(ls $run/devices/*.json | grep -vc stats) state files"
+  echo "crash-$backend: $n layers attached in one daemon (pid $dpid): $(ls $run/devices/*.index | wc -l) persisted indexes"
   [ $n = 10 ] || { rc=1; tail -3 /tmp/attach.err; }
   # Every chunk once (into the disk cache), then the readers.
   for i in 0 1 2 3 4 5 6 7 8 9; do (cd /mnt/c-$backend-$i && sha256sum -c /payload/SHA256SUMS >/dev/null) || rc=1; done
@@ -36,7 +37,7 @@ for backend in ublk nbd; do
   rpid=$!
   sleep 2
   kill -9 $dpid
-  killall httpd
+  kill $hpid; wait $hpid 2>/dev/null
   t0=$(date +%s)
   echo "crash-$backend: killed the daemon and stopped the HTTP server"
   if wget -q -O /dev/null http://127.0.0.1:8000/SHA256SUMS 2>/dev/null; then echo "crash-$backend: the source still answers"; rc=1; fi
