@@ -17,10 +17,7 @@ fn attach_mount_compare_detach() {
     if !std::path::Path::new("/dev/fuse").exists()
         || !std::path::Path::new("/dev/loop-control").exists()
     {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI needs /dev/fuse and /dev/loop-control"
-        );
+        assert!(may_skip(), "CI needs /dev/fuse and /dev/loop-control");
         eprintln!("SKIPPED: no /dev/fuse or /dev/loop-control");
         return;
     }
@@ -118,7 +115,7 @@ fn daemon_mode_returns_once_the_device_is_ready() {
         return;
     }
     if !std::path::Path::new("/dev/fuse").exists() {
-        assert!(std::env::var_os("CI").is_none(), "CI needs /dev/fuse");
+        assert!(may_skip(), "CI needs /dev/fuse");
         eprintln!("SKIPPED: no /dev/fuse");
         return;
     }

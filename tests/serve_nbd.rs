@@ -101,7 +101,7 @@ fn have(tool: &str) -> bool {
         .status
         .success();
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "{tool} missing in CI");
+        assert!(may_skip(), "{tool} missing in CI");
         eprintln!("SKIPPED part: {tool} not installed");
     }
     ok

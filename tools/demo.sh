@@ -1,23 +1,15 @@
 #!/usr/bin/env bash
-# The main job, end to end (run as root): installs what it needs, builds lazyblk, builds a real Debian
+# The small example (run as root; tools/main-job.sh is the main job): installs what it needs, builds lazyblk, builds a real Debian
 # rootfs layer, converts it to a lazyblk blob, verifies it, attaches it lazily as a block device with the
 # best backend this kernel has (ublk, else kernel NBD, else loop over a one-file FUSE export), mounts it
 # read-only, reads from it and detaches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $EUID -ne 0 ]]; then
-  echo "run as root (it mounts a filesystem): sudo $0" >&2
-  exit 1
+  command -v sudo >/dev/null || { echo "run as root (it mounts a filesystem)" >&2; exit 1; }
+  exec sudo -E PATH="$PATH" "$0" "$@"
 fi
-need=()
-for t in debootstrap:debootstrap e2fsck:e2fsprogs mount:mount zstd:zstd protoc:protobuf-compiler; do
-  command -v "${t%%:*}" >/dev/null || need+=("${t#*:}")
-done
-# libclang: libublk generates its kernel bindings with bindgen at build time.
-compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || need+=(libclang-dev)
-if ((${#need[@]})); then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+tools/install-deps.sh
 cargo build --release --quiet
 bin=target/release/lazyblk
 tools/make-rootfs-layer.sh .cache rootfs

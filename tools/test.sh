@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The test command from the README: every test of the workspace, including the ones that loop-mount
-# images (run as root) and the real Debian rootfs comparison.
+# The test command from the README: installs what the tests need (Debian packages; containerd 2.x
+# unpacked from Debian sid), builds a Debian rootfs layer once (cached in .cache/), then runs every test
+# of the workspace — loop mounts, real registries, containerd 1.6 and 2.x, the real-kernel VM — as root.
+#   tools/test.sh [cargo test args...]      (as root; re-runs itself with sudo if you are not)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-for tool in e2fsck mount tar debootstrap; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || missing+=("libclang (for libublk's bindgen)")
-command -v protoc >/dev/null || missing+=("protoc (containerd's API)")
-if ((${#missing[@]})); then
-  echo "missing: ${missing[*]} (apt-get install e2fsprogs mount tar debootstrap libclang-dev protobuf-compiler)" >&2
-  exit 1
+if [[ $EUID -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "run as root (loop mounts, block devices, containerd)" >&2; exit 1; }
+  exec sudo -E PATH="$PATH" "$0" "$@"
+fi
+tools/install-deps.sh
+if [[ -z "${LAZYBLK_CONTAINERD2_DIR:-}" ]]; then
+  LAZYBLK_CONTAINERD2_DIR=$(tools/get-containerd2.sh)
+  export LAZYBLK_CONTAINERD2_DIR
 fi
 if [[ -z "${LAZYBLK_ROOTFS_TAR:-}" ]]; then
   tools/make-rootfs-layer.sh .cache
   export LAZYBLK_ROOTFS_TAR="$PWD/.cache/rootfs.tar"
 fi
+# Every tool is installed now: a test that still cannot find one fails instead of skipping.
+export LAZYBLK_REQUIRE_ALL=1
 cargo test --workspace "$@"

@@ -484,3 +484,9 @@ pub fn stop_daemon_of(run_dir: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
 }
+
+/// Whether a test may skip for a missing tool: not in CI, and not under `tools/test.sh` (which
+/// installs every tool, so a missing one is a failure there).
+pub fn may_skip() -> bool {
+    std::env::var_os("CI").is_none() && std::env::var_os("LAZYBLK_REQUIRE_ALL").is_none()
+}

@@ -28,10 +28,7 @@ impl Registry {
             .output()
             .is_err()
         {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "docker-registry missing in CI"
-            );
+            assert!(super::may_skip(), "docker-registry missing in CI");
             eprintln!("SKIPPED: docker-registry not installed (apt-get install docker-registry)");
             return None;
         }

@@ -38,6 +38,7 @@ from benchlib import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target/release/lazyblk")
 PORT = 18080
+SHOW_LS = False
 
 APPS = {
     "nginx": ["sh", "-c", f"sed -i 's/listen 80 default_server;/listen {PORT} default_server;/; s/listen \\[::\\]:80 default_server;//' /etc/nginx/sites-enabled/default && exec nginx -g 'daemon off;'"],
@@ -175,9 +176,15 @@ class Env:
             self.snapd = None
         run = os.path.join(self.lb, "run")
         sh(BIN, "detach", "all", "--run-dir", run, check=False)
+        # The node daemon the snapshotter started (its own session) leaves with its devices gone.
         try:
-            os.kill(int(open(os.path.join(run, "recover.pid")).read()), signal.SIGTERM)
-        except (OSError, ValueError):
+            pid = int(open(os.path.join(run, "daemon.pid")).read().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(200):
+                if not os.path.exists(f"/proc/{pid}"):
+                    break
+                time.sleep(0.025)
+        except (OSError, ValueError, IndexError):
             pass
 
     def cold(self):
@@ -207,14 +214,13 @@ class Env:
             f.write("3\n")
 
 
+def lazyblk_ls(env, json_out=True):
+    r = sh(BIN, "ls", *(["--json"] if json_out else []), "--run-dir", os.path.join(env.lb, "run"), check=False)
+    return json.loads(r.stdout or "[]") if json_out else r.stdout
+
+
 def fetched_lazyblk(env):
-    total = 0
-    for f in glob.glob(os.path.join(env.lb, "run/devices/*.stats.json")):
-        try:
-            total += json.load(open(f))["fetched_bytes"]
-        except (OSError, ValueError, KeyError):
-            pass
-    return total
+    return sum(l.get("fetched_bytes", 0) for l in lazyblk_ls(env))
 
 
 def one_run(env, reg, name, mode, i):
@@ -233,12 +239,13 @@ def one_run(env, reg, name, mode, i):
     env.ctr("run", "-d", "--net-host", "--snapshotter", snapshotter, image, cname, *APPS[name])
     t2 = time.monotonic()
     t3 = http_ready()
-    time.sleep(0.3)  # stats files are rewritten every 250 ms
     meta = msize + m["config"]["size"]
     layers = sum(l["size"] for l in m["layers"])
     at_ready = meta + (layers if mode == "overlayfs" else fetched_lazyblk(env))
     time.sleep(1.0)
     fetched = meta + (layers if mode == "overlayfs" else fetched_lazyblk(env))
+    if SHOW_LS and mode != "overlayfs":
+        print(f"\n$ lazyblk ls   (while {cname} runs)\n{lazyblk_ls(env, json_out=False)}", flush=True)
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
     return {"image": name, "mode": mode, "run": i, "pull": t1 - t0, "start": t2 - t1, "ready": t3 - t2,
             "total": t3 - t0, "fetched_bytes": fetched, "fetched_at_ready": at_ready,
@@ -297,7 +304,10 @@ def main():
     ap.add_argument("--images", default="nginx,numpy,large")
     ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace,lazyblk+relayout")
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
+    ap.add_argument("--show-ls", action="store_true", help="print `lazyblk ls` while each lazyblk container runs")
     a = ap.parse_args()
+    global SHOW_LS
+    SHOW_LS = a.show_ls
     if os.geteuid() != 0:
         sys.exit("run as root")
     sh("cargo", "build", "--release", "-q", cwd=ROOT)
