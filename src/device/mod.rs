@@ -182,7 +182,8 @@ impl Attachment {
             fuser::MountOption::FSName("lazyblk".into()),
             fuser::MountOption::Subtype("lazyblk".into()),
         ];
-        cfg.n_threads = Some(2);
+        // One FUSE thread per device: its reads are answered from tokio tasks, so it never waits.
+        cfg.n_threads = Some(1);
         let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
         let mut a = Attachment::new(String::new(), Backend::Loop, name, size, work.clone());
         a.state.work = Some(work.clone());
