@@ -242,7 +242,7 @@ async fn relayout(a: RelayoutArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(crate::image::convert::default_work_dir);
     let r =
-        crate::image::relayout::relayout_image(&src, &dst, &trace, &a.registry.options(), &work)
+        crate::trace::relayout::relayout_image(&src, &dst, &trace, &a.registry.options(), &work)
             .await;
     if a.work_dir.is_none() {
         let _ = std::fs::remove_dir(&work);

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::fetch::BlockSource;
 use fuse_file::{DiskFs, DISK_NAME};
 use loopdev::LoopDevice;
+pub use ublk::UblkOptions;
 
 /// Which kernel interface carries the block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -110,56 +111,69 @@ pub struct DeviceState {
     pub work: Option<PathBuf>,
 }
 
-/// A live attachment; everything is undone on [`Attachment::detach`] or drop.
-pub struct Attachment {
-    state: DeviceState,
-    state_file: PathBuf,
-    work: PathBuf,
-    mounted: Option<PathBuf>,
-    loopdev: Option<LoopDevice>,
-    fuse: Option<fuser::BackgroundSession>,
-    nbd: Option<nbd_kernel::KernelNbd>,
-    ublk: Option<ublk::UblkDevice>,
-    stats: Option<tokio::task::JoinHandle<()>>,
-    /// Tasks publishing side files next to the state file (stopped, and the files removed, on detach).
-    publishers: Vec<(tokio::task::JoinHandle<()>, PathBuf)>,
+/// A kernel block device serving a [`BlockSource`]: the one seam over the ublk, kernel NBD and loop
+/// backends. Requests, errno mapping and the memory-cache fast path live behind `BlockSource`
+/// (`read_now_into` first, then `read_at`), shared by all three.
+pub trait Device: Send {
+    /// `/dev/...`.
+    fn path(&self) -> String;
+    /// Stops serving and removes the device; I/O the kernel still holds fails with EIO.
+    fn remove(self: Box<Self>) -> std::io::Result<()>;
+    /// A directory of files the device needs while it exists (the loop backend's FUSE export).
+    fn work_dir(&self) -> Option<PathBuf> {
+        None
+    }
 }
 
-impl Attachment {
-    /// An attachment with nothing attached yet (the backends fill in their parts).
-    fn new(device: String, backend: Backend, source: &str, size: u64, work: PathBuf) -> Attachment {
-        Attachment {
-            state: DeviceState {
-                device,
-                backend,
-                source: source.to_string(),
-                size,
-                pid: std::process::id(),
-                pid_start: crate::process::ProcessId::current().start,
-                mount: None,
-                source_args: serde_json::Value::Null,
-                work: None,
-            },
-            state_file: PathBuf::new(),
-            work,
-            mounted: None,
-            loopdev: None,
-            fuse: None,
-            nbd: None,
-            ublk: None,
-            stats: None,
-            publishers: Vec::new(),
+/// How a new device is set up.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// ublk queues and depth.
+    pub ublk: ublk::UblkOptions,
+    /// NBD: the kernel's request and dead-connection timeout, seconds.
+    pub nbd_timeout_secs: u64,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            ublk: ublk::UblkOptions::default(),
+            nbd_timeout_secs: 60,
         }
     }
+}
 
-    /// Attaches `source` with the loop backend under `run_dir`, optionally mounting the ext4 read-only.
-    pub fn attach_loop(
+impl Device for ublk::UblkDevice {
+    fn path(&self) -> String {
+        ublk::UblkDevice::path(self)
+    }
+    fn remove(self: Box<Self>) -> std::io::Result<()> {
+        self.delete()
+    }
+}
+
+impl Device for nbd_kernel::KernelNbd {
+    fn path(&self) -> String {
+        nbd_kernel::KernelNbd::path(self)
+    }
+    fn remove(self: Box<Self>) -> std::io::Result<()> {
+        self.disconnect()
+    }
+}
+
+/// The loop backend: a read-only loop device over the one file of a FUSE export.
+struct LoopExport {
+    lo: LoopDevice,
+    fuse: fuser::BackgroundSession,
+    work: PathBuf,
+}
+
+impl LoopExport {
+    fn create(
         source: Arc<dyn BlockSource>,
         rt: tokio::runtime::Handle,
-        name: &str,
         run_dir: &Path,
-        mount: Option<&Path>,
-    ) -> std::io::Result<Attachment> {
+    ) -> std::io::Result<LoopExport> {
         use std::os::unix::fs::DirBuilderExt;
         // One work dir per device: a daemon serves many loop devices, each with its own FUSE export.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -175,7 +189,6 @@ impl Attachment {
             .recursive(true)
             .mode(0o700)
             .create(work.join("fuse"))?;
-        let size = source.size();
         let mut cfg = fuser::Config::default();
         cfg.mount_options = vec![
             fuser::MountOption::RO,
@@ -185,102 +198,144 @@ impl Attachment {
         // One FUSE thread per device: its reads are answered from tokio tasks, so it never waits.
         cfg.n_threads = Some(1);
         let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
-        let mut a = Attachment::new(String::new(), Backend::Loop, name, size, work.clone());
-        a.state.work = Some(work.clone());
-        a.fuse = Some(fuse);
         let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
-        a.state.device = lo.path().display().to_string();
-        a.loopdev = Some(lo);
-        a.finish(run_dir, mount)?;
-        Ok(a)
+        Ok(LoopExport { lo, fuse, work })
     }
+}
 
-    /// Attaches `source` as `/dev/nbdN` through the kernel NBD driver.
-    pub fn attach_nbd(
+impl Device for LoopExport {
+    fn path(&self) -> String {
+        self.lo.path().display().to_string()
+    }
+    fn remove(self: Box<Self>) -> std::io::Result<()> {
+        let LoopExport { lo, fuse, work } = *self;
+        let r = lo.detach();
+        drop(fuse);
+        let _ = std::fs::remove_dir(work.join("fuse"));
+        let _ = std::fs::remove_dir(&work);
+        r
+    }
+    fn work_dir(&self) -> Option<PathBuf> {
+        Some(self.work.clone())
+    }
+}
+
+/// Creates a `backend` device serving `source` (`backend` must be resolved, not `auto`).
+pub fn create(
+    backend: Backend,
+    source: Arc<dyn BlockSource>,
+    rt: tokio::runtime::Handle,
+    run_dir: &Path,
+    opts: &DeviceOptions,
+) -> std::io::Result<Box<dyn Device>> {
+    Ok(match backend {
+        Backend::Ublk => Box::new(ublk::UblkDevice::create(source, &rt, opts.ublk)?),
+        Backend::Nbd => Box::new(nbd_kernel::KernelNbd::connect(
+            source,
+            &rt,
+            2,
+            opts.nbd_timeout_secs,
+        )?),
+        Backend::Loop => Box::new(LoopExport::create(source, rt, run_dir)?),
+        Backend::Auto => return Err(std::io::Error::other("backend auto must be resolved first")),
+    })
+}
+
+/// Takes over the device `state` describes, whose server died: ublk through user recovery (the
+/// kernel reissues the reads it held), NBD through `NBD_CMD_RECONFIGURE`. A loop device cannot be
+/// taken over: its FUSE export died with its server.
+pub fn adopt(
+    state: &DeviceState,
+    source: Arc<dyn BlockSource>,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<Box<dyn Device>> {
+    Ok(match state.backend {
+        Backend::Ublk => Box::new(ublk::UblkDevice::recover(
+            ublk_id(&state.device)?,
+            source,
+            &rt,
+        )?),
+        Backend::Nbd => Box::new(nbd_kernel::KernelNbd::reconnect(
+            nbd_index(&state.device)?,
+            source,
+            &rt,
+            2,
+        )?),
+        b => {
+            return Err(std::io::Error::other(format!(
+                "the {b:?} backend cannot be resumed"
+            )))
+        }
+    })
+}
+
+/// A live attachment: a [`Device`], its mount and its state files; everything is undone on
+/// [`Attachment::detach`] or drop.
+pub struct Attachment {
+    state: DeviceState,
+    state_file: PathBuf,
+    mounted: Option<PathBuf>,
+    device: Option<Box<dyn Device>>,
+    stats: Option<tokio::task::JoinHandle<()>>,
+    /// Tasks publishing side files next to the state file (stopped, and the files removed, on detach).
+    publishers: Vec<(tokio::task::JoinHandle<()>, PathBuf)>,
+}
+
+impl Attachment {
+    /// Attaches `source` with `backend` under `run_dir`, optionally mounting the ext4 read-only.
+    pub fn attach(
+        backend: Backend,
         source: Arc<dyn BlockSource>,
         rt: tokio::runtime::Handle,
         name: &str,
         run_dir: &Path,
         mount: Option<&Path>,
-        timeout_secs: u64,
+        opts: &DeviceOptions,
     ) -> std::io::Result<Attachment> {
         let size = source.size();
-        let nbd = nbd_kernel::KernelNbd::connect(source, &rt, 2, timeout_secs)?;
-        let work = run_dir.join(format!("attach-{}", std::process::id()));
-        let mut a = Attachment::new(nbd.path(), Backend::Nbd, name, size, work);
-        a.nbd = Some(nbd);
+        let dev = create(backend, source, rt, run_dir, opts)?;
+        let mut a = Attachment {
+            state: DeviceState {
+                device: dev.path(),
+                backend,
+                source: name.to_string(),
+                size,
+                pid: std::process::id(),
+                pid_start: crate::process::ProcessId::current().start,
+                mount: None,
+                source_args: serde_json::Value::Null,
+                work: dev.work_dir(),
+            },
+            state_file: PathBuf::new(),
+            mounted: None,
+            device: Some(dev),
+            stats: None,
+            publishers: Vec::new(),
+        };
         a.finish(run_dir, mount)?;
         Ok(a)
     }
 
-    /// Takes over a kernel NBD device whose serving process died: new sockets through
-    /// `NBD_CMD_RECONFIGURE`; the kernel resubmits the requests it was holding. The mount (if any) was
+    /// Takes over the device of `state`, whose server died (see [`adopt`]). The mount (if any) was
     /// never lost and is left as it is.
-    pub fn adopt_nbd(
+    pub fn adopt(
         mut state: DeviceState,
         source: Arc<dyn BlockSource>,
         rt: tokio::runtime::Handle,
         run_dir: &Path,
     ) -> std::io::Result<Attachment> {
-        let nbd = nbd_kernel::KernelNbd::reconnect(nbd_index(&state.device)?, source, &rt, 2)?;
-        state.pid = std::process::id();
-        state.pid_start = crate::process::ProcessId::current().start;
+        let dev = adopt(&state, source, rt)?;
+        let me = crate::process::ProcessId::current();
+        state.pid = me.pid;
+        state.pid_start = me.start;
         let mut a = Attachment {
             mounted: state.mount.clone(),
             state,
             state_file: PathBuf::new(),
-            work: run_dir.join(format!("attach-{}", std::process::id())),
-            loopdev: None,
-            fuse: None,
-            nbd: Some(nbd),
-            ublk: None,
+            device: Some(dev),
             stats: None,
             publishers: Vec::new(),
         };
-        a.finish(run_dir, None)?;
-        Ok(a)
-    }
-
-    /// Attaches `source` as `/dev/ublkbN` (read-only, recoverable when the driver allows it).
-    pub fn attach_ublk(
-        source: Arc<dyn BlockSource>,
-        rt: tokio::runtime::Handle,
-        name: &str,
-        run_dir: &Path,
-        mount: Option<&Path>,
-        opts: ublk::UblkOptions,
-    ) -> std::io::Result<Attachment> {
-        let size = source.size();
-        let dev = ublk::UblkDevice::create(source, &rt, opts)?;
-        let work = run_dir.join(format!("attach-{}", std::process::id()));
-        let mut a = Attachment::new(dev.path(), Backend::Ublk, name, size, work);
-        a.ublk = Some(dev);
-        a.finish(run_dir, mount)?;
-        Ok(a)
-    }
-
-    /// Takes over a ublk device whose server died (user recovery; the kernel reissues the reads it
-    /// held). The mount (if any) was never lost and is left as it is.
-    pub fn adopt_ublk(
-        mut state: DeviceState,
-        source: Arc<dyn BlockSource>,
-        rt: tokio::runtime::Handle,
-        run_dir: &Path,
-    ) -> std::io::Result<Attachment> {
-        let id = ublk_id(&state.device)?;
-        let dev = ublk::UblkDevice::recover(id, source, &rt)?;
-        state.pid = std::process::id();
-        state.pid_start = crate::process::ProcessId::current().start;
-        let mut a = Attachment::new(
-            state.device.clone(),
-            Backend::Ublk,
-            &state.source,
-            state.size,
-            run_dir.join(format!("attach-{}", std::process::id())),
-        );
-        a.mounted = state.mount.clone();
-        a.state = state;
-        a.ublk = Some(dev);
         a.finish(run_dir, None)?;
         Ok(a)
     }
@@ -386,22 +441,11 @@ impl Attachment {
                 first_err.get_or_insert(e);
             }
         }
-        if let Some(lo) = self.loopdev.take() {
-            if let Err(e) = lo.detach() {
+        if let Some(dev) = self.device.take() {
+            if let Err(e) = dev.remove() {
                 first_err.get_or_insert(e);
             }
         }
-        if let Some(nbd) = self.nbd.take() {
-            if let Err(e) = nbd.disconnect() {
-                first_err.get_or_insert(e);
-            }
-        }
-        if let Some(dev) = self.ublk.take() {
-            if let Err(e) = dev.delete() {
-                first_err.get_or_insert(e);
-            }
-        }
-        drop(self.fuse.take());
         if let Some(t) = self.stats.take() {
             t.abort();
         }
@@ -411,8 +455,6 @@ impl Attachment {
             let _ = std::fs::remove_file(file);
         }
         let _ = std::fs::remove_file(&self.state_file);
-        let _ = std::fs::remove_dir(self.work.join("fuse"));
-        let _ = std::fs::remove_dir(&self.work);
         first_err.map_or(Ok(()), Err)
     }
 }

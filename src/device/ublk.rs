@@ -99,7 +99,6 @@ fn ublk_err(what: &str, e: UblkError) -> io::Error {
 pub struct UblkDevice {
     ctrl: Arc<UblkCtrl>,
     id: u32,
-    recoverable: bool,
     server: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -131,7 +130,7 @@ impl UblkDevice {
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| ublk_err("adding a device through /dev/ublk-control", e))?;
-        Self::serve(Arc::new(ctrl), source, rt, recoverable)
+        Self::serve(Arc::new(ctrl), source, rt)
     }
 
     /// Takes over device `id`, whose server died: waits for the kernel to quiesce it, starts user
@@ -175,14 +174,13 @@ impl UblkDevice {
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .map_err(|e| ublk_err(&format!("reopening device {id}"), e))?;
-        Self::serve(Arc::new(ctrl), source, rt, true)
+        Self::serve(Arc::new(ctrl), source, rt)
     }
 
     fn serve(
         ctrl: Arc<UblkCtrl>,
         source: Arc<dyn BlockSource>,
         rt: &tokio::runtime::Handle,
-        recoverable: bool,
     ) -> io::Result<UblkDevice> {
         let id = ctrl.dev_info().dev_id;
         let (started_tx, started_rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -214,7 +212,6 @@ impl UblkDevice {
         let mut dev = UblkDevice {
             ctrl,
             id,
-            recoverable,
             server: Some(server),
         };
         match started_rx.recv() {
@@ -235,11 +232,6 @@ impl UblkDevice {
     /// `/dev/ublkbN`.
     pub fn path(&self) -> String {
         format!("/dev/ublkb{}", self.id)
-    }
-
-    /// Whether a killed server leaves this device recoverable.
-    pub fn recoverable(&self) -> bool {
-        self.recoverable
     }
 
     fn join(&mut self) {

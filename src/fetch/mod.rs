@@ -1,8 +1,10 @@
 //! The lazy fetch engine: turns reads of a layer's virtual disk into verified, cached range fetches.
 //!
-//! [`BlockSource`] is the one seam every device backend uses (the NBD export today; ublk and the
-//! FUSE-backed loop device later). [`Engine`] implements it on top of a [`RangeReader`] (a local file,
-//! an HTTP URL, or a registry blob) and the block-image format's planner and verifier.
+//! [`BlockSource`] is the one seam every device backend uses (the NBD export, ublk, kernel NBD and the
+//! FUSE-backed loop device). [`Engine`] implements it on top of a [`RangeReader`] (a local file, an
+//! HTTP URL, or a registry blob) and the block-image format's planner and verifier. Shared by every
+//! engine of a process: the [`MemCache`] budget, the [`FillGate`] scheduler, the disk cache and the
+//! registry sessions.
 
 pub mod diskcache;
 pub mod engine;
@@ -69,57 +71,4 @@ pub trait BlockSource: Send + Sync + 'static {
     }
     /// Hints that `len` bytes at `offset` will be read soon (NBD_CMD_CACHE, readahead). Default: ignore.
     fn prefetch(&self, _offset: u64, _len: u64) {}
-}
-
-/// A raw disk image file as a [`BlockSource`] (baselines and tests).
-pub struct RawFile {
-    file: std::sync::Arc<std::fs::File>,
-    size: u64,
-}
-
-impl RawFile {
-    /// Opens a raw image.
-    pub fn open(path: &std::path::Path) -> std::io::Result<RawFile> {
-        let file = std::fs::File::open(path)?;
-        let size = file.metadata()?.len();
-        Ok(RawFile {
-            file: std::sync::Arc::new(file),
-            size,
-        })
-    }
-}
-
-impl BlockSource for RawFile {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_at(&self, offset: u64, len: usize) -> BoxFuture<'_, Result<Bytes, ReadError>> {
-        let file = self.file.clone();
-        let size = self.size;
-        Box::pin(async move {
-            if offset.checked_add(len as u64).is_none_or(|e| e > size) {
-                return Err(ReadError::OutOfRange {
-                    offset,
-                    len: len as u64,
-                    size,
-                });
-            }
-            tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, offset)
-                    .map(|_| Bytes::from(buf))
-            })
-            .await
-            .map_err(|e| ReadError::Fetch {
-                offset,
-                chunk: 0,
-                cause: e.to_string(),
-            })?
-            .map_err(|e| ReadError::Fetch {
-                offset,
-                chunk: 0,
-                cause: e.to_string(),
-            })
-        })
-    }
 }

@@ -3,7 +3,6 @@
 
 pub mod convert;
 pub mod oci;
-pub mod relayout;
 pub mod store;
 
 use std::path::PathBuf;

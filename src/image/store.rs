@@ -8,7 +8,7 @@ use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{StatusCode, Url};
 use sha2::{Digest as _, Sha256};
 
-use super::oci::{Descriptor, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use super::oci::{Descriptor, ImageIndex, OCI_INDEX};
 use super::ImageError;
 use crate::fetch::registry::{redirect_target, registry_client, RegistryOptions, RepoClient};
 use crate::fetch::remote::redact;
@@ -705,14 +705,4 @@ impl ImageStore for LayoutStore {
     ) -> BoxFuture<'a, Result<Option<ImageIndex>, ImageError>> {
         Box::pin(async move { Ok(None) })
     }
-}
-
-/// True for manifest media types (not indexes).
-pub fn is_manifest_type(mt: &str) -> bool {
-    mt == OCI_MANIFEST || mt == DOCKER_MANIFEST
-}
-
-/// True for index media types.
-pub fn is_index_type(mt: &str) -> bool {
-    mt == OCI_INDEX || mt == DOCKER_LIST
 }

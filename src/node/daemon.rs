@@ -12,7 +12,7 @@ use lazyblk_image_format::{parse_digest, Index, IndexLimits};
 use super::events::{kind, Events};
 use super::proto::LayerStatus;
 use super::spec::LayerSpec;
-use crate::device::{self, ublk::UblkOptions, Attachment, Backend, DeviceState};
+use crate::device::{self, Attachment, Backend, DeviceOptions, DeviceState, UblkOptions};
 use crate::fetch::diskcache::DiskCache;
 use crate::fetch::engine::ReadErrorHook;
 use crate::fetch::metrics::Metrics;
@@ -312,41 +312,25 @@ impl Node {
         let rt = self.inner.rt.clone();
         let name = engine.name().to_string();
         let mount = spec.mount.as_deref();
-        let r = match spec.backend {
-            Backend::Ublk => Attachment::attach_ublk(
-                source,
-                rt,
-                &name,
-                run_dir,
-                mount,
-                UblkOptions {
-                    queues: if spec.ublk_queues > 0 {
-                        spec.ublk_queues
-                    } else {
-                        1
-                    },
-                    depth: if spec.ublk_depth > 0 {
-                        spec.ublk_depth
-                    } else {
-                        64
-                    },
-                    ..UblkOptions::default()
+        let defaults = UblkOptions::default();
+        let opts = DeviceOptions {
+            ublk: UblkOptions {
+                queues: if spec.ublk_queues > 0 {
+                    spec.ublk_queues
+                } else {
+                    defaults.queues
                 },
-            ),
-            Backend::Loop => Attachment::attach_loop(source, rt, &name, run_dir, mount),
-            Backend::Nbd => {
-                let deadline = self.engine_deadline(spec);
-                Attachment::attach_nbd(
-                    source,
-                    rt,
-                    &name,
-                    run_dir,
-                    mount,
-                    (deadline.as_secs() + 30).max(30),
-                )
-            }
-            Backend::Auto => unreachable!("choose() resolves auto"),
+                depth: if spec.ublk_depth > 0 {
+                    spec.ublk_depth
+                } else {
+                    defaults.depth
+                },
+                ..defaults
+            },
+            // The engine answers EIO at its own deadline first; the kernel's timeout is the backstop.
+            nbd_timeout_secs: (self.engine_deadline(spec).as_secs() + 30).max(30),
         };
+        let r = Attachment::attach(spec.backend, source, rt, &name, run_dir, mount, &opts);
         r.map_err(|e| {
             NodeError::Failed(format!(
                 "attaching {} with the {:?} backend: {e}",
@@ -735,14 +719,7 @@ impl Node {
         let (engine2, run_dir) = (engine.clone(), self.inner.cfg.run_dir.clone());
         let attachment = tokio::task::spawn_blocking(move || {
             let source: Arc<dyn BlockSource> = Arc::new(engine2);
-            let rt = me.inner.rt.clone();
-            match state.backend {
-                Backend::Nbd => Attachment::adopt_nbd(state, source, rt, &run_dir),
-                Backend::Ublk => Attachment::adopt_ublk(state, source, rt, &run_dir),
-                b => Err(std::io::Error::other(format!(
-                    "the {b:?} backend cannot be resumed"
-                ))),
-            }
+            Attachment::adopt(state, source, me.inner.rt.clone(), &run_dir)
         })
         .await
         .map_err(|e| (format!("resume task: {e}"), false))?

@@ -13,6 +13,7 @@
 pub mod publish;
 pub mod record;
 pub mod registry;
+pub mod relayout;
 
 use serde::{Deserialize, Serialize};
 

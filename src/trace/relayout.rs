@@ -13,12 +13,12 @@ use lazyblk_image_format::{
 };
 use serde::Serialize;
 
-use super::convert::sha256_str;
-use super::oci::{parse_document, Document, OCI_MANIFEST};
-use super::{ImageError, ImageRef};
+use super::Trace;
 use crate::convert::{ANNOTATION_PREFIX, MEDIA_TYPE};
 use crate::fetch::registry::RegistryOptions;
-use crate::trace::Trace;
+use crate::image::convert::sha256_str;
+use crate::image::oci::{parse_document, Document, OCI_MANIFEST};
+use crate::image::{ImageError, ImageRef};
 
 /// Annotation: start of the blob's startup region.
 pub const STARTUP_OFFSET: &str = "startup-offset";
