@@ -1,7 +1,7 @@
 //! The fetch engine: plan → single-flight → coalesced range fetch → verify → decompress → cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,10 +12,13 @@ use lazyblk_image_format::{
 };
 use tokio::sync::{watch, Semaphore};
 
+use super::access::AccessLog;
+pub use super::access::ChunkAccess;
 use super::diskcache::DiskCache;
 use super::fill::FillGate;
 use super::memcache::MemCache;
 use super::metrics::Metrics;
+use super::readahead::Readahead;
 use super::remote::{FetchError, RangeReader};
 use super::{BlockSource, BoxFuture, ReadError};
 
@@ -97,65 +100,11 @@ pub enum IndexLocation {
 
 type ChunkResult = Option<Result<Bytes, String>>;
 
-/// The first read of each chunk by the workload (not by readahead, replay or fill), in order: what
-/// `lazyblk trace record` turns into a startup trace.
-struct AccessLog {
-    /// Wall-clock time the engine was opened, in ms since the Unix epoch.
-    opened_ms: u64,
-    started: Instant,
-    seen: Vec<bool>,
-    order: Vec<ChunkAccess>,
-}
-
-/// One first access of a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChunkAccess {
-    /// Chunk number.
-    pub chunk: u64,
-    /// Milliseconds since the engine was opened.
-    pub ms: u64,
-}
-
 /// Largest startup region fetched together with the index, in bytes.
 pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 
-/// First readahead window of a sequential streak, in chunks.
-const INITIAL_READAHEAD: u64 = 8;
-
 /// A trace replay fetches this many stored bytes per window.
 const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
-
-/// At most this many accesses are recorded per layer (a trace is about startup, not a full scan).
-const MAX_ACCESSES: usize = 1 << 20;
-
-impl AccessLog {
-    fn new(chunks: usize) -> AccessLog {
-        AccessLog {
-            opened_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            started: Instant::now(),
-            seen: vec![false; chunks],
-            order: Vec::new(),
-        }
-    }
-
-    fn record(&mut self, chunks: std::ops::Range<u64>) {
-        let mut ms = None;
-        for c in chunks {
-            let Some(seen) = self.seen.get_mut(c as usize) else {
-                continue;
-            };
-            if *seen || self.order.len() >= MAX_ACCESSES {
-                continue;
-            }
-            *seen = true;
-            let ms = *ms.get_or_insert_with(|| self.started.elapsed().as_millis() as u64);
-            self.order.push(ChunkAccess { chunk: c, ms });
-        }
-    }
-}
 
 /// What a trace replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -188,9 +137,7 @@ struct Inner {
     inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
-    last_end: AtomicU64,
-    ra_window: AtomicU64,
-    ra_next: AtomicU64,
+    readahead: Readahead,
     cached: Mutex<Vec<bool>>,
     access: Mutex<AccessLog>,
     zeros: Bytes,
@@ -368,6 +315,7 @@ impl Engine {
         opts: EngineOptions,
         metrics: Arc<Metrics>,
     ) -> Engine {
+        let chunk_count = index.chunk_count();
         let chunk = index.chunk_size();
         let stored = index
             .entries()
@@ -400,9 +348,7 @@ impl Engine {
                 inflight: Mutex::new(HashMap::new()),
                 fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
                 foreground: AtomicUsize::new(0),
-                last_end: AtomicU64::new(u64::MAX),
-                ra_window: AtomicU64::new(0),
-                ra_next: AtomicU64::new(0),
+                readahead: Readahead::new(opts.readahead_chunks, chunk_count),
                 cached: Mutex::new(cached),
                 opts,
                 metrics,
@@ -704,39 +650,14 @@ impl Engine {
         self.readahead(offset, len, chunks.end);
     }
 
-    /// Readahead for sequential readers, like the kernel's: a read that starts where the previous one
-    /// ended keeps a window of chunks requested ahead of it; the window starts at [`INITIAL_READAHEAD`] chunks and
-    /// doubles (up to `readahead_chunks`) each time the reader gets within half a window of its end,
-    /// and the next batch is requested then, in one go. Any other read ends the streak, so scattered
-    /// small reads (a container starting) fetch only what they ask for.
+    /// Requests what the readahead state machine says a sequential reader will want next.
     fn readahead(&self, offset: u64, len: usize, end_chunk: u64) {
-        let inner = &self.inner;
-        let max = inner.opts.readahead_chunks;
-        let prev_end = inner.last_end.swap(offset + len as u64, Relaxed);
-        if max == 0 {
-            return;
-        }
-        if prev_end != offset {
-            inner.ra_window.store(0, Relaxed);
-            inner.ra_next.store(0, Relaxed);
-            return;
-        }
-        let w = inner
-            .ra_window
-            .load(Relaxed)
-            .clamp(INITIAL_READAHEAD.min(max), max);
-        let next = inner.ra_next.load(Relaxed).max(end_chunk);
-        if next - end_chunk > w / 2 {
-            return; // enough requested ahead already
-        }
-        let to = (end_chunk + w)
-            .max(next + w / 2)
-            .min(inner.index.chunk_count());
-        inner.ra_window.store((w * 2).min(max), Relaxed);
-        inner.ra_next.store(to, Relaxed);
-        if next < to {
-            inner.metrics.readahead_chunks.fetch_add(to - next, Relaxed);
-            self.spawn_prefetch(next..to);
+        if let Some(ahead) = self.inner.readahead.on_read(offset, len as u64, end_chunk) {
+            self.inner
+                .metrics
+                .readahead_chunks
+                .fetch_add(ahead.end - ahead.start, Relaxed);
+            self.spawn_prefetch(ahead);
         }
     }
 

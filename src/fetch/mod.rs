@@ -6,11 +6,13 @@
 //! engine of a process: the [`MemCache`] budget, the [`FillGate`] scheduler, the disk cache and the
 //! registry sessions.
 
+pub mod access;
 pub mod diskcache;
 pub mod engine;
 pub mod fill;
 pub mod memcache;
 pub mod metrics;
+pub mod readahead;
 pub mod registry;
 pub mod remote;
 pub mod source;
