@@ -20,6 +20,7 @@ use super::memcache::MemCache;
 use super::metrics::Metrics;
 use super::readahead::Readahead;
 use super::remote::{FetchError, RangeReader};
+pub use super::retry::with_retries;
 use super::{BlockSource, BoxFuture, ReadError};
 
 /// Tuning of an engine.
@@ -144,62 +145,6 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// The runtime the engine was made on, for readahead started outside it (ublk queue threads).
     rt: Option<tokio::runtime::Handle>,
-}
-
-/// Calls `f` with retries (exponential backoff with jitter) until it succeeds, fails permanently, or the
-/// deadline passes. Returns the last error otherwise.
-pub async fn with_retries<T, F, Fut>(
-    opts: &EngineOptions,
-    metrics: &Metrics,
-    deadline: Instant,
-    mut f: F,
-) -> Result<T, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, FetchError>>,
-{
-    let mut attempt: u32 = 0;
-    loop {
-        let res = match tokio::time::timeout_at(deadline.into(), f()).await {
-            Ok(r) => r,
-            Err(_) => Err(FetchError::permanent("deadline", "deadline exceeded")),
-        };
-        let err = match res {
-            Ok(v) => return Ok(v),
-            Err(e) => e,
-        };
-        metrics.error(err.kind);
-        if !err.retryable {
-            return Err(err);
-        }
-        let exp = opts
-            .retry_base
-            .saturating_mul(1 << attempt.min(16))
-            .min(opts.retry_max);
-        let delay = exp.mul_f64(0.5 + 0.5 * jitter());
-        if Instant::now() + delay >= deadline {
-            return Err(FetchError::permanent(
-                err.kind,
-                format!(
-                    "{} (gave up after {} attempts: deadline)",
-                    err.message,
-                    attempt + 1
-                ),
-            ));
-        }
-        metrics.fetch_retries.fetch_add(1, Relaxed);
-        tracing::debug!(attempt, error = %err, delay_ms = delay.as_millis() as u64, "retrying");
-        tokio::time::sleep(delay).await;
-        attempt += 1;
-    }
-}
-
-/// A cheap pseudo-random number in `[0, 1)` for retry jitter.
-fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Engine {
@@ -823,6 +768,35 @@ impl Engine {
         }
     }
 
+    /// Verifies and decodes the chunks of one fetched range (`bytes` starts at blob offset `start`).
+    #[allow(clippy::type_complexity)]
+    fn decode_range(
+        &self,
+        chunks: &[u64],
+        start: u64,
+        bytes: &Bytes,
+    ) -> Result<Vec<(u64, Bytes, Bytes)>, FetchError> {
+        let inner = &self.inner;
+        let mut decoded = Vec::with_capacity(chunks.len());
+        for &c in chunks {
+            let e = inner.index.entry(c);
+            let at = (e.offset - start) as usize;
+            let stored = bytes.slice(at..at + e.stored_len as usize);
+            match self.decode(c, &stored) {
+                Ok(b) => decoded.push((c, b, stored)),
+                Err(err) => {
+                    inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+                    tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
+                    return Err(FetchError::transient(
+                        "corrupt",
+                        format!("{}: {err}", inner.remote.describe()),
+                    ));
+                }
+            }
+        }
+        Ok(decoded)
+    }
+
     fn decode(&self, c: u64, stored: &[u8]) -> Result<Bytes, lazyblk_image_format::FormatError> {
         let idx = &self.inner.index;
         let mut buf = vec![0u8; idx.chunk_len(c) as usize];
@@ -839,28 +813,26 @@ impl Engine {
     ) -> Result<Vec<(u64, Bytes)>, String> {
         let inner = &self.inner;
         let res = with_retries(&inner.opts, &inner.metrics, deadline, || async {
-            let _slot = inner.fetch_slots.acquire().await.expect("semaphore never closed");
+            let _slot = inner
+                .fetch_slots
+                .acquire()
+                .await
+                .expect("semaphore never closed");
             inner.metrics.inflight_fetches.fetch_add(1, Relaxed);
             let r = inner.remote.read_range(f.blob_range.clone()).await;
             inner.metrics.inflight_fetches.fetch_sub(1, Relaxed);
             inner.metrics.fetches.fetch_add(1, Relaxed);
             let bytes = r?;
-            inner.metrics.fetched_bytes.fetch_add(bytes.len() as u64, Relaxed);
-            let mut decoded = Vec::with_capacity(f.chunks.len());
-            for &c in &f.chunks {
-                let e = inner.index.entry(c);
-                let at = (e.offset - f.blob_range.start) as usize;
-                let stored = &bytes[at..at + e.stored_len as usize];
-                match self.decode(c, stored) {
-                    Ok(b) => decoded.push((c, b, bytes.slice(at..at + e.stored_len as usize))),
-                    Err(err) => {
-                        inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
-                        tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
-                        return Err(FetchError::transient("corrupt", format!("{}: {err}", inner.remote.describe())));
-                    }
-                }
-            }
-            Ok(decoded)
+            inner
+                .metrics
+                .fetched_bytes
+                .fetch_add(bytes.len() as u64, Relaxed);
+            // Verify and decompress on the blocking pool: never SHA-256 + zstd of megabytes on the
+            // reactor that serves every other layer.
+            let (me, chunks, start) = (self.clone(), f.chunks.clone(), f.blob_range.start);
+            tokio::task::spawn_blocking(move || me.decode_range(&chunks, start, &bytes))
+                .await
+                .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?
         })
         .await
         .map_err(|e| e.message)?;

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod readahead;
 pub mod registry;
 pub mod remote;
+pub mod retry;
 pub mod source;
 
 pub use engine::{Engine, EngineOptions};
