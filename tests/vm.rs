@@ -132,6 +132,8 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
             "killed the daemon and stopped the HTTP server",
             "daemon restarted, 10 of 10 devices serving",
             "reader rounds ok=",
+            "restart during an attach:",
+            "after detach all: 0 devices left",
         ] {
             assert!(
                 console.contains(&format!("crash-{b}: {line}")),

@@ -389,12 +389,6 @@ impl Attachment {
     /// Mounts (if asked) and records the state file.
     fn finish(&mut self, run_dir: &Path, mount: Option<&Path>) -> std::io::Result<()> {
         let a = self;
-        // The device must be usable before it is mounted or announced.
-        if let Some(dir) = mount {
-            mount_ext4_ro(Path::new(&a.state.device), dir)?;
-            a.mounted = Some(dir.to_path_buf());
-            a.state.mount = Some(dir.to_path_buf());
-        }
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -402,7 +396,20 @@ impl Attachment {
             .create(run_dir.join("devices"))?;
         let dev_name = a.state.device.trim_start_matches("/dev/").to_string();
         a.state_file = run_dir.join("devices").join(format!("{dev_name}.json"));
-        a.write_state()
+        // Recorded before the mount, with the mount it is about to get: a crash from here on leaves
+        // a state file that names the device and its mount, so `detach` can remove both.
+        if let Some(dir) = mount {
+            a.state.mount = Some(dir.to_path_buf());
+        }
+        a.write_state()?;
+        if let Some(dir) = mount {
+            if let Err(e) = mount_ext4_ro(Path::new(&a.state.device), dir) {
+                a.state.mount = None;
+                return Err(e);
+            }
+            a.mounted = Some(dir.to_path_buf());
+        }
+        Ok(())
     }
 
     /// The device state.

@@ -58,8 +58,31 @@ for backend in ublk nbd; do
   grep -q "fail=0" /tmp/reader || rc=1
   grep -q "ok=0 " /tmp/reader && { echo "crash-$backend: reader never completed a round"; rc=1; }
   lazyblk ls --run-dir $run | head -3
-  lazyblk detach all --run-dir $run >/dev/null || { echo "crash-$backend: detach failed"; rc=1; }
+  # A restart while an attach is half done: the daemon is killed 0.3 s into an 11th attach.
+  busybox httpd -f -p 127.0.0.1:8000 -h /payload &
+  hpid=$!
+  sleep 0.2
+  lazyblk attach http://127.0.0.1:8000/layer.blob --index-offset "$index_offset" --index-length "$index_length" \
+    --index-digest "$index_digest" --backend $backend --mount /mnt/c-$backend-half --run-dir $run >/dev/null 2>&1 &
+  apid=$!
+  sleep 0.3
+  kill -9 $dpid
+  wait $apid 2>/dev/null
+  wait $dpid 2>/dev/null
+  lazyblk daemon --run-dir $run --cache-dir /tmp/cache-$backend 2>/tmp/daemon3.err &
+  dpid=$!
+  for i in $(seq 1 600); do
+    serving=$(lazyblk ls --json --run-dir $run 2>/dev/null | grep -c '"state": "serving"')
+    [ "$serving" -ge 10 ] && break
+    sleep 0.1
+  done
+  echo "crash-$backend: restart during an attach: $serving devices serving, $(lazyblk ls --json --run-dir $run | grep -c "c-$backend-half") record(s) of the half-done attach"
+  [ "$serving" -ge 10 ] || { rc=1; lazyblk ls --run-dir $run; tail -5 /tmp/daemon3.err; }
+  for i in 0 1 2 3 4 5 6 7 8 9; do (cd /mnt/c-$backend-$i && sha256sum -c /payload/SHA256SUMS >/dev/null) || { echo "crash-$backend: layer $i wrong after the second restart"; rc=1; }; done
+  lazyblk detach all --run-dir $run >/dev/null || { echo "crash-$backend: detach failed"; lazyblk ls --run-dir $run; rc=1; }
   kill $dpid; wait $dpid
+  kill $hpid; wait $hpid 2>/dev/null
   if grep -q " /mnt/c-$backend" /proc/mounts; then echo "crash-$backend: still mounted"; rc=1; fi
+  echo "crash-$backend: after detach all: $(ls /dev/ublkb* /dev/nbd* 2>/dev/null | while read d; do [ -e /sys/block/$(basename $d)/size ] && [ "$(cat /sys/block/$(basename $d)/size)" != 0 ] && echo $d; done | wc -l) devices left"
 done
 exit $rc
