@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use lru::LruCache;
 
-const SHARDS: usize = 16;
+/// At most this many shards; fewer when the budget is small, so that each shard can hold a few of
+/// the largest chunks the format allows (4 MiB).
+const MAX_SHARDS: u64 = 16;
+const MIN_SHARD_BYTES: u64 = 16 << 20;
 
 /// A byte-bounded LRU of decoded chunks keyed by (layer id, chunk number).
 pub struct MemCache {
@@ -32,9 +35,10 @@ static NEXT_LAYER: AtomicU64 = AtomicU64::new(1);
 impl MemCache {
     /// A cache holding at most `capacity` bytes of chunk data.
     pub fn new(capacity: u64) -> Arc<MemCache> {
-        let per = (capacity / SHARDS as u64).max(1);
+        let n = (capacity / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS);
+        let per = (capacity / n).max(1);
         Arc::new(MemCache {
-            shards: (0..SHARDS)
+            shards: (0..n)
                 .map(|_| {
                     Mutex::new(Shard {
                         lru: LruCache::unbounded(),
@@ -56,7 +60,7 @@ impl MemCache {
     fn shard(&self, layer: u64, chunk: u64) -> &Mutex<Shard> {
         let h =
             layer.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ chunk.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-        &self.shards[(h >> 32) as usize % SHARDS]
+        &self.shards[(h >> 32) as usize % self.shards.len()]
     }
 
     /// The configured budget in bytes.
@@ -89,7 +93,8 @@ impl MemCache {
     }
 
     /// Caches a chunk, evicting the least recently used ones of its shard to stay in budget. A chunk
-    /// larger than a shard's share is not cached.
+    /// larger than a shard's share is not cached (shards hold at least 16 MiB unless the whole budget
+    /// is smaller).
     pub fn put(&self, layer: u64, chunk: u64, data: Bytes) {
         let len = data.len() as u64;
         let mut s = self.shard(layer, chunk).lock().expect("memcache lock");
@@ -162,9 +167,13 @@ mod tests {
     }
 
     #[test]
-    fn oversized_chunks_are_not_cached() {
-        let c = MemCache::new(16 * 10);
+    fn oversized_chunks_are_not_cached_and_small_budgets_still_hold_big_chunks() {
+        let c = MemCache::new(50);
         c.put(1, 1, Bytes::from(vec![0u8; 100]));
         assert_eq!(c.bytes(), 0);
+        // 16 MiB in one shard: a 4 MiB chunk fits.
+        let c = MemCache::new(16 << 20);
+        c.put(1, 1, Bytes::from(vec![0u8; 4 << 20]));
+        assert_eq!(c.bytes(), 4 << 20);
     }
 }

@@ -195,8 +195,11 @@ impl Layers {
             match api::attach(&mut c, &spec).await {
                 Ok(st) => Ok(st),
                 Err(e) => {
-                    if e.code() == tonic::Code::Unknown || e.code() == tonic::Code::Cancelled {
-                        // The connection broke (daemon restarted): reconnect next time.
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable
+                    ) {
+                        // The connection may have broken (daemon restarted): reconnect next time.
                         *self.client.lock().await = None;
                     }
                     Err(std::io::Error::other(format!(
