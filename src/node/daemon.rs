@@ -373,6 +373,8 @@ impl Node {
                 "{device}: recording its state: {e}"
             )));
         }
+        // Counters for `lazyblk ls` without a daemon (a foreground attach), rewritten when they change.
+        attachment.publish_stats(engine.metrics(), &self.inner.rt);
         let file = attachment.side_file(crate::trace::publish::ACCESS_SUFFIX);
         let task =
             crate::trace::publish::spawn_publisher(engine.clone(), file.clone(), &self.inner.rt);
@@ -495,10 +497,18 @@ impl Node {
             .attaching
             .lock()
             .expect("attaching lock")
-            .entry(key)
+            .entry(key.clone())
             .or_default()
             .clone();
         let _one = gate.lock().await;
+        let forget_gate = || {
+            // The map keeps one gate per key; drop it when nobody else holds or waits on it (checked
+            // under the map's lock, through which every other user must go to get it).
+            let mut map = self.inner.attaching.lock().expect("attaching lock");
+            if Arc::strong_count(&gate) == 2 {
+                map.remove(&key);
+            }
+        };
         let Some(mut s) = self.inner.served.lock().expect("served lock").remove(&dev) else {
             return Ok(());
         };
@@ -518,6 +528,7 @@ impl Node {
                 self.inner
                     .events
                     .emit(kind::DETACHED, &dev, s.engine.name(), 0, String::new());
+                forget_gate();
                 Ok(())
             }
             Err(e) => {
