@@ -109,6 +109,10 @@ pub struct DeviceState {
     /// The loop backend's work directory (its FUSE export), for removing an orphan.
     #[serde(default)]
     pub work: Option<PathBuf>,
+    /// Written before the device was created and not yet finished (attached and mounted): a server
+    /// found dead in this state died half way, and the attach is rolled back.
+    #[serde(default)]
+    pub attaching: bool,
 }
 
 /// A kernel block device serving a [`BlockSource`]: the one seam over the ublk, kernel NBD and loop
@@ -227,14 +231,16 @@ pub fn create(
     rt: tokio::runtime::Handle,
     run_dir: &Path,
     opts: &DeviceOptions,
+    id: Option<u32>,
 ) -> std::io::Result<Box<dyn Device>> {
     Ok(match backend {
-        Backend::Ublk => Box::new(ublk::UblkDevice::create(source, &rt, opts.ublk)?),
+        Backend::Ublk => Box::new(ublk::UblkDevice::create(source, &rt, opts.ublk, id)?),
         Backend::Nbd => Box::new(nbd_kernel::KernelNbd::connect(
             source,
             &rt,
             2,
             opts.nbd_timeout_secs,
+            id,
         )?),
         Backend::Loop => Box::new(LoopExport::create(source, rt, run_dir)?),
         Backend::Auto => return Err(std::io::Error::other("backend auto must be resolved first")),
@@ -293,25 +299,58 @@ impl Attachment {
         opts: &DeviceOptions,
     ) -> std::io::Result<Attachment> {
         let size = source.size();
-        let dev = create(backend, source, rt, run_dir, opts)?;
+        let me = crate::process::ProcessId::current();
+        let state = |device: String, work: Option<PathBuf>, attaching: bool| DeviceState {
+            device,
+            backend,
+            source: name.to_string(),
+            size,
+            pid: me.pid,
+            pid_start: me.start,
+            mount: mount.map(Path::to_path_buf),
+            source_args: serde_json::Value::Null,
+            work,
+            attaching,
+        };
+        let dev = match backend {
+            // ublk and NBD devices outlive their server: the state file that names the device is
+            // written *before* it is created (marked attaching), so a crash at any point of the
+            // attach leaves a record a restarted daemon rolls back. The number is chosen here.
+            Backend::Ublk | Backend::Nbd => {
+                let mut tried = 0;
+                loop {
+                    let id = free_device_number(backend, tried)?;
+                    let intent = state(device_path(backend, id), None, true);
+                    let file = state_file_path(run_dir, &intent.device);
+                    std::fs::create_dir_all(run_dir.join("devices"))?;
+                    crate::process::write_atomic(
+                        &file,
+                        &serde_json::to_vec_pretty(&intent).expect("state serialises"),
+                    )?;
+                    match create(backend, source.clone(), rt.clone(), run_dir, opts, Some(id)) {
+                        Ok(d) => break d,
+                        Err(e) if tried < 16 && in_use(&e) => {
+                            let _ = std::fs::remove_file(&file);
+                            tried += 1;
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_file(&file);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            _ => create(backend, source, rt, run_dir, opts, None)?,
+        };
         let mut a = Attachment {
-            state: DeviceState {
-                device: dev.path(),
-                backend,
-                source: name.to_string(),
-                size,
-                pid: std::process::id(),
-                pid_start: crate::process::ProcessId::current().start,
-                mount: None,
-                source_args: serde_json::Value::Null,
-                work: dev.work_dir(),
-            },
+            state: state(dev.path(), dev.work_dir(), false),
             state_file: PathBuf::new(),
             mounted: None,
             device: Some(dev),
             stats: None,
             publishers: Vec::new(),
         };
+        a.state.mount = None;
         a.finish(run_dir, mount)?;
         Ok(a)
     }
@@ -396,10 +435,12 @@ impl Attachment {
             .create(run_dir.join("devices"))?;
         let dev_name = a.state.device.trim_start_matches("/dev/").to_string();
         a.state_file = run_dir.join("devices").join(format!("{dev_name}.json"));
-        // Recorded before the mount, with the mount it is about to get: a crash from here on leaves
-        // a state file that names the device and its mount, so `detach` can remove both.
+        // Recorded before the mount, with the mount it is about to get and marked attaching until
+        // it is there: a crash from here on leaves a record that names the device and its mount, so
+        // a restarted daemon can roll the attach back.
         if let Some(dir) = mount {
             a.state.mount = Some(dir.to_path_buf());
+            a.state.attaching = true;
         }
         a.write_state()?;
         if let Some(dir) = mount {
@@ -408,6 +449,8 @@ impl Attachment {
                 return Err(e);
             }
             a.mounted = Some(dir.to_path_buf());
+            a.state.attaching = false;
+            a.write_state()?;
         }
         Ok(())
     }
@@ -501,6 +544,55 @@ pub fn stats(run_dir: &Path, device: &str) -> Option<DeviceStats> {
         .join("devices")
         .join(format!("{}.stats.json", device.trim_start_matches("/dev/")));
     serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+}
+
+fn state_file_path(run_dir: &Path, device: &str) -> PathBuf {
+    run_dir
+        .join("devices")
+        .join(format!("{}.json", device.trim_start_matches("/dev/")))
+}
+
+fn device_path(backend: Backend, id: u32) -> String {
+    match backend {
+        Backend::Ublk => format!("/dev/ublkb{id}"),
+        _ => format!("/dev/nbd{id}"),
+    }
+}
+
+/// Whether a device creation failed because the number was taken meanwhile.
+fn in_use(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST))
+        || e.to_string().contains("Device or resource busy")
+        || e.to_string().contains("File exists")
+}
+
+/// The `skip`-th unused device number of `backend` (ublk: no `/dev/ublkcN`; NBD: `/dev/nbdN` not
+/// connected).
+fn free_device_number(backend: Backend, skip: u32) -> std::io::Result<u32> {
+    let mut skipped = 0;
+    for n in 0..1024u32 {
+        let free = match backend {
+            Backend::Ublk => !Path::new(&format!("/dev/ublkc{n}")).exists(),
+            _ => {
+                // A number the kernel has no device for is free too: NBD_CMD_CONNECT creates it.
+                match std::fs::read_to_string(format!("/sys/block/nbd{n}/size")) {
+                    Ok(s) => {
+                        s.trim() == "0" && !Path::new(&format!("/sys/block/nbd{n}/pid")).exists()
+                    }
+                    Err(_) => true,
+                }
+            }
+        };
+        if free {
+            if skipped == skip {
+                return Ok(n);
+            }
+            skipped += 1;
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no free {backend:?} device number"
+    )))
 }
 
 /// `N` of `/dev/nbdN`.
@@ -601,8 +693,20 @@ pub fn remove_orphan(s: &DeviceState, run_dir: &Path) -> std::io::Result<()> {
         }
     };
     let r = match s.backend {
+        // A device that never got created (a crash right after its state was recorded): nothing to do.
+        Backend::Ublk if !Path::new(&format!("/dev/ublkc{}", ublk_id(&s.device)?)).exists() => {
+            detach_mount();
+            Ok(())
+        }
         Backend::Ublk => ublk::delete_orphan(ublk_id(&s.device)?, detach_mount)
             .map_err(|e| std::io::Error::other(format!("deleting {}: {e}", s.device))),
+        Backend::Nbd
+            if std::fs::read_to_string(format!("/sys/block/nbd{}/size", nbd_index(&s.device)?))
+                .is_ok_and(|v| v.trim() == "0") =>
+        {
+            detach_mount();
+            Ok(())
+        }
         Backend::Nbd => {
             let r = nbd_kernel::disconnect_index(nbd_index(&s.device)?)
                 .map_err(|e| std::io::Error::other(format!("disconnecting {}: {e}", s.device)));

@@ -54,15 +54,20 @@ impl KernelNbd {
     /// Connects a free NBD device to `source` with `connections` sockets; reads time out in the kernel
     /// after `timeout_secs` (the engine's own deadline should be shorter), and a dead server has as long
     /// to come back (`lazyblk recover`) before queued reads fail.
+    /// With `index`, that device (`/dev/nbdN`) is asked for; the kernel refuses one in use.
     pub fn connect(
         source: Arc<dyn BlockSource>,
         rt: &tokio::runtime::Handle,
         connections: usize,
         timeout_secs: u64,
+        index: Option<u32>,
     ) -> io::Result<KernelNbd> {
         let size = source.size();
         let (socks, kernel_ends, tasks) = Self::sockets(source, rt, connections)?;
         let mut a = Attrs::default();
+        if let Some(i) = index {
+            a.u32(NBD_ATTR_INDEX, i);
+        }
         a.u64(NBD_ATTR_SIZE_BYTES, size)
             .u64(NBD_ATTR_BLOCK_SIZE_BYTES, 4096)
             .u64(

@@ -104,10 +104,12 @@ pub struct UblkDevice {
 
 impl UblkDevice {
     /// Creates a read-only ublk device backed by `source` and starts serving it.
+    /// With `id`, that device number is asked for (the driver refuses one in use).
     pub fn create(
         source: Arc<dyn BlockSource>,
         rt: &tokio::runtime::Handle,
         opts: UblkOptions,
+        id: Option<u32>,
     ) -> io::Result<UblkDevice> {
         let features = UblkFeatures::probe();
         let recoverable = features.recovery_with_reissue();
@@ -122,7 +124,7 @@ impl UblkDevice {
         };
         let ctrl = UblkCtrlBuilder::default()
             .name("lazyblk")
-            .id(-1)
+            .id(id.map_or(-1, |i| i as i32))
             .nr_queues(opts.queues)
             .depth(opts.depth)
             .io_buf_bytes(opts.max_io_bytes)

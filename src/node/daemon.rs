@@ -713,12 +713,14 @@ impl Node {
             ));
         }
         let spec_json = serde_json::to_vec(&state.source_args["layer"]).unwrap_or_default();
-        let spec = LayerSpec::from_json(&spec_json).map_err(|e| {
-            (
-                format!("no usable layer spec in its state ({e}); detach it"),
-                true,
-            )
-        })?;
+        let spec = LayerSpec::from_json(&spec_json);
+        let index = index_file(&self.inner.cfg.run_dir, &state.device);
+        if state.attaching || spec.is_err() || !index.exists() {
+            // Its server died half way through the attach (or the record predates layer specs):
+            // nothing can resume it and no caller was told it exists. Roll it back.
+            return self.roll_back(state).await;
+        }
+        let spec = spec.expect("checked above");
         let health = Arc::new(Health::default());
         let opts = self
             .source_options(&spec, &health)
@@ -738,6 +740,25 @@ impl Node {
         self.adopted(spec, engine, attachment, health, kind::RECOVERED)
             .map(|_| ())
             .map_err(|e| (e.to_string(), false))
+    }
+
+    /// Removes a half-attached device (and its mount, if it got one) and its state.
+    async fn roll_back(&self, state: DeviceState) -> Result<(), (String, bool)> {
+        let dev = state.device.clone();
+        let run_dir = self.inner.cfg.run_dir.clone();
+        tokio::task::spawn_blocking(move || device::remove_orphan(&state, &run_dir))
+            .await
+            .map_err(|e| (format!("roll-back task: {e}"), false))?
+            .map_err(|e| (format!("rolling back a half-done attach: {e}"), false))?;
+        tracing::warn!(device = %dev, "rolled back an attach its server did not finish");
+        self.inner.events.emit(
+            kind::ROLLED_BACK,
+            &dev,
+            "",
+            0,
+            "its server died during the attach".into(),
+        );
+        Ok(())
     }
 
     /// The engine of a device being resumed: its persisted index, verified again against the

@@ -21,6 +21,8 @@ pub mod kind {
     pub const READ_ERROR: &str = "read_error";
     /// A device whose server died is served again.
     pub const RECOVERED: &str = "recovered";
+    /// A device whose server died during its attach was removed.
+    pub const ROLLED_BACK: &str = "rolled_back";
     /// Resuming a device failed (it is retried with backoff).
     pub const RECOVERY_FAILED: &str = "recovery_failed";
     /// The layer is complete locally.

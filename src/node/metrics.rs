@@ -70,6 +70,7 @@ pub fn families(node: &Node) -> Vec<MetricFamily> {
             kind::DETACHED,
             kind::READ_ERROR,
             kind::RECOVERED,
+            kind::ROLLED_BACK,
             kind::RECOVERY_FAILED,
             kind::FILL_COMPLETE,
             kind::FILL_FAILED,
