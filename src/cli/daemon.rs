@@ -70,13 +70,7 @@ struct Settings {
 }
 
 fn settings(a: DaemonArgs) -> Result<Settings> {
-    let c: ConfigFile = match &a.config {
-        Some(p) => toml::from_str(
-            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("{}", p.display()))?,
-        None => ConfigFile::default(),
-    };
+    let c: ConfigFile = super::config_file(a.config.as_deref())?;
     let d = NodeConfig::default();
     let deadline = c
         .read_deadline_secs

@@ -114,3 +114,15 @@ impl RegistryArgs {
         }
     }
 }
+
+/// A command's `--config` TOML file (unknown keys refused by the type), or its defaults without one.
+fn config_file<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&std::path::Path>,
+) -> Result<T> {
+    use anyhow::Context;
+    let Some(p) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    toml::from_str(&text).with_context(|| format!("{}", p.display()))
+}

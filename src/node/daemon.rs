@@ -275,19 +275,23 @@ impl Node {
         })
     }
 
+    /// The single-flight gate of a spec key (attach and detach of one layer never overlap).
+    fn gate(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .attaching
+            .lock()
+            .expect("attaching lock")
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
     /// Attaches a layer and returns once its device is ready (and mounted, if asked). The same spec
     /// key (source, index digest, mount) attached twice, even concurrently, is one device.
     pub async fn attach(&self, mut spec: LayerSpec) -> Result<LayerStatus, NodeError> {
         spec.backend = device::choose(spec.backend).map_err(NodeError::Invalid)?;
         let key = spec.key();
-        let gate = self
-            .inner
-            .attaching
-            .lock()
-            .expect("attaching lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let gate = self.gate(&key);
         let _one = gate.lock().await;
         if let Some(st) = self.find_by_key(&key) {
             return Ok(st);
@@ -492,14 +496,7 @@ impl Node {
         let Some((dev, key)) = found else {
             return self.detach_unserved(&want).await;
         };
-        let gate = self
-            .inner
-            .attaching
-            .lock()
-            .expect("attaching lock")
-            .entry(key.clone())
-            .or_default()
-            .clone();
+        let gate = self.gate(&key);
         let _one = gate.lock().await;
         let forget_gate = || {
             // The map keeps one gate per key; drop it when nobody else holds or waits on it (checked

@@ -113,27 +113,10 @@ def main():
     procs = []
     env = rd.Env(work)
     try:
-        reg = f"127.0.0.1:{free_port()}"
-        cfg = os.path.join(work, "registry.yml")
-        open(cfg, "w").write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/reg\n"
-                             f"  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n")
-        procs.append(subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://{reg}/v2/")
-                break
-            except Exception:
-                time.sleep(0.1)
+        reg = rd.start_registry(work, procs)
         print(f"building {a.images} images...", file=sys.stderr)
         build_images(a.images, work, reg)
-        open(os.path.join(work, "containerd.toml"), "w").write(
-            f'version = 2\nroot = "{work}/croot"\nstate = "{work}/cstate"\n'
-            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{env.sock}"\n'
-            f'[proxy_plugins.lazyblk]\n  type = "snapshot"\n  address = "{env.snap_sock}"\n')
-        env.start_snapshotter()
-        procs.append(subprocess.Popen(["containerd", "--config", os.path.join(work, "containerd.toml")],
-                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
-        rd.wait_sock(env.sock, "containerd")
+        rd.start_containerd(env, procs)
         rows = []
         for run in range(a.runs):
             for mode in ("serial", "concurrent"):

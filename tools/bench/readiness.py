@@ -219,6 +219,35 @@ def lazyblk_ls(env, json_out=True):
     return json.loads(r.stdout or "[]") if json_out else r.stdout
 
 
+def start_registry(work, procs):
+    """A docker-registry on a free loopback port (appended to procs); returns HOST:PORT."""
+    reg = f"127.0.0.1:{free_port()}"
+    cfg = os.path.join(work, "registry.yml")
+    open(cfg, "w").write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/reg\n"
+                         f"  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n")
+    procs.append(subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://{reg}/v2/")
+            break
+        except Exception:
+            time.sleep(0.1)
+    return reg
+
+
+def start_containerd(env, procs):
+    """The lazyblk snapshotter, then containerd 1.6 with it as a proxy plugin (appended to procs)."""
+    work = env.work
+    open(os.path.join(work, "containerd.toml"), "w").write(
+        f'version = 2\nroot = "{work}/croot"\nstate = "{work}/cstate"\n'
+        f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{env.sock}"\n'
+        f'[proxy_plugins.lazyblk]\n  type = "snapshot"\n  address = "{env.snap_sock}"\n')
+    env.start_snapshotter()
+    procs.append(subprocess.Popen(["containerd", "--config", os.path.join(work, "containerd.toml")],
+                                  stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
+    wait_sock(env.sock, "containerd")
+
+
 def fetched_lazyblk(env):
     return sum(l.get("fetched_bytes", 0) for l in lazyblk_ls(env))
 
@@ -316,30 +345,12 @@ def main():
     procs = []
     env = Env(work)
     try:
-        rp = free_port()
-        reg = f"127.0.0.1:{rp}"
-        cfg = os.path.join(work, "registry.yml")
-        open(cfg, "w").write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {work}/reg\n"
-                             f"  delete:\n    enabled: true\nhttp:\n  addr: {reg}\n")
-        procs.append(subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"http://{reg}/v2/")
-                break
-            except Exception:
-                time.sleep(0.1)
+        reg = start_registry(work, procs)
         images = a.images.split(",")
         for name in images:
             print(f"building {name}...", file=sys.stderr)
             build_image(name, work, reg)
-        open(os.path.join(work, "containerd.toml"), "w").write(
-            f'version = 2\nroot = "{work}/croot"\nstate = "{work}/cstate"\n'
-            f'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n[grpc]\n  address = "{env.sock}"\n'
-            f'[proxy_plugins.lazyblk]\n  type = "snapshot"\n  address = "{env.snap_sock}"\n')
-        env.start_snapshotter()
-        procs.append(subprocess.Popen(["containerd", "--config", os.path.join(work, "containerd.toml")],
-                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "containerd.log"), "w")))
-        wait_sock(env.sock, "containerd")
+        start_containerd(env, procs)
         rows = []
         if {"lazyblk+trace", "lazyblk+relayout"} & set(a.modes.split(",")):
             for name in images:
