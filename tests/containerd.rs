@@ -50,9 +50,10 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until the unix socket at `path` accepts connections (its file appears before it listens).
 fn wait_for(path: &Path, what: &str) {
     let t = Instant::now();
-    while !path.exists() {
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "{what} did not start"
