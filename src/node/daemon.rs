@@ -631,18 +631,22 @@ impl Node {
         out.into_values().collect()
     }
 
-    /// Finds devices of the run dir whose server is gone and resumes them (ublk user recovery, NBD
-    /// reconfigure) from their persisted spec and index, without the registry. Devices that cannot
-    /// be resumed yet are kept pending and retried with backoff by [`Node::retry_pending`].
-    pub async fn recover(&self) {
-        let served: Vec<String> = self
-            .inner
+    /// The devices this process serves now.
+    fn served_devices(&self) -> Vec<String> {
+        self.inner
             .served
             .lock()
             .expect("served lock")
             .keys()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Finds devices of the run dir whose server is gone and resumes them (ublk user recovery, NBD
+    /// reconfigure) from their persisted spec and index, without the registry. Devices that cannot
+    /// be resumed yet are kept pending and retried with backoff by [`Node::retry_pending`].
+    pub async fn recover(&self) {
+        let served = self.served_devices();
         for (state, alive) in device::list(&self.inner.cfg.run_dir) {
             if alive || served.contains(&state.device) {
                 continue;
@@ -806,14 +810,7 @@ impl Node {
     /// Detaches every device served here (the foreground `attach` exiting). Errors are returned
     /// after trying all of them.
     pub async fn detach_all(&self) -> Result<(), NodeError> {
-        let devs: Vec<String> = self
-            .inner
-            .served
-            .lock()
-            .expect("served lock")
-            .keys()
-            .cloned()
-            .collect();
+        let devs = self.served_devices();
         let mut first = None;
         for d in devs {
             if let Err(e) = self.detach(&d).await {
