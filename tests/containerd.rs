@@ -508,39 +508,107 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
         .unwrap()
     };
     let (orig, lazy) = (get("web"), get("web-lazyblk"));
-    let mut mixed = lazy.clone();
-    mixed["layers"] = serde_json::json!([lazy["layers"][0], orig["layers"][1]]);
-    let mut cfg: serde_json::Value = serde_json::from_slice(
-        &run_ok(Command::new("curl").args([
+    let config = |m: &serde_json::Value| -> serde_json::Value {
+        serde_json::from_slice(
+            &run_ok(Command::new("curl").args([
+                "-sf",
+                &format!(
+                    "http://{r}/v2/test/app/blobs/{}",
+                    m["config"]["digest"].as_str().unwrap()
+                ),
+            ]))
+            .stdout,
+        )
+        .unwrap()
+    };
+    let (orig_cfg, lazy_cfg) = (config(&orig), config(&lazy));
+    // The converted config names each lazyblk layer by its disk digest, not by the tar's diff ID.
+    assert_ne!(
+        lazy_cfg["rootfs"]["diff_ids"],
+        orig_cfg["rootfs"]["diff_ids"]
+    );
+    let put = |tag: &str, layers: serde_json::Value, diff_ids: serde_json::Value| {
+        let mut cfg = orig_cfg.clone();
+        cfg["rootfs"]["diff_ids"] = diff_ids;
+        let cfg_bytes = serde_json::to_vec(&cfg).unwrap();
+        let cfg_path = dir.join(format!("{tag}-config.json"));
+        std::fs::write(&cfg_path, &cfg_bytes).unwrap();
+        let mut m = lazy.clone();
+        m["layers"] = layers;
+        m["config"]["digest"] = reg.push("test/app", &cfg_path).into();
+        m["config"]["size"] = cfg_bytes.len().into();
+        let mpath = dir.join(format!("{tag}.json"));
+        std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+        run_ok(Command::new("curl").args([
             "-sf",
-            &format!(
-                "http://{r}/v2/test/app/blobs/{}",
-                orig["config"]["digest"].as_str().unwrap()
-            ),
-        ]))
-        .stdout,
-    )
-    .unwrap();
-    cfg["rootfs"]["diff_ids"] =
-        serde_json::json!([cfg["rootfs"]["diff_ids"][0], cfg["rootfs"]["diff_ids"][1]]);
-    let cfg_bytes = serde_json::to_vec(&cfg).unwrap();
-    let cfg_path = dir.join("mixed-config.json");
-    std::fs::write(&cfg_path, &cfg_bytes).unwrap();
-    let cfg_digest = reg.push("test/app", &cfg_path);
-    mixed["config"]["digest"] = cfg_digest.clone().into();
-    mixed["config"]["size"] = cfg_bytes.len().into();
-    let mpath = dir.join("mixed.json");
-    std::fs::write(&mpath, serde_json::to_vec(&mixed).unwrap()).unwrap();
-    run_ok(Command::new("curl").args([
-        "-sf",
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/vnd.oci.image.manifest.v1+json",
-        "--data-binary",
-        &format!("@{}", mpath.display()),
-        &format!("http://{r}/v2/test/app/manifests/mixed"),
-    ]));
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+            &format!("@{}", mpath.display()),
+            &format!("http://{r}/v2/test/app/manifests/{tag}"),
+        ]));
+    };
+    // A mixed image: the converted base layer under the original (tar.gz) second layer.
+    put(
+        "mixed",
+        serde_json::json!([lazy["layers"][0], orig["layers"][1]]),
+        serde_json::json!([
+            lazy_cfg["rootfs"]["diff_ids"][0],
+            orig_cfg["rootfs"]["diff_ids"][1]
+        ]),
+    );
+    // A hostile image: lazyblk layers claiming the original tar layers' diff IDs (so their chain IDs),
+    // as an image would that wants its own disks used for every image with that base on the node.
+    put(
+        "poison",
+        lazy["layers"].clone(),
+        orig_cfg["rootfs"]["diff_ids"].clone(),
+    );
+}
+
+/// The `poison` image (lazyblk layers under another image's chain IDs) is refused before anything
+/// is committed: the original image's chain then still unpacks from its own tar layers.
+fn poison_is_refused(env: &Env, r: &str) {
+    let out = lazyblk()
+        .args([
+            "pull",
+            &format!("{r}/test/app:poison"),
+            "--plain-http",
+            "--namespace",
+            "poison",
+            "--address",
+        ])
+        .arg(&env.sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the poison image was pulled: {err}");
+    assert!(
+        err.contains("does not commit to this layer's disk"),
+        "unexpected error: {err}"
+    );
+    let snaps = stdout(run_ok(env.ctr("poison").args([
+        "snapshots",
+        "--snapshotter",
+        "lazyblk",
+        "ls",
+    ])));
+    assert_eq!(snaps.lines().count(), 1, "something was committed: {snaps}");
+    let out = stdout(run_ok(
+        lazyblk()
+            .args([
+                "pull",
+                &format!("{r}/test/app:web"),
+                "--plain-http",
+                "--namespace",
+                "poison",
+                "--address",
+            ])
+            .arg(&env.sock),
+    ));
+    assert!(out.contains("0 remote layer(s), 3 unpacked"), "{out}");
 }
 
 #[test]
@@ -687,9 +755,10 @@ fn containerd_runs_images_from_lazyblk_layers() {
 
     // Mixed image (lazyblk base + ordinary tar.gz layer), in another namespace.
     pull_and_run_mixed(&env, &r, &format!("m1-{id}"));
+    poison_is_refused(&env, &r);
 
     // Nothing uses the layers any more: containerd's GC removes the snapshots, which detaches them.
-    for ns in ["default", "mixed"] {
+    for ns in ["default", "mixed", "poison"] {
         remove_all(&env, ns);
     }
     let t = Instant::now();
@@ -822,8 +891,9 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
     let port0 = start_httpd(&env, &original, &refweb);
     assert_eq!(http_ready(port0).0.trim(), "<h1>lazyblk</h1>");
 
-    // containerd's own pull of the converted image: every lazyblk layer is taken remotely (the
-    // same chain, so the snapshots recorded above are reused).
+    // containerd's own pull of the converted image: every lazyblk layer is taken remotely, under
+    // its own chain IDs (the converted config's diff IDs are disk digests, which the referrer
+    // artifact's layers, under the original tar chain, cannot claim).
     let image = format!("{r}/test/app:web-lazyblk");
     run_ok(env.ctr("default").args([
         "image",
@@ -839,14 +909,203 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
         "lazyblk",
         "ls",
     ])));
-    assert_eq!(snaps.lines().count(), 1 + 3 + 1, "{snaps}");
+    assert_eq!(snaps.lines().count(), 1 + 3 + 3 + 1, "{snaps}");
     let port = start_httpd(&env, &image, &web);
     let (body, ready) = http_ready(port);
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("containerd 2: ready after {ready:?}");
     // `lazyblk pull` (containerd's gRPC API) works against 2.x too: the mixed image.
     pull_and_run_mixed(&env, &r, &format!("m2-{id}"));
+    for ns in ["default", "mixed"] {
+        remove_all(&env, ns);
+    }
+    cross_repository_referrer(&env, &r, &format!("evil-{id}"), &format!("victim-{id}"));
     drop(snapd);
+}
+
+/// The same original manifest pushed into another repository (`evil/app`) with a referrer artifact
+/// whose top layer is another disk, pulled first: that repository's image gets its own artifact, but
+/// the victim's pull of `test/app:web` (another namespace) never shares the chain the impostor
+/// defined: it unpacks its own tar layers and serves the original bytes.
+fn cross_repository_referrer(env: &Env, r: &str, evil_name: &str, victim_name: &str) {
+    let dir = &env.dir;
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{r}/test/app:web"),
+        &format!("docker://{r}/evil/app:web"),
+    ]));
+    let curl_json = |url: &str, accept: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &run_ok(Command::new("curl").args(["-sf", "-H", &format!("Accept: {accept}"), url]))
+                .stdout,
+        )
+        .unwrap()
+    };
+    let put = |url: &str, ty: &str, body: &[u8]| {
+        let f = dir.join("put.json");
+        std::fs::write(&f, body).unwrap();
+        run_ok(Command::new("curl").args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {ty}"),
+            "--data-binary",
+            &format!("@{}", f.display()),
+            url,
+        ]));
+    };
+    let manifest = curl_json(
+        &format!("http://{r}/v2/evil/app/manifests/web"),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let mdigest = {
+        let raw = run_ok(Command::new("curl").args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{r}/v2/evil/app/manifests/web"),
+        ]))
+        .stdout;
+        format!("sha256:{}", hex::encode(lazyblk::format::sha256(&raw)))
+    };
+    // An honest artifact for evil/app first, then its top layer swapped for another disk.
+    run_ok(lazyblk().args([
+        "convert",
+        &format!("{r}/evil/app:web"),
+        "--referrer",
+        "--plain-http",
+    ]));
+    let tag = mdigest.replacen(':', "-", 1);
+    let mut index = curl_json(
+        &format!("http://{r}/v2/evil/app/manifests/{tag}"),
+        "application/vnd.oci.image.index.v1+json",
+    );
+    let art_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut art = curl_json(
+        &format!("http://{r}/v2/evil/app/manifests/{art_digest}"),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let mut t = layer::LayerTar::new();
+    t.dir("srv", layer::DIR).dir("srv/app", layer::DIR).file(
+        "srv/app/index.html",
+        layer::DEF,
+        b"<h1>impostor</h1>\n",
+    );
+    let tar = dir.join("impostor.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = dir.join("impostor.blob");
+    let sum = convert(&tar, &blob);
+    let reg_push = |repo: &str, p: &Path| -> String {
+        let data = bytes::Bytes::from(std::fs::read(p).unwrap());
+        let base = reqwest::Url::parse(&format!("http://{r}")).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(lazyblk::fetch::registry::push_blob(
+                &reqwest::Client::new(),
+                &base,
+                repo,
+                data,
+            ))
+            .unwrap()
+    };
+    let digest = reg_push("evil/app", &blob);
+    let top = manifest["layers"].as_array().unwrap().len() - 1;
+    let mut ann = sum["annotations"].clone();
+    ann["containerd.io/snapshot/lazyblk/source-digest"] = manifest["layers"][top]["digest"].clone();
+    art["layers"][top] = serde_json::json!({
+        "mediaType": sum["media_type"],
+        "digest": digest,
+        "size": std::fs::metadata(&blob).unwrap().len(),
+        "annotations": ann,
+    });
+    let art_bytes = serde_json::to_vec(&art).unwrap();
+    let new_digest = format!(
+        "sha256:{}",
+        hex::encode(lazyblk::format::sha256(&art_bytes))
+    );
+    put(
+        &format!("http://{r}/v2/evil/app/manifests/{new_digest}"),
+        "application/vnd.oci.image.manifest.v1+json",
+        &art_bytes,
+    );
+    index["manifests"][0]["digest"] = new_digest.into();
+    index["manifests"][0]["size"] = art_bytes.len().into();
+    put(
+        &format!("http://{r}/v2/evil/app/manifests/{tag}"),
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&index).unwrap(),
+    );
+    let recorded = || {
+        std::fs::read_to_string(dir.join("snapshotter.log"))
+            .unwrap()
+            .matches("remote layer recorded")
+            .count()
+    };
+    let before = recorded();
+    // The impostor repository's own image gets its own artifact (its publisher's choice).
+    run_ok(env.ctr("evil").args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazyblk",
+        &format!("{r}/evil/app:web"),
+    ]));
+    assert_eq!(
+        recorded(),
+        before + 3,
+        "the evil/app artifact was not taken"
+    );
+    let seen = stdout(run_ok(env.ctr("evil").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &format!("{r}/evil/app:web"),
+        evil_name,
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(seen.trim(), "<h1>impostor</h1>");
+    // The victim's image, same manifest in its own repository, in its own namespace.
+    run_ok(env.ctr("victim").args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazyblk",
+        &format!("{r}/test/app:web"),
+    ]));
+    let seen = stdout(run_ok(env.ctr("victim").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &format!("{r}/test/app:web"),
+        victim_name,
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(
+        seen.trim(),
+        "<h1>lazyblk</h1>",
+        "the victim ran the impostor's disk"
+    );
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("chain defined by another repository"), "{log}");
+    for ns in ["evil", "victim"] {
+        remove_all(env, ns);
+    }
 }
 
 #[test]

@@ -145,10 +145,57 @@ fn converts_real_images_between_registries_and_layouts() {
             assert!(a[format!("{p}{k}")].is_string(), "annotation {k} missing");
         }
     }
-    assert_eq!(
-        target["config"]["digest"], src["config"]["digest"],
-        "config is carried over unchanged"
-    );
+    // The config is the source's with each diff ID replaced by the layer's disk digest (docs/format.md,
+    // "Diff IDs and chain IDs"); the original diff IDs stay in the `diff-id` annotations.
+    let config_of = |m: &serde_json::Value, at: &str| -> serde_json::Value {
+        let p = tmp.path().join(format!("config-{at}.json"));
+        fetch_blob(
+            &reg,
+            "test/img",
+            m["config"]["digest"].as_str().unwrap(),
+            m["config"]["size"].as_u64().unwrap(),
+            &p,
+        );
+        serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+    };
+    let (src_cfg, lazy_cfg) = (config_of(&src, "src"), config_of(&target, "lazy"));
+    let mut same = lazy_cfg.clone();
+    same["rootfs"]["diff_ids"] = src_cfg["rootfs"]["diff_ids"].clone();
+    assert_eq!(same, src_cfg, "only the diff IDs change");
+    for (i, l) in layers.iter().enumerate() {
+        let a = &l["annotations"];
+        let p = "containerd.io/snapshot/lazyblk/";
+        assert_eq!(a[format!("{p}diff-id")], src_cfg["rootfs"]["diff_ids"][i]);
+        // The disk digest, computed here from the spec: the index bytes with each entry's offset
+        // (its first 8 bytes; 48-byte entries after a 64-byte header) zeroed, hashed.
+        let blob = tmp.path().join(format!("d{i}.blob"));
+        fetch_blob(
+            &reg,
+            "test/img",
+            l["digest"].as_str().unwrap(),
+            l["size"].as_u64().unwrap(),
+            &blob,
+        );
+        let num = |k: &str| {
+            a[format!("{p}{k}")]
+                .as_str()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        };
+        let bytes = std::fs::read(&blob).unwrap();
+        let mut index = bytes[num("index-offset")..][..num("index-length")].to_vec();
+        for e in index[64..].chunks_mut(48) {
+            e[..8].fill(0);
+        }
+        let disk = format!("sha256:{}", hex::encode(lazyblk::format::sha256(&index)));
+        assert_eq!(
+            lazy_cfg["rootfs"]["diff_ids"][i],
+            disk.as_str(),
+            "layer {i}"
+        );
+        std::fs::remove_file(&blob).unwrap();
+    }
 
     // Each converted layer, fetched back from the registry: verified export (index checked against the
     // manifest's annotation), e2fsck, mount, compare with GNU tar's extraction of the source layer.

@@ -249,6 +249,20 @@ impl Index {
         b
     }
 
+    /// The layer's *disk digest*: SHA-256 of [`Index::to_bytes`] with every entry's `offset` field
+    /// written as zero. It commits to the geometry and to every chunk's kind, stored length and
+    /// digest, so it names exactly one virtual disk, but not where the chunks sit in the blob:
+    /// re-laying out a blob keeps it. A lazyblk layer's OCI diff ID is its disk digest
+    /// (docs/format.md, "Diff IDs and chain IDs"), so containerd's chain IDs commit to the disks.
+    pub fn disk_digest(&self) -> Digest {
+        let mut b = self.to_bytes();
+        for i in 0..self.entries.len() {
+            let at = INDEX_HEADER_LEN + i * INDEX_ENTRY_LEN;
+            b[at..at + 8].fill(0);
+        }
+        sha256(&b)
+    }
+
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
         1 << self.chunk_shift
@@ -348,6 +362,42 @@ mod tests {
             },
         ];
         Index::new(12, 4096 * 2 + 2048, entries, 2148).unwrap()
+    }
+
+    #[test]
+    fn disk_digest_ignores_offsets_only() {
+        let idx = sample();
+        let d = idx.disk_digest();
+        // Same chunks at other offsets: same disk.
+        let mut moved = idx.entries().to_vec();
+        moved[0].offset = 2048;
+        moved[2].offset = 0;
+        let moved = Index::new(12, idx.image_size(), moved, 2148).unwrap();
+        assert_ne!(sha256(&moved.to_bytes()), sha256(&idx.to_bytes()));
+        assert_eq!(moved.disk_digest(), d);
+        // Any other field changes it.
+        let mut other = idx.entries().to_vec();
+        other[2].digest = [3; 32];
+        assert_ne!(
+            Index::new(12, idx.image_size(), other, 2148)
+                .unwrap()
+                .disk_digest(),
+            d
+        );
+        let mut other = idx.entries().to_vec();
+        other[0].stored_len = 99;
+        assert_ne!(
+            Index::new(12, idx.image_size(), other, 2148)
+                .unwrap()
+                .disk_digest(),
+            d
+        );
+        // Known vector: the header and entries with zero offsets, hashed.
+        let mut b = idx.to_bytes();
+        for i in 0..3 {
+            b[INDEX_HEADER_LEN + i * INDEX_ENTRY_LEN..][..8].fill(0);
+        }
+        assert_eq!(d, sha256(&b));
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub struct BlobSummary {
     pub index_length: u64,
     /// SHA-256 of the index.
     pub index_digest: Digest,
+    /// The disk digest ([`Index::disk_digest`]): the layer's OCI diff ID.
+    pub disk_digest: Digest,
     /// SHA-256 of the whole blob (its OCI content digest).
     pub blob_digest: Digest,
     /// Size of the virtual disk in bytes.
@@ -132,6 +134,7 @@ impl<W: Write> BlobWriter<W> {
             index_offset,
             index_length: bytes.len() as u64,
             index_digest,
+            disk_digest: index.disk_digest(),
             blob_digest: self.out.hasher_digest(),
             image_size,
             chunk_shift: self.chunk_shift,

@@ -12,13 +12,15 @@ use crate::device::{choose, Backend};
 use crate::node::spec::RegistrySpec;
 use crate::snapshotter::layers::{LayerOptions, Layers};
 use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
-use crate::snapshotter::service::{ReferrerLookup, Service, Snapshotter};
+use crate::snapshotter::service::{
+    ReferrerLookup, ReferrerMode, ReferrerPolicy, Service, Snapshotter,
+};
 
 /// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
     /// TOML file with any of: address, root, run_dir, start_daemon, backend, grace_secs, fill,
-    /// prefetch_traces, plain_http, hosts_dir, docker_config.
+    /// prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`)
@@ -53,6 +55,15 @@ pub struct SnapshotterArgs {
     /// layer's traced chunks are fetched as soon as it is attached.
     #[arg(long)]
     no_prefetch_traces: bool,
+    /// Which `--referrer` artifacts replace an original image's layers: `same-repository` (only
+    /// artifacts found in the image's own repository) or `off` [default: same-repository]. Such an
+    /// artifact cannot prove its disk equals the layer's tar: see docs/operations.md, "Trust model".
+    #[arg(long, value_enum)]
+    referrers: Option<ReferrerMode>,
+    /// Take referrer artifacts only for images in these repositories (`REGISTRY/REPO`, or a prefix
+    /// ending in `*`, e.g. `registry.example.com/platform/*`); repeatable [default: any repository].
+    #[arg(long = "referrer-publisher", value_name = "PATTERN")]
+    referrer_publishers: Vec<String>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -67,6 +78,8 @@ struct ConfigFile {
     grace_secs: Option<u64>,
     fill: Option<bool>,
     prefetch_traces: Option<bool>,
+    referrers: Option<ReferrerMode>,
+    referrer_publishers: Option<Vec<String>>,
     run_dir: Option<PathBuf>,
     start_daemon: Option<bool>,
     plain_http: Option<bool>,
@@ -82,6 +95,7 @@ struct Settings {
     grace_secs: u64,
     fill: bool,
     prefetch_traces: bool,
+    referrers: ReferrerPolicy,
     registry: RegistryArgs,
     run_dir: PathBuf,
     start_daemon: bool,
@@ -109,6 +123,17 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
         fill: !a.no_fill && (a.fill || c.fill.unwrap_or(true)),
         prefetch_traces: !a.no_prefetch_traces && c.prefetch_traces.unwrap_or(true),
+        referrers: ReferrerPolicy {
+            mode: a
+                .referrers
+                .or(c.referrers)
+                .unwrap_or(ReferrerMode::SameRepository),
+            publishers: if a.referrer_publishers.is_empty() {
+                c.referrer_publishers.unwrap_or_default()
+            } else {
+                a.referrer_publishers
+            },
+        },
         registry: RegistryArgs {
             plain_http: a.registry.plain_http || c.plain_http.unwrap_or(false),
             hosts_dir: a.registry.hosts_dir.or(c.hosts_dir),
@@ -168,7 +193,11 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
         rt.handle().clone(),
     )
     .context("connecting to the node daemon")?;
-    let mut referrers = ReferrerLookup::new(rt.handle().clone(), a.registry.options());
+    let mut referrers = ReferrerLookup::new(
+        rt.handle().clone(),
+        a.registry.options(),
+        a.referrers.clone(),
+    );
     if a.prefetch_traces {
         referrers = referrers.with_traces(a.root.join("traces"));
     }

@@ -103,6 +103,9 @@ pub struct BlobInfo {
     pub index_length: u64,
     /// `sha256:` digest of the index.
     pub index_digest: String,
+    /// `sha256:` disk digest (digest of the index with chunk offsets zeroed): the layer's diff ID
+    /// in a converted image's config.
+    pub disk_digest: String,
     /// Uncompressed image size in bytes.
     pub image_size: u64,
     /// Chunk size in bytes.
@@ -123,6 +126,7 @@ impl From<&BlobSummary> for BlobInfo {
             index_offset: s.index_offset,
             index_length: s.index_length,
             index_digest: digest_string(&s.index_digest),
+            disk_digest: digest_string(&s.disk_digest),
             image_size: s.image_size,
             chunk_size: 1 << s.chunk_shift,
             chunk_count: s.chunk_count,

@@ -94,3 +94,25 @@ pub async fn open_source_in(
     };
     Engine::open(remote, location, opts.engine.clone()).await
 }
+
+/// Fetches the index of `spec` at `offset..offset + length` with one range request and verifies it
+/// against `digest` (and that no chunk lies past the index). Used to check a layer's identity before
+/// anything is committed or attached (the snapshotter's Prepare).
+pub async fn fetch_index(
+    spec: &str,
+    offset: u64,
+    length: u64,
+    digest: Digest,
+    registry: &RegistryOptions,
+) -> Result<lazyblk_image_format::Index, FetchError> {
+    let opts = SourceOptions {
+        registry: registry.clone(),
+        index: Some((offset, length, digest)),
+        engine: EngineOptions {
+            mem_cache_bytes: 0,
+            ..EngineOptions::default()
+        },
+        ..SourceOptions::default()
+    };
+    Ok(open_source(spec, &opts).await?.index().clone())
+}

@@ -44,6 +44,8 @@ pub struct LayerSummary {
     pub target_digest: String,
     /// lazyblk blob size.
     pub target_size: u64,
+    /// The lazyblk layer's disk digest: its diff ID in the converted image's config.
+    pub disk_digest: String,
     /// Bytes actually uploaded (0 when the target already had the blob).
     pub uploaded_bytes: u64,
     /// Download + convert + upload time.
@@ -295,10 +297,6 @@ async fn convert_manifest(
             m.layers.len()
         )));
     }
-    let mount_from = match (ctx.src.registry_repo(), ctx.dst.registry_repo()) {
-        (Some((r1, repo)), Some((r2, _))) if r1 == r2 => Some(repo),
-        _ => None,
-    };
     let results: Vec<Result<(Descriptor, LayerSummary), ImageError>> =
         futures::stream::iter(m.layers.iter().zip(&diff_ids).enumerate())
             .map(|(i, (l, diff_id))| convert_one(ctx, i, l, diff_id))
@@ -312,13 +310,23 @@ async fn convert_manifest(
         layers.push(d);
         summaries.push(s);
     }
-    // Config: same bytes (same digest) in the target repository.
-    ctx.dst_put_small(&config, &m.config.digest, mount_from.as_deref())
-        .await?;
     let config_type = if m.config.media_type == DOCKER_CONFIG {
         OCI_CONFIG
     } else {
         &m.config.media_type
+    };
+    // Config: in new-tag mode, the same config with each layer's diff ID replaced by its disk digest,
+    // so containerd's chain IDs name the lazyblk disks (a snapshotter checks this before it commits a
+    // remote layer: docs/format.md, "Diff IDs and chain IDs"). In referrer mode the original image,
+    // config included, stays as it is.
+    let config_desc = if ctx.opts.referrer {
+        m.config.clone()
+    } else {
+        let disks: Vec<String> = summaries.iter().map(|s| s.disk_digest.clone()).collect();
+        let bytes = Bytes::from(converted_config(&cfg, &disks)?);
+        let digest = sha256_str(&bytes);
+        ctx.dst.put_blob_bytes(bytes.clone(), &digest).await?;
+        Descriptor::new(config_type, &digest, bytes.len() as u64)
     };
     let mut annotations = BTreeMap::new();
     annotations.insert(
@@ -329,7 +337,7 @@ async fn convert_manifest(
         schema_version: 2,
         media_type: Some(OCI_MANIFEST.into()),
         artifact_type: None,
-        config: Descriptor::new(config_type, &m.config.digest, m.config.size),
+        config: Descriptor::new(config_type, &config_desc.digest, config_desc.size),
         layers,
         subject: None,
         annotations,
@@ -359,25 +367,30 @@ async fn convert_manifest(
     ))
 }
 
-impl Ctx<'_> {
-    async fn dst_put_small(
-        &self,
-        data: &Bytes,
-        digest: &str,
-        mount_from: Option<&str>,
-    ) -> Result<u64, ImageError> {
-        if mount_from.is_some() {
-            let dir = tempfile::tempdir_in(&self.opts.work_dir)?;
-            let p = dir.path().join("blob");
-            std::fs::write(&p, data)?;
-            return self
-                .dst
-                .put_blob(&p, digest, data.len() as u64, mount_from)
-                .await;
-        }
-        self.dst.put_blob_bytes(data.clone(), digest).await
-    }
+/// Image config `cfg` with its `rootfs.diff_ids` replaced by `disk_digests` (one per layer); every
+/// other field is kept. The original diff IDs stay in each layer's `diff-id` annotation.
+pub fn converted_config(
+    cfg: &serde_json::Value,
+    disk_digests: &[String],
+) -> Result<Vec<u8>, ImageError> {
+    let mut cfg = cfg.clone();
+    let rootfs = cfg
+        .get_mut("rootfs")
+        .and_then(|r| r.as_object_mut())
+        .ok_or_else(|| ImageError("image config has no rootfs object".into()))?;
+    rootfs.insert(
+        "diff_ids".into(),
+        serde_json::Value::Array(
+            disk_digests
+                .iter()
+                .map(|d| serde_json::Value::String(d.clone()))
+                .collect(),
+        ),
+    );
+    Ok(serde_json::to_vec(&cfg).expect("config serialises"))
+}
 
+impl Ctx<'_> {
     fn bar(&self, i: usize, digest: &str) -> Option<indicatif::ProgressBar> {
         let bars = self.bars.as_ref()?;
         let b = bars.add(indicatif::ProgressBar::new_spinner());
@@ -483,6 +496,7 @@ async fn convert_one(
             source_size: l.size,
             target_digest: summary.blob.digest,
             target_size: summary.blob.size,
+            disk_digest: summary.blob.disk_digest.clone(),
             uploaded_bytes: uploaded,
             seconds: started.elapsed().as_secs_f64(),
         },

@@ -225,6 +225,33 @@ impl Layers {
         Ok(mnt)
     }
 
+    /// The disk digest ([`lazyblk_image_format::Index::disk_digest`]) of a remote layer, from its
+    /// index fetched with one range request and verified against the descriptor's index digest; the
+    /// index must also agree with the descriptor's `image-size`. Blocking.
+    pub fn disk_digest(&self, remote: &Remote) -> std::io::Result<String> {
+        let digest = lazyblk_image_format::parse_digest(&remote.index_digest)
+            .map_err(|e| std::io::Error::other(format!("index digest: {e}")))?;
+        let index = self
+            .rt
+            .block_on(crate::fetch::source::fetch_index(
+                &remote.source,
+                remote.index_offset,
+                remote.index_length,
+                digest,
+                &self.opts.registry.options(),
+            ))
+            .map_err(|e| std::io::Error::other(format!("index of {}: {e}", remote.source)))?;
+        if index.image_size() != remote.image_size {
+            return Err(std::io::Error::other(format!(
+                "index of {}: disk of {} bytes, but the descriptor says image-size {}",
+                remote.source,
+                index.image_size(),
+                remote.image_size
+            )));
+        }
+        Ok(lazyblk_image_format::digest_string(&index.disk_digest()))
+    }
+
     /// Ids of the layers attached now.
     pub fn attached_ids(&self) -> Vec<u64> {
         self.attached

@@ -37,12 +37,58 @@ pub const LABEL_REMOTE: &str = "containerd.io/snapshot/lazyblk.remote";
 /// How long a startup-trace lookup (found or not) is reused.
 const TRACE_LOOKUP_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Label on snapshots recorded from a `--referrer` artifact: the `REGISTRY/REPO` it was found in.
+pub const LABEL_PUBLISHER: &str = "containerd.io/snapshot/lazyblk.publisher";
+
+/// Whether `--referrer` artifacts are used at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReferrerMode {
+    /// Never: original images are unpacked by containerd.
+    Off,
+    /// Artifacts found in the image's own repository (Referrers API or tag fallback there).
+    SameRepository,
+}
+
+/// Which referrer artifacts the snapshotter accepts (docs/operations.md, "Trust model").
+#[derive(Debug, Clone)]
+pub struct ReferrerPolicy {
+    /// Off, or the image's own repository.
+    pub mode: ReferrerMode,
+    /// When not empty: only images in repositories matching one of these (`REGISTRY/REPO`, or a
+    /// prefix ending in `*`).
+    pub publishers: Vec<String>,
+}
+
+impl Default for ReferrerPolicy {
+    fn default() -> Self {
+        ReferrerPolicy {
+            mode: ReferrerMode::SameRepository,
+            publishers: vec![],
+        }
+    }
+}
+
+impl ReferrerPolicy {
+    /// Whether artifacts of images in `repo` (`REGISTRY/REPO`) are accepted.
+    pub fn accepts(&self, repo: &str) -> bool {
+        self.mode != ReferrerMode::Off
+            && (self.publishers.is_empty()
+                || self.publishers.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => repo.starts_with(prefix),
+                    None => repo == p,
+                }))
+    }
+}
+
 /// Finds what images' referrer artifacts add: lazyblk layers for ordinary image layers (`--referrer`
 /// conversions) and startup traces (`lazyblk trace push`).
 pub struct ReferrerLookup {
     rt: tokio::runtime::Handle,
     registry: crate::fetch::registry::RegistryOptions,
-    /// Manifest digest → (original layer digest → lazyblk layer source), negative results included.
+    policy: ReferrerPolicy,
+    /// `REGISTRY/REPO@manifest` → (original layer digest → lazyblk layer source), negative results
+    /// included. Keyed by repository: the same manifest in another repository is another publisher.
     cache: Mutex<std::collections::HashMap<String, std::collections::HashMap<String, Remote>>>,
     /// Where fetched traces are kept (`None`: traces are not looked up).
     trace_dir: Option<PathBuf>,
@@ -56,10 +102,12 @@ impl ReferrerLookup {
     pub fn new(
         rt: tokio::runtime::Handle,
         registry: crate::fetch::registry::RegistryOptions,
+        policy: ReferrerPolicy,
     ) -> ReferrerLookup {
         ReferrerLookup {
             rt,
             registry,
+            policy,
             cache: Mutex::new(std::collections::HashMap::new()),
             trace_dir: None,
             traces: Mutex::new(std::collections::HashMap::new()),
@@ -146,9 +194,6 @@ impl ReferrerLookup {
     /// The lazyblk layer converted from `layer_digest` of image manifest `manifest`, if a referrer
     /// artifact of that manifest has one. Lookup failures are logged and mean "no".
     fn find(&self, image_ref: &str, manifest: &str, layer_digest: &str) -> Option<Remote> {
-        if let Some(m) = self.cache.lock().expect("referrers lock").get(manifest) {
-            return m.get(layer_digest).cloned();
-        }
         let Ok(crate::image::ImageRef::Registry {
             registry,
             repository,
@@ -157,6 +202,14 @@ impl ReferrerLookup {
         else {
             return None;
         };
+        let publisher = format!("{registry}/{repository}");
+        if !self.policy.accepts(&publisher) {
+            return None;
+        }
+        let key = format!("{publisher}@{manifest}");
+        if let Some(m) = self.cache.lock().expect("referrers lock").get(&key) {
+            return m.get(layer_digest).cloned();
+        }
         let subject = crate::image::ImageRef::Registry {
             registry: registry.clone(),
             repository: repository.clone(),
@@ -169,7 +222,8 @@ impl ReferrerLookup {
             )
             .await
         });
-        let mut map = std::collections::HashMap::new();
+        let mut map: std::collections::HashMap<String, Remote> = std::collections::HashMap::new();
+        let mut conflicting = std::collections::HashSet::new();
         match found {
             Ok(Ok(artifacts)) => {
                 for (_, _, man) in artifacts {
@@ -183,7 +237,16 @@ impl ReferrerLookup {
                         with_ref.insert(LABEL_IMAGE_REF.into(), image_ref.to_string());
                         with_ref.insert(LABEL_LAYER_DIGEST.into(), l.digest.clone());
                         if let Ok(Some(r)) = remote_from_labels(&with_ref) {
-                            map.insert(src.clone(), r);
+                            // Two artifacts that disagree about a layer: neither is used (no
+                            // "last one wins" an attacker could order).
+                            match map.get(src) {
+                                Some(old) if old.index_digest != r.index_digest => {
+                                    conflicting.insert(src.clone());
+                                }
+                                _ => {
+                                    map.insert(src.clone(), r);
+                                }
+                            }
                         }
                     }
                 }
@@ -201,6 +264,10 @@ impl ReferrerLookup {
                 return None;
             }
         }
+        for c in &conflicting {
+            tracing::warn!(image = image_ref, manifest, layer = %c, "referrer artifacts disagree about this layer; unpacking it normally");
+            map.remove(c);
+        }
         tracing::info!(
             image = image_ref,
             manifest,
@@ -208,10 +275,7 @@ impl ReferrerLookup {
             "lazyblk referrer layers"
         );
         let r = map.get(layer_digest).cloned();
-        self.cache
-            .lock()
-            .expect("referrers lock")
-            .insert(manifest.to_string(), map);
+        self.cache.lock().expect("referrers lock").insert(key, map);
         r
     }
 }
@@ -318,6 +382,62 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
         },
         trace: None,
     }))
+}
+
+/// The chain ID of committed snapshot `name`: the target it was recorded under (remote layers), else
+/// the last `/`-separated part of its name (containerd names the snapshots it commits
+/// `NAMESPACE/ID/CHAIN_ID` in a proxy snapshotter).
+fn chain_id_of(store: &Store, name: &str) -> Option<String> {
+    let s = store.get(name)?;
+    let chain = s
+        .labels
+        .get(LABEL_TARGET)
+        .map(String::as_str)
+        .unwrap_or_else(|| name.rsplit('/').next().unwrap_or(name));
+    lazyblk_image_format::parse_digest(chain).ok()?;
+    Some(chain.to_string())
+}
+
+/// Refuses to commit converted layer `source` (disk digest `disk`) under chain ID `target` unless the
+/// chain ID commits to that disk: `target == disk` for a base layer, else
+/// `target == sha256(PARENT_CHAIN + " " + disk)` (containerd's chain-ID rule with the disk digest as
+/// the diff ID; docs/format.md, "Diff IDs and chain IDs"). Without this, an image could claim a
+/// popular base layer's diff ID for its own disk and every later image with that base on the node
+/// would run the impostor's files.
+fn check_chain(
+    store: &Store,
+    parent: &str,
+    target: &str,
+    disk: &str,
+    source: &str,
+) -> Result<(), Status> {
+    let expected = if parent.is_empty() {
+        disk.to_string()
+    } else {
+        let p = chain_id_of(store, parent).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "lazyblk layer {source}: parent snapshot {parent} has no chain ID"
+            ))
+        })?;
+        lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(
+            format!("{p} {disk}").as_bytes(),
+        ))
+    };
+    if expected != target {
+        tracing::error!(
+            layer = source,
+            target,
+            disk,
+            parent,
+            "chain ID does not name the lazyblk disk; refused"
+        );
+        return Err(Status::failed_precondition(format!(
+            "lazyblk layer {source}: the image's chain ID {target} does not commit to this layer's disk \
+             (disk digest {disk}, expected chain ID {expected}); a lazyblk layer's diff ID in the image \
+             config must be its disk digest — refusing (re-convert with this lazyblk)"
+        )));
+    }
+    Ok(())
 }
 
 /// Bytes (allocated blocks) and inodes under `dir`, not crossing mounts.
@@ -495,7 +615,21 @@ impl Snapshotter {
         }
         // Network lookups first, with no lock held: other snapshots' calls never wait for them.
         let target = labels.get(LABEL_TARGET).cloned();
-        let remote = match remote_from_labels(&labels)? {
+        let converted = remote_from_labels(&labels)?;
+        let is_converted = converted.is_some();
+        // The repository whose referrer artifact supplied the layer (None: a converted layer).
+        let publisher = match (is_converted, labels.get(LABEL_IMAGE_REF)) {
+            (false, Some(image)) => match crate::image::ImageRef::parse(image) {
+                Ok(crate::image::ImageRef::Registry {
+                    registry,
+                    repository,
+                    ..
+                }) => Some(format!("{registry}/{repository}")),
+                _ => None,
+            },
+            _ => None,
+        };
+        let remote = match converted {
             Some(r) => Some(r),
             // An ordinary layer: a `--referrer` artifact of its image may have a lazyblk version.
             None => match (
@@ -524,6 +658,14 @@ impl Snapshotter {
             }
             _ => None,
         };
+        // The layer's identity, from its verified index (one range request, no lock held).
+        let disk = match &remote {
+            Some(r) => Some(self.layers.disk_digest(r).map_err(|e| {
+                tracing::error!(layer = %r.source, error = %e, "remote layer refused");
+                Status::failed_precondition(format!("lazyblk layer {}: {e}", r.source))
+            })?),
+            None => None,
+        };
         // One short store transaction: checks, then the record.
         let (s, parents) = {
             let mut store = self.store.lock().expect("store lock");
@@ -543,10 +685,26 @@ impl Snapshotter {
                     _ => {}
                 }
             }
-            if let (Some(target), Some(remote)) = (target, remote) {
+            // A chain ID that another repository's referrer artifact defined already is not shared
+            // with this image (its artifact could not prove that disk): the layer is unpacked.
+            let other_publisher = target.as_ref().and_then(|t| store.get(t)).is_some_and(|t| {
+                t.labels.contains_key(LABEL_PUBLISHER)
+                    && t.labels.get(LABEL_PUBLISHER) != publisher.as_ref()
+            });
+            if other_publisher && remote.is_some() {
+                tracing::warn!(target = ?target, publisher = ?publisher, "chain defined by another repository's referrer artifact; unpacking this layer instead of sharing it");
+            }
+            let remote = remote.filter(|_| !other_publisher);
+            if let (Some(target), Some(remote), Some(disk)) = (&target, remote, disk) {
                 let target = target.as_str();
+                if is_converted {
+                    check_chain(&store, parent, target, &disk, &remote.source)?;
+                }
                 let mut labels = labels;
                 labels.insert(LABEL_REMOTE.into(), remote.source.clone());
+                if let Some(p) = &publisher {
+                    labels.insert(LABEL_PUBLISHER.into(), p.clone());
+                }
                 if store.get(target).is_some() {
                     return Err(Status::already_exists(format!(
                         "target snapshot {target} exists"
@@ -927,6 +1085,59 @@ mod tests {
             l.insert(format!("{LAZYBLK_PREFIX}{k}"), v.to_string());
         }
         l
+    }
+
+    #[test]
+    fn chain_ids_must_commit_to_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("m.redb")).unwrap();
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let chain = |p: &str, x: &str| {
+            lazyblk_image_format::digest_string(&lazyblk_image_format::sha256(
+                format!("{p} {x}").as_bytes(),
+            ))
+        };
+        let snap = |labels: BTreeMap<String, String>| Snapshot {
+            id: 1,
+            kind: Kind::Committed,
+            parent: String::new(),
+            labels,
+            created: (0, 0),
+            updated: (0, 0),
+            usage: (0, 0),
+            remote: None,
+        };
+        // A base layer: its chain ID is its disk digest, nothing else.
+        check_chain(&store, "", &d('a'), &d('a'), "s").unwrap();
+        let e = check_chain(&store, "", &d('b'), &d('a'), "s").unwrap_err();
+        assert!(e.message().contains("does not commit"), "{}", e.message());
+        // Over a parent containerd committed (named NAMESPACE/ID/CHAIN_ID).
+        let parent = format!("default/3/{}", d('c'));
+        store.put(&parent, snap(BTreeMap::new()), None).unwrap();
+        check_chain(&store, &parent, &chain(&d('c'), &d('a')), &d('a'), "s").unwrap();
+        assert!(check_chain(&store, &parent, &chain(&d('d'), &d('a')), &d('a'), "s").is_err());
+        // Over a remote parent recorded under its target.
+        let remote_parent = d('e');
+        store
+            .put(
+                &remote_parent,
+                snap([(LABEL_TARGET.to_string(), d('e'))].into()),
+                None,
+            )
+            .unwrap();
+        check_chain(
+            &store,
+            &remote_parent,
+            &chain(&d('e'), &d('a')),
+            &d('a'),
+            "s",
+        )
+        .unwrap();
+        // A parent whose name holds no chain ID is refused, not guessed.
+        store
+            .put("default/4/tmp", snap(BTreeMap::new()), None)
+            .unwrap();
+        assert!(check_chain(&store, "default/4/tmp", &d('a'), &d('a'), "s").is_err());
     }
 
     #[test]

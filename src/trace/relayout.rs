@@ -2,7 +2,7 @@
 //! before their index, so a node fetches the index and the startup set with one range request.
 //!
 //! Only the layer blobs change (same virtual disks, same chunk digests, new offsets and index
-//! digests); the config, and with it the diff IDs and chain IDs, stays the same.
+//! digests); the disk digests, so the config, its diff IDs and the chain IDs, stay the same.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -198,5 +198,9 @@ fn relayout_file(
         .map_err(|e| e.to_string())?
         .sync_all()
         .map_err(|e| e.to_string())?;
+    // The config's diff IDs (disk digests) stay valid only if the disk is the same.
+    if s.blob.disk_digest != index.disk_digest() {
+        return Err("relayout changed the disk (its disk digest); refusing".into());
+    }
     Ok(s)
 }
