@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use common::layer::{LayerTar, DEF, DIR, M};
 use common::*;
@@ -38,6 +38,16 @@ fn attach_mount_compare_detach() {
     );
     t.symlink("link", "etc/hostname");
     t.file(".wh.removed", DEF, b"");
+    // What an image author may put in a layer: a setuid-root program and a device node.
+    t.file(
+        "suid-id",
+        M {
+            mode: 0o4755,
+            ..DEF
+        },
+        &std::fs::read("/usr/bin/id").unwrap(),
+    );
+    t.device("null", tar::EntryType::Char, 1, 3, M { mode: 0o666, ..DEF });
     let tar = tmp.path().join("l.tar");
     std::fs::write(&tar, t.finish()).unwrap();
     let blob = tmp.path().join("l.blob");
@@ -76,6 +86,46 @@ fn attach_mount_compare_detach() {
         std::fs::write(mnt.join("new"), b"x").is_err(),
         "read-only mount"
     );
+    // The host honours neither: nosuid, nodev, and the superblock's error policy overridden.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} not in mountinfo", mnt.display()));
+    let opts = line.split(' ').nth(5).unwrap();
+    for o in ["ro", "nosuid", "nodev"] {
+        assert!(opts.split(',').any(|x| x == o), "{o} missing: {line}");
+    }
+    let sb = line.rsplit(' ').next().unwrap();
+    assert!(
+        sb.contains("errors=remount-ro"),
+        "superblock options: {line}"
+    );
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("null"))
+        .unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EACCES),
+        "device node opened: {e}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = run_ok(
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(mnt.join("suid-id"))
+                .arg("-u"),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "65534",
+            "setuid honoured"
+        );
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     let ls = run_ok(lazyblk().args(["ls", "--json", "--run-dir"]).arg(&run));
     let v: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(v[0]["device"], dev.as_str());
