@@ -364,3 +364,50 @@ fn files_over_4gib_stream_through() {
     }
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn dot_whiteouts_are_refused_and_overlay_xattrs_dropped() {
+    // `.wh..` / `.wh...` would whiteout `.` or `..`: entries no directory may hold.
+    for name in [&b"d/.wh.."[..], b"d/.wh...", b".wh.."] {
+        let mut t = LayerTar::new();
+        t.dir("d", DIR);
+        t.raw(name, EntryType::Regular, b"", b"");
+        assert_fails(&t.finish(), &["whiteout of"]);
+    }
+    // overlayfs attributes in PAX headers never reach the image; other trusted.* ones do.
+    let mut t = LayerTar::new();
+    t.pax(&[
+        ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+        ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+        ("SCHILY.xattr.trusted.kept", b"1"),
+    ]);
+    t.dir("o", DIR);
+    t.pax(&[("SCHILY.xattr.user.overlay.metacopy", b"")]);
+    t.file("o/f", DEF, b"data");
+    let (ok, stderr, work) = convert_in_scratch(&t.finish());
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("dropped an overlayfs attribute"),
+        "{stderr}"
+    );
+    if privileged() {
+        let img = work.path().join("img");
+        export_and_fsck(&work.path().join("run/deeper/still/out.blob"), &img);
+        let m = Mount::loop_ro(&img, &work.path().join("mnt"));
+        let attrs = |p: &str| {
+            String::from_utf8(
+                run_ok(
+                    Command::new("getfattr")
+                        .args(["-d", "-m", "-", "--absolute-names"])
+                        .arg(m.dir.join(p)),
+                )
+                .stdout,
+            )
+            .unwrap()
+        };
+        let o = attrs("o");
+        assert!(o.contains("trusted.kept"), "{o}");
+        assert!(!o.contains("overlay"), "{o}");
+        assert!(!attrs("o/f").contains("overlay"));
+    }
+}

@@ -42,7 +42,14 @@ pub struct TarStats {
     pub opaque_dirs: u64,
     /// Hard links.
     pub hardlinks: u64,
+    /// `trusted.overlay.*` / `user.overlay.*` attributes found in PAX headers and dropped.
+    pub dropped_overlay_xattrs: u64,
 }
+
+/// Attribute prefixes overlayfs interprets (opaque, redirect, metacopy, origin...). A layer's tar
+/// never sets them: the converter drops them (with a warning) so an image cannot steer overlayfs
+/// outside OCI semantics; opaque directories come from `.wh..wh..opq` markers only.
+pub const OVERLAY_XATTR_PREFIXES: &[&[u8]] = &[b"trusted.overlay.", b"user.overlay."];
 
 /// Reads every entry of `tar` into `builder`; returns the stats and the reader (positioned after the
 /// end-of-archive marker).
@@ -85,12 +92,22 @@ fn apply_entry<S: BlockSink, R: Read>(
     stats: &mut TarStats,
 ) -> Result<(), Ext4Error> {
     let path = clean_path(&e.path)?;
+    let mut xattrs = e.xattrs;
+    xattrs.retain(|name, _| {
+        let overlay = OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p));
+        if overlay {
+            stats.dropped_overlay_xattrs += 1;
+            let shown = display(&path);
+            tracing::warn!(path = %shown, xattr = %String::from_utf8_lossy(name), "dropped an overlayfs attribute from the tar (a layer does not drive overlayfs; OCI whiteouts do)");
+        }
+        !overlay
+    });
     let meta = Meta {
         perm: (e.mode & 0o7777) as u16,
         uid: id32(e.uid, "uid", &path)?,
         gid: id32(e.gid, "gid", &path)?,
         mtime: e.mtime,
-        xattrs: e.xattrs,
+        xattrs,
     };
 
     // OCI whiteouts.
@@ -103,10 +120,13 @@ fn apply_entry<S: BlockSink, R: Read>(
             return Ok(()); // aufs bookkeeping (.wh..wh.plnk and friends): containerd ignores these too
         }
         if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() {
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
                 return Err(Ext4Error::Path {
                     path: display(&path),
-                    reason: "whiteout without a name".into(),
+                    reason: format!(
+                        "whiteout of {:?} (a whiteout names one entry of its directory)",
+                        String::from_utf8_lossy(hidden)
+                    ),
                 });
             }
             let mut target = path[..path.len() - 1].to_vec();
