@@ -200,3 +200,194 @@ async fn bearer_token_flow_and_cached_redirects() {
         "redirect target not reused: {registry_hits} registry requests"
     );
 }
+
+/// What a recording server received: (path, Authorization header).
+type Seen = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A loopback HTTP/1.1 server answering each request with `answer(method, path, auth)` and
+/// recording every (path, Authorization) it receives.
+async fn recording(
+    answer: impl Fn(&str, &str, &str) -> Vec<u8> + Send + Sync + 'static,
+) -> (String, Seen) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen: Seen = Default::default();
+    let (answer, seen2) = (Arc::new(answer), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = l.accept().await.unwrap();
+            let (answer, seen) = (answer.clone(), seen2.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let mut auth = String::new();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("authorization") {
+                                auth = v.trim().to_string();
+                            }
+                        }
+                    }
+                    seen.lock().unwrap().push((path.clone(), auth.clone()));
+                    let resp = answer(&method, &path, &auth);
+                    if r.get_mut().write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn http(status: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Credentials are scoped to the host they were configured for: a token realm on another origin
+/// reached over plain HTTP gets none (an anonymous token request), a mirror gets none of the
+/// upstream's (it answers 401 and the read falls back to the registry), and a basic challenge from
+/// the registry itself over loopback is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_leave_their_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    t.file("f", DEF, &b"scoped ".repeat(100_000));
+    let tar = dir.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob_path = dir.path().join("l.blob");
+    let summary = convert(&tar, &blob_path);
+    let blob = Arc::new(std::fs::read(&blob_path).unwrap());
+    let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
+
+    // The realm: hands out a token to anyone (an anonymous pull token), records what it got.
+    let (realm, realm_seen) = recording(|_, _, _| {
+        http(
+            "200 OK",
+            "Content-Type: application/json\r\n",
+            r#"{"token":"anon"}"#,
+        )
+    })
+    .await;
+    // A mirror that wants basic auth: it must never see the upstream's credentials.
+    let (mirror, mirror_seen) = recording(|_, _, _| {
+        http(
+            "401 Unauthorized",
+            "WWW-Authenticate: Basic realm=\"mirror\"\r\n",
+            "",
+        )
+    })
+    .await;
+    // The registry: bearer challenge naming the foreign realm; serves ranges to the anonymous token.
+    let b2 = blob.clone();
+    let realm2 = realm.clone();
+    let (registry, registry_seen) = recording(move |method, _path, auth| {
+        if auth != "Bearer anon" {
+            return http(
+                "401 Unauthorized",
+                &format!(
+                    "WWW-Authenticate: Bearer realm=\"http://{realm2}/token\",service=\"r\"\r\n"
+                ),
+                "",
+            );
+        }
+        if method == "HEAD" {
+            return format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b2.len()).into_bytes();
+        }
+        let mut v = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b2.len()).into_bytes();
+        v.extend_from_slice(&b2);
+        v
+    })
+    .await;
+    let _ = registry_seen;
+    let secret = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{registry}":{{"auth":"{secret}"}}}}}}"#),
+    )
+    .unwrap();
+    let hosts = dir.path().join("certs.d");
+    std::fs::create_dir_all(hosts.join(&registry)).unwrap();
+    std::fs::write(
+        hosts.join(&registry).join("hosts.toml"),
+        format!("server = \"http://{registry}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\"]\n"),
+    )
+    .unwrap();
+    let opts = SourceOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            docker_config: Some(cfg),
+            hosts_dir: Some(hosts),
+        },
+        ..Default::default()
+    };
+    // The registry answers whole blobs (200, not 206): refused as a bad range answer, but only
+    // after the auth flow ran, which is what this test is about.
+    let _ = open_source(&format!("{registry}/team/app@{digest}"), &opts).await;
+    let realm_seen = realm_seen.lock().unwrap().clone();
+    assert!(!realm_seen.is_empty(), "the token realm was never asked");
+    for (path, auth) in &realm_seen {
+        assert!(
+            auth.is_empty(),
+            "credentials sent to a foreign plain-HTTP realm: {path} {auth}"
+        );
+    }
+    let mirror_seen = mirror_seen.lock().unwrap().clone();
+    assert!(!mirror_seen.is_empty(), "the mirror was never tried");
+    for (path, auth) in &mirror_seen {
+        assert!(auth.is_empty(), "the mirror got credentials: {path} {auth}");
+    }
+}
+
+#[test]
+fn credential_channels() {
+    use lazyblk::fetch::registry::{realm_may_get_credentials, secure_channel};
+    let u = |s: &str| reqwest::Url::parse(s).unwrap();
+    assert!(secure_channel(&u("https://r.example.com/v2/")));
+    assert!(secure_channel(&u("http://127.0.0.1:5000/v2/")));
+    assert!(secure_channel(&u("http://localhost:5000/v2/")));
+    assert!(!secure_channel(&u("http://r.example.com/v2/")));
+    assert!(!secure_channel(&u("http://10.0.0.1:5000/v2/")));
+    let ok = |e: &str, r: &str| realm_may_get_credentials(&u(e), &u(r));
+    assert!(ok(
+        "https://registry-1.docker.io/v2/",
+        "https://auth.docker.io/token"
+    ));
+    assert!(ok(
+        "https://registry.gitlab.com/v2/",
+        "https://gitlab.com/jwt/auth"
+    ));
+    assert!(ok(
+        "http://127.0.0.1:5000/v2/",
+        "http://127.0.0.1:5000/token"
+    ));
+    assert!(!ok(
+        "http://127.0.0.1:5000/v2/",
+        "http://127.0.0.1:5001/token"
+    ));
+    assert!(!ok(
+        "https://r.example.com/v2/",
+        "https://evil.example.org/token"
+    ));
+    assert!(!ok(
+        "https://r.example.com/v2/",
+        "http://auth.example.com/token"
+    ));
+    assert!(!ok("https://10.0.0.1/v2/", "https://10.0.0.2/token"));
+}

@@ -220,9 +220,55 @@ pub struct RepoClient {
     /// Repository path.
     pub repository: String,
     endpoints: Vec<Endpoint>,
-    creds: Option<Credentials>,
+    /// Credentials per endpoint origin (`scheme://host:port`): the registry's for the registry, a
+    /// mirror's own for a mirror (never the upstream's).
+    creds: std::collections::HashMap<String, Credentials>,
     push: bool,
-    auth: tokio::sync::Mutex<Option<HeaderValue>>,
+    /// The Authorization header per endpoint origin (a bearer token or basic credentials).
+    auth: tokio::sync::Mutex<std::collections::HashMap<String, HeaderValue>>,
+}
+
+/// `scheme://host:port` of `u` (the unit credentials and tokens are scoped to).
+pub fn origin_of(u: &Url) -> String {
+    u.origin().ascii_serialization()
+}
+
+/// Whether credentials may travel to `u`: HTTPS, or plain HTTP to a loopback address.
+pub fn secure_channel(u: &Url) -> bool {
+    if u.scheme() == "https" {
+        return true;
+    }
+    match u.host() {
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        Some(url::Host::Domain(d)) => d == "localhost",
+        None => false,
+    }
+}
+
+/// Whether credentials of the registry at `endpoint` may go to token realm `realm`: over a secure
+/// channel, and either the same origin, or (both HTTPS) a host under the registry's parent domain
+/// (`registry-1.docker.io` → `auth.docker.io`, `registry.gitlab.com` → `gitlab.com`).
+pub fn realm_may_get_credentials(endpoint: &Url, realm: &Url) -> bool {
+    if !secure_channel(realm) || !secure_channel(endpoint) {
+        return false;
+    }
+    if origin_of(endpoint) == origin_of(realm) {
+        return true;
+    }
+    if endpoint.scheme() != "https" || realm.scheme() != "https" {
+        return false;
+    }
+    let (Some(url::Host::Domain(e)), Some(url::Host::Domain(r))) = (endpoint.host(), realm.host())
+    else {
+        return false;
+    };
+    let labels: Vec<&str> = e.split('.').collect();
+    if labels.len() < 2 {
+        return false;
+    }
+    let parent = labels[labels.len() - 2..].join(".");
+    r == parent || r.ends_with(&format!(".{parent}"))
 }
 
 impl RepoClient {
@@ -234,14 +280,30 @@ impl RepoClient {
         opts: &RegistryOptions,
         push: bool,
     ) -> Result<RepoClient, String> {
+        let endpoints = endpoints(registry, opts)?;
+        let mut creds = std::collections::HashMap::new();
+        for ep in &endpoints {
+            let host = if ep.mirror {
+                match (ep.base.host_str(), ep.base.port()) {
+                    (Some(h), Some(p)) => format!("{h}:{p}"),
+                    (Some(h), None) => h.to_string(),
+                    _ => continue,
+                }
+            } else {
+                registry.to_string()
+            };
+            if let Some(c) = docker_credentials(&host, opts.docker_config.as_deref()) {
+                creds.insert(origin_of(&ep.base), c);
+            }
+        }
         Ok(RepoClient {
             client,
             registry: registry.to_string(),
             repository: repository.to_string(),
-            endpoints: endpoints(registry, opts)?,
-            creds: docker_credentials(registry, opts.docker_config.as_deref()),
+            endpoints,
+            creds,
             push,
-            auth: tokio::sync::Mutex::new(None),
+            auth: tokio::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -281,14 +343,18 @@ impl RepoClient {
         build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
     ) -> Result<reqwest::Response, FetchError> {
         let what = redact(url);
+        let origin = origin_of(url);
+        // Credentials and tokens only for the endpoints of this client, each its own: a URL on any
+        // other origin (an upload Location elsewhere, say) gets no Authorization header at all.
+        let known = self.endpoints.iter().any(|e| origin_of(&e.base) == origin);
         let mut tried_auth = false;
         loop {
             let mut rb = build(&self.client, url.clone());
-            if let Some(h) = self.auth.lock().await.clone() {
+            if let Some(h) = self.auth.lock().await.get(&origin).cloned() {
                 rb = rb.header(AUTHORIZATION, h);
             }
             let resp = rb.send().await.map_err(|e| classify(e, &what))?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !tried_auth {
+            if resp.status() == StatusCode::UNAUTHORIZED && !tried_auth && known {
                 tried_auth = true;
                 let challenge = resp
                     .headers()
@@ -296,7 +362,7 @@ impl RepoClient {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                self.authenticate(&challenge, &what).await?;
+                self.authenticate(&challenge, &what, url).await?;
                 continue;
             }
             if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
@@ -338,17 +404,30 @@ impl RepoClient {
 
     /// Answers a `WWW-Authenticate` challenge: a bearer token from the realm (with basic credentials if
     /// we have them), or basic auth directly.
-    async fn authenticate(&self, challenge: &str, what: &str) -> Result<(), FetchError> {
+    async fn authenticate(
+        &self,
+        challenge: &str,
+        what: &str,
+        endpoint_url: &Url,
+    ) -> Result<(), FetchError> {
         let (scheme, params) = parse_challenge(challenge);
+        let origin = origin_of(endpoint_url);
+        let creds = self.creds.get(&origin);
         let mut auth = self.auth.lock().await;
         if scheme.eq_ignore_ascii_case("basic") {
-            let c = self.creds.as_ref().ok_or_else(|| {
+            let c = creds.ok_or_else(|| {
                 FetchError::permanent(
                     "auth",
-                    format!("{what}: registry wants basic auth and no credentials are configured"),
+                    format!("{what}: registry wants basic auth and no credentials are configured for {origin}"),
                 )
             })?;
-            *auth = Some(basic_header(c));
+            if !secure_channel(endpoint_url) {
+                return Err(FetchError::permanent(
+                    "auth",
+                    format!("{what}: refusing to send credentials over plain HTTP to a non-loopback host (use HTTPS)"),
+                ));
+            }
+            auth.insert(origin, basic_header(c));
             return Ok(());
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
@@ -376,8 +455,12 @@ impl RepoClient {
             q.append_pair("scope", &scope);
         }
         let mut rb = self.client.get(url.clone());
-        if let Some(c) = &self.creds {
-            rb = rb.header(AUTHORIZATION, basic_header(c));
+        if let Some(c) = creds {
+            if realm_may_get_credentials(endpoint_url, &url) {
+                rb = rb.header(AUTHORIZATION, basic_header(c));
+            } else {
+                tracing::warn!(endpoint = %origin, realm = %redact(&url), "not sending credentials to a token realm on another host or over plain HTTP; asking for an anonymous token");
+            }
         }
         let resp = rb.send().await.map_err(|e| classify(e, "token endpoint"))?;
         if !resp.status().is_success() {
@@ -401,7 +484,7 @@ impl RepoClient {
             FetchError::permanent("auth", "token endpoint: token is not a valid header value")
         })?;
         h.set_sensitive(true);
-        *auth = Some(h);
+        auth.insert(origin, h);
         Ok(())
     }
 }
