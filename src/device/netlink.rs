@@ -160,7 +160,13 @@ impl GenlSocket {
                 if mseq == seq {
                     match mtype {
                         NLMSG_ERROR => {
-                            let err = i32::from_ne_bytes(body[0..4].try_into().expect("4"));
+                            let Some(code) = body.get(0..4) else {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "netlink error message without an error code",
+                                ));
+                            };
+                            let err = i32::from_ne_bytes(code.try_into().expect("4"));
                             if err != 0 {
                                 return Err(io::Error::from_raw_os_error(-err));
                             }

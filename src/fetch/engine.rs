@@ -126,6 +126,11 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// Largest prefetch hint served (bytes of disk).
+pub const MAX_HINT_BYTES: u64 = 32 << 20;
+/// Prefetch hints of one layer running at once.
+pub const MAX_HINT_PREFETCHES: usize = 4;
+
 struct Inner {
     name: String,
     remote: Arc<dyn RangeReader>,
@@ -138,6 +143,8 @@ struct Inner {
     inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
+    /// Client prefetch hints (NBD_CMD_CACHE) running now; at most [`MAX_HINT_PREFETCHES`].
+    hints: Arc<AtomicUsize>,
     readahead: Readahead,
     cached: Mutex<Vec<bool>>,
     access: Mutex<AccessLog>,
@@ -293,6 +300,7 @@ impl Engine {
                 inflight: Mutex::new(HashMap::new()),
                 fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
                 foreground: AtomicUsize::new(0),
+                hints: Arc::new(AtomicUsize::new(0)),
                 readahead: Readahead::new(opts.readahead_chunks, chunk_count),
                 cached: Mutex::new(cached),
                 opts,
@@ -1036,8 +1044,29 @@ impl BlockSource for Engine {
         self.read_cached_into(offset, buf)
     }
     fn prefetch(&self, offset: u64, len: u64) {
-        if let Ok(chunks) = self.inner.index.chunks_for(offset, len) {
-            self.spawn_prefetch(chunks);
+        // A hint, bounded like a read: at most MAX_HINT_BYTES each, MAX_HINT_PREFETCHES at once
+        // (further hints are dropped), so a client cannot make the node decode the whole disk.
+        let len = len.min(MAX_HINT_BYTES);
+        let Ok(chunks) = self.inner.index.chunks_for(offset, len) else {
+            return;
+        };
+        let hints = self.inner.hints.clone();
+        if hints.fetch_add(1, Relaxed) >= MAX_HINT_PREFETCHES {
+            hints.fetch_sub(1, Relaxed);
+            return;
         }
+        struct Release(Arc<AtomicUsize>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        let release = Release(hints);
+        let me = self.clone();
+        self.spawn_task(async move {
+            let _release = release;
+            let deadline = Instant::now() + me.inner.opts.read_deadline;
+            let _ = me.get_chunks(chunks, deadline, true).await;
+        });
     }
 }

@@ -470,11 +470,9 @@ impl RepoClient {
                 kind: "auth",
             });
         }
-        let v: serde_json::Value = resp.json().await.map_err(|e| {
-            FetchError::transient(
-                "auth",
-                format!("token endpoint: bad response: {}", e.without_url()),
-            )
+        let body = super::remote::read_body(resp, 1 << 20, "token endpoint").await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            FetchError::transient("auth", format!("token endpoint: bad response: {e}"))
         })?;
         let token = v["token"]
             .as_str()
@@ -691,6 +689,8 @@ pub fn registry_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(std::time::Duration::from_secs(10))
+        // No answer (headers or body bytes) within this: the attempt fails and is retried.
+        .read_timeout(super::remote::body_idle())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .user_agent(concat!("lazyblk/", env!("CARGO_PKG_VERSION")))
         .build()

@@ -102,6 +102,111 @@ pub fn classify(e: reqwest::Error, what: &str) -> FetchError {
     FetchError::transient("network", format!("{what}: {e}"))
 }
 
+/// How long a registry answer may send nothing (headers or body) before the attempt is abandoned,
+/// and the window over which it must send at least [`MIN_BYTES_PER_WINDOW`] (a trickle of a byte a
+/// second is abandoned too). `LAZYBLK_BODY_IDLE_SECS` overrides the 30 s default (tests).
+pub fn body_idle() -> std::time::Duration {
+    static IDLE: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        let secs = std::env::var("LAZYBLK_BODY_IDLE_SECS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(30);
+        std::time::Duration::from_secs(secs)
+    })
+}
+
+/// Least bytes a body must deliver per [`body_idle`] window (or finish).
+pub const MIN_BYTES_PER_WINDOW: u64 = 64 << 10;
+
+/// Paces a response body: each chunk must come within [`body_idle`], and every window of that
+/// length must bring [`MIN_BYTES_PER_WINDOW`] bytes.
+pub struct BodyPace {
+    window_start: std::time::Instant,
+    in_window: u64,
+}
+
+impl Default for BodyPace {
+    fn default() -> Self {
+        BodyPace {
+            window_start: std::time::Instant::now(),
+            in_window: 0,
+        }
+    }
+}
+
+impl BodyPace {
+    /// The next chunk of `resp` (None at its end), or a transient error when the sender stalls or
+    /// trickles.
+    pub async fn next(
+        &mut self,
+        resp: &mut reqwest::Response,
+        what: &str,
+    ) -> Result<Option<Bytes>, FetchError> {
+        let idle = body_idle();
+        let chunk = tokio::time::timeout(idle, resp.chunk())
+            .await
+            .map_err(|_| {
+                FetchError::transient(
+                    "timeout",
+                    format!("{what}: no data for {} s", idle.as_secs()),
+                )
+            })?
+            .map_err(|e| {
+                FetchError::transient(
+                    "truncated",
+                    format!("{what}: reading the body: {}", e.without_url()),
+                )
+            })?;
+        if let Some(c) = &chunk {
+            self.in_window += c.len() as u64;
+            if self.window_start.elapsed() >= idle {
+                if self.in_window < MIN_BYTES_PER_WINDOW {
+                    return Err(FetchError::transient(
+                        "timeout",
+                        format!(
+                            "{what}: too slow ({} bytes in {} s)",
+                            self.in_window,
+                            idle.as_secs()
+                        ),
+                    ));
+                }
+                self.window_start = std::time::Instant::now();
+                self.in_window = 0;
+            }
+        }
+        Ok(chunk)
+    }
+}
+
+/// The whole body of `resp`, refused (without reading further) once it is over `limit` bytes,
+/// whatever Content-Length or chunked encoding say; paced like [`BodyPace`].
+pub async fn read_body(
+    mut resp: reqwest::Response,
+    limit: u64,
+    what: &str,
+) -> Result<Bytes, FetchError> {
+    let too_big = || {
+        FetchError::permanent(
+            "too_large",
+            format!("{what}: response body over the {limit}-byte limit"),
+        )
+    };
+    if content_length(&resp).is_some_and(|l| l > limit) {
+        return Err(too_big());
+    }
+    let mut pace = BodyPace::default();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(c) = pace.next(&mut resp, what).await? {
+        if buf.len() as u64 + c.len() as u64 > limit {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&c);
+    }
+    Ok(buf.freeze())
+}
+
 /// Reads a ranged response body, checking status and length.
 pub async fn ranged_body(
     resp: reqwest::Response,
@@ -111,12 +216,17 @@ pub async fn ranged_body(
     let status = resp.status();
     let want = range.end - range.start;
     if status == reqwest::StatusCode::PARTIAL_CONTENT {
-        let body = resp.bytes().await.map_err(|e| {
-            FetchError::transient(
-                "truncated",
-                format!("{what}: reading body of {range:?}: {}", e.without_url()),
-            )
-        })?;
+        // Never more than the range asked for is read (a longer answer is wrong anyway).
+        let body = match read_body(resp, want, &format!("{what}: range {range:?}")).await {
+            Ok(b) => b,
+            Err(e) if e.kind == "too_large" => {
+                return Err(FetchError::transient(
+                    "truncated",
+                    format!("{what}: range {range:?}: more than the {want} bytes asked for"),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
         if body.len() as u64 != want {
             return Err(FetchError::transient(
                 "truncated",

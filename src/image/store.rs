@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use super::oci::{Descriptor, ImageIndex, OCI_INDEX};
 use super::ImageError;
 use crate::fetch::registry::{redirect_target, registry_client, RegistryOptions, RepoClient};
-use crate::fetch::remote::redact;
+use crate::fetch::remote::{read_body, redact, BodyPace};
 use crate::fetch::BoxFuture;
 
 /// Largest manifest, index or config accepted (bounded before reading).
@@ -159,10 +159,13 @@ impl RegistryStore {
 
     async fn status_error(what: &str, resp: reqwest::Response) -> ImageError {
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
+        let body = read_body(resp, 64 << 10, what).await.unwrap_or_default();
         ImageError(format!(
             "{what}: HTTP {status}: {}",
-            body.chars().take(300).collect::<String>()
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(300)
+                .collect::<String>()
         ))
     }
 
@@ -228,15 +231,10 @@ impl ImageStore for RegistryStore {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            if resp.content_length().is_some_and(|l| l > MAX_DOCUMENT) {
-                return Err(ImageError(format!(
-                    "{what}: manifest larger than {MAX_DOCUMENT} bytes"
-                )));
-            }
-            let bytes = resp
-                .bytes()
+            // Bounded whatever the headers say (chunked encoding has no Content-Length).
+            let bytes = read_body(resp, MAX_DOCUMENT, &format!("manifest {what}"))
                 .await
-                .map_err(|e| ImageError(format!("{what}: {}", e.without_url())))?;
+                .map_err(|e| ImageError(e.message))?;
             let digest = sha256_hex(&bytes);
             if reference.starts_with("sha256:") && digest != reference {
                 return Err(ImageError(format!(
@@ -266,10 +264,9 @@ impl ImageStore for RegistryStore {
             if !resp.status().is_success() {
                 return Err(Self::status_error(&format!("GET blob {}", desc.digest), resp).await);
             }
-            let bytes = resp
-                .bytes()
+            let bytes = read_body(resp, desc.size, &format!("blob {}", desc.digest))
                 .await
-                .map_err(|e| ImageError(format!("blob {}: {}", desc.digest, e.without_url())))?;
+                .map_err(|e| ImageError(e.message))?;
             if bytes.len() as u64 != desc.size || sha256_hex(&bytes) != desc.digest {
                 return Err(ImageError(format!(
                     "blob {}: content does not match its descriptor (corrupt source)",
@@ -292,10 +289,12 @@ impl ImageStore for RegistryStore {
                 return Err(Self::status_error(&format!("GET blob {}", desc.digest), resp).await);
             }
             let mut out = VerifyingFile::create(path, desc)?;
-            while let Some(chunk) = resp
-                .chunk()
+            let mut pace = BodyPace::default();
+            let what = format!("blob {}", desc.digest);
+            while let Some(chunk) = pace
+                .next(&mut resp, &what)
                 .await
-                .map_err(|e| ImageError(format!("blob {}: {}", desc.digest, e.without_url())))?
+                .map_err(|e| ImageError(e.message))?
             {
                 out.write(&chunk)?;
             }
