@@ -475,6 +475,33 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
             .arg(&work),
     );
     std::fs::copy("/bin/busybox", work.join("rootfs/bin/busybox-static")).unwrap();
+    // A setuid-root program (as root it drops to 65534 and re-executes itself, then prints its
+    // effective uid) and a device node: layer mounts are nosuid,nodev on the host, but containers
+    // must still get both through their overlay mount.
+    let src = dir.join("suidcheck.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <unistd.h>\nint main(int c, char **v) {\n  if (c > 1) { printf(\"euid=%d\\n\", (int)geteuid()); return 0; }\n  if (setgid(65534) || setuid(65534)) return 2;\n  execl(\"/usr/local/bin/suidcheck\", \"suidcheck\", \"x\", (char *)0);\n  return 3;\n}\n",
+    )
+    .unwrap();
+    let bin = work.join("rootfs/usr/local/bin/suidcheck");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    run_ok(
+        Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&bin)
+            .arg(&src),
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    }
+    run_ok(
+        Command::new("mknod")
+            .args(["-m", "666"])
+            .arg(work.join("rootfs/srv/null"))
+            .args(["c", "1", "3"]),
+    );
     run_ok(
         Command::new("umoci")
             .args(["repack", "--image"])
@@ -641,6 +668,22 @@ fn containerd_runs_images_from_lazyblk_layers() {
             .arg(&env.sock),
     ));
     assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    // The state directories are root's alone: no local user walks into images' files (the test's
+    // own temporary directory opened up so that only lazyblk's modes stand in the way).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["", "layers", "snapshots", "cache", "run"] {
+        let p = env.root.join(d);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", p.display());
+        let nobody = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(!nobody.status.success(), "nobody can list {}", p.display());
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     let _chain = out
         .split("chain ")
         .nth(1)
@@ -671,13 +714,22 @@ fn containerd_runs_images_from_lazyblk_layers() {
     assert_eq!(body.trim(), "<h1>lazyblk</h1>");
     eprintln!("web1 ready after {ready:?} (create → first HTTP 200, after ctr run returned)");
     let recorded = recorder.wait_with_output().unwrap();
+    // `--allow-new-privs`: ctr's default spec sets NoNewPrivileges, which would hide setuid anyway.
     let seen = stdout(run_ok(env.ctr("default").args([
-        "run", "--rm", "--snapshotter", "lazyblk", &image, "probe",
-        "sh", "-c", "cat /etc/apt/NEW; test ! -e /usr/share/doc && echo whiteout-ok; echo x > /tmp/w && cat /tmp/w",
+        "run", "--rm", "--allow-new-privs", "--snapshotter", "lazyblk", &image, "probe",
+        "sh", "-c", "cat /etc/apt/NEW; test ! -e /usr/share/doc && echo whiteout-ok; echo x > /tmp/w && cat /tmp/w; echo y > /srv/null && echo device-ok; /usr/local/bin/suidcheck",
     ])));
     assert!(
         seen.contains("replaced by layer 2") && seen.contains("whiteout-ok") && seen.contains('x'),
         "{seen}"
+    );
+    assert!(
+        seen.contains("device-ok"),
+        "device node unusable in the container: {seen}"
+    );
+    assert!(
+        seen.contains("euid=0"),
+        "setuid not honoured in the container: {seen}"
     );
 
     // The rootfs equals the same image unpacked by containerd's own overlayfs snapshotter.

@@ -411,3 +411,20 @@ fn dot_whiteouts_are_refused_and_overlay_xattrs_dropped() {
         assert!(!attrs("o/f").contains("overlay"));
     }
 }
+
+#[test]
+fn data_after_the_end_of_the_archive_is_bounded() {
+    let mut t = LayerTar::new();
+    t.file("f", DEF, b"x");
+    let tar = t.finish();
+    // Padding after the end-of-archive marker is accepted...
+    let mut padded = tar.clone();
+    padded.extend_from_slice(&[0u8; 10240]);
+    let (ok, stderr, _w) = convert_in_scratch(&padded);
+    assert!(ok, "{stderr}");
+    // ...but not an endless stream of it (a few KiB of gzip inflating to 17 MiB here).
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&tar).unwrap();
+    gz.write_all(&vec![0u8; 17 << 20]).unwrap();
+    assert_fails(&gz.finish().unwrap(), &["end-of-archive"]);
+}

@@ -8,7 +8,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::layer::{LayerTar, DEF, DIR};
 use common::*;
@@ -404,4 +406,99 @@ fn sixteen_layers_under_sixty_four_readers_each() {
     );
     let v = ls(&run);
     assert!(v.iter().all(|l| l["read_errors"] == 0), "{v:?}");
+}
+
+/// Peak resident memory of `pid` (VmHWM), bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// A hostile image: a 4 GiB file of one repeated byte (each 256 KiB chunk stores as a few dozen
+/// bytes), attached with background fill. Batches are bounded by decoded bytes, not stored bytes,
+/// so the daemon's peak memory stays near its budget instead of holding gigabytes decoded.
+#[test]
+fn a_layer_of_one_repeated_byte_fills_within_the_memory_budget() {
+    if !usable() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = tmp.path().join("a.blob");
+    let size: u64 = 4 << 30;
+    let gen = r#"
+import sys, tarfile, io
+size = int(sys.argv[1])
+class A(io.RawIOBase):
+    def __init__(s): s.left = size
+    def readable(s): return True
+    def readinto(s, b):
+        n = min(len(b), s.left)
+        b[:n] = b'A' * n
+        s.left -= n
+        return n
+t = tarfile.open(fileobj=sys.stdout.buffer, mode='w|', format=tarfile.PAX_FORMAT)
+ti = tarfile.TarInfo('a'); ti.size = size; ti.mode = 0o644; ti.mtime = 1600000000
+t.addfile(ti, io.BufferedReader(A(), 1 << 20))
+t.close()
+"#;
+    let mut py = Command::new("python3")
+        .args(["-c", gen, &size.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    run_ok(
+        lazyblk()
+            .args(["layer", "convert", "-", "-o"])
+            .arg(&blob)
+            .stdin(py.stdout.take().unwrap()),
+    );
+    assert!(py.wait().unwrap().success());
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let cache = tmp.path().join("cache");
+    let mut d = NodeDaemon::start(
+        &run,
+        &["--memory-mib", "64", "--cache-dir", cache.to_str().unwrap()],
+    );
+    let mnt = tmp.path().join("mnt");
+    attach(&run, &blob, &mnt, &["--fill"]);
+    let t = std::time::Instant::now();
+    loop {
+        let l = ls(&run);
+        if l[0]["fill"].as_f64().unwrap_or(0.0) >= 1.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "fill did not finish: {l:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The file reads back (its last bytes, after the fill put every chunk in the cache).
+    let f = std::fs::File::open(mnt.join("a")).unwrap();
+    let mut tail = [0u8; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, size - 4096).unwrap();
+    assert!(tail.iter().all(|&b| b == b'A'));
+    drop(f);
+    let peak = peak_rss(d.child.id());
+    eprintln!(
+        "daemon peak RSS after filling 4 GiB of one byte: {} MiB",
+        peak >> 20
+    );
+    assert!(
+        peak < 400 << 20,
+        "daemon peak RSS {} MiB for a 64 MiB memory budget",
+        peak >> 20
+    );
+    run_ok(lazyblk().args(["detach", "all", "--run-dir"]).arg(&run));
+    d.kill9();
 }

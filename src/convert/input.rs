@@ -141,6 +141,9 @@ impl<R> Drop for RawTap<R> {
     }
 }
 
+/// Most bytes accepted after a tar's end-of-archive marker (padding).
+pub const MAX_TRAILING_BYTES: u64 = 16 << 20;
+
 impl LayerStream {
     /// Opens `input`, detecting its compression.
     pub fn open<R: Read + Send + 'static>(input: R) -> Result<LayerStream, InputError> {
@@ -166,7 +169,20 @@ impl LayerStream {
     /// Reads the rest of the stream (so trailing padding and the compressed stream's own checksums are
     /// checked) and returns `(layer digest, compressed bytes, diff ID, tar bytes)`.
     pub fn finish(mut self) -> io::Result<([u8; 32], u64, [u8; 32], u64)> {
-        io::copy(&mut self.tar, &mut io::sink())?;
+        // Bounded: a few bytes of zero padding follow a tar's end in practice, never gigabytes
+        // (a small compressed layer could otherwise keep the converter inflating zeros for hours).
+        let trailing = io::copy(
+            &mut (&mut self.tar).take(MAX_TRAILING_BYTES + 1),
+            &mut io::sink(),
+        )?;
+        if trailing > MAX_TRAILING_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "more than {MAX_TRAILING_BYTES} bytes follow the tar's end-of-archive marker"
+                ),
+            ));
+        }
         let (diff_id, tar_bytes) = self.tar.finish();
         // The decoder thread has been joined and has dropped the decoder and with it the tap, which
         // published the compressed digest.

@@ -106,6 +106,8 @@ pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 
 /// A trace replay fetches this many stored bytes per window.
 const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
+/// Most decoded bytes one fill batch or replay window holds (whatever they compress to).
+pub const MAX_BATCH_DECODED: u64 = 16 << 20;
 
 /// What a trace replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -143,6 +145,8 @@ struct Inner {
     inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
+    /// Background disk-cache write tasks running now.
+    disk_writes: AtomicUsize,
     /// Client prefetch hints (NBD_CMD_CACHE) running now; at most [`MAX_HINT_PREFETCHES`].
     hints: Arc<AtomicUsize>,
     readahead: Readahead,
@@ -301,6 +305,7 @@ impl Engine {
                 fetch_slots: Semaphore::new(opts.max_parallel_fetches.max(1)),
                 foreground: AtomicUsize::new(0),
                 hints: Arc::new(AtomicUsize::new(0)),
+                disk_writes: AtomicUsize::new(0),
                 readahead: Readahead::new(opts.readahead_chunks, chunk_count),
                 cached: Mutex::new(cached),
                 opts,
@@ -353,6 +358,7 @@ impl Engine {
         let mut seen = vec![false; idx.chunk_count() as usize];
         let mut windows: Vec<Vec<u64>> = vec![Vec::new()];
         let mut window_bytes = 0u64;
+        let mut window_decoded = 0u64;
         let mut memory_budget = inner.mem.capacity() / 2;
         let mut to_memory = Vec::new();
         for &c in chunks {
@@ -362,13 +368,18 @@ impl Engine {
             seen[c as usize] = true;
             stats.wanted += 1;
             let stored = idx.entry(c).stored_len as u64;
-            if window_bytes > 0 && window_bytes + stored > REPLAY_WINDOW_BYTES {
+            let len = idx.chunk_len(c) as u64;
+            if window_bytes > 0
+                && (window_bytes + stored > REPLAY_WINDOW_BYTES
+                    || window_decoded + len > MAX_BATCH_DECODED)
+            {
                 windows.push(Vec::new());
                 window_bytes = 0;
+                window_decoded = 0;
             }
             window_bytes += stored;
+            window_decoded += len;
             windows.last_mut().expect("one window").push(c);
-            let len = idx.chunk_len(c) as u64;
             if memory_budget >= len {
                 memory_budget -= len;
                 to_memory.push(true);
@@ -716,6 +727,8 @@ impl Engine {
                 match self.decode(c, &stored) {
                     Ok(b) => {
                         inner.metrics.disk_hits.fetch_add(1, Relaxed);
+                        // On disk already (another layer's identical chunk, say): local.
+                        self.mark_cached(c);
                         self.finish(c, Ok(b), senders.remove(&c), to_memory);
                     }
                     Err(e) => {
@@ -853,31 +866,41 @@ impl Engine {
         let inner = &self.inner;
         let mut out = Vec::with_capacity(res.len());
         let mut to_disk = Vec::new();
-        {
-            let mut cached = inner.cached.lock().expect("cached lock");
-            for (c, b, stored) in res {
-                if !cached[c as usize] {
-                    cached[c as usize] = true;
-                    inner.metrics.fill_done.fetch_add(1, Relaxed);
-                }
-                if inner.opts.disk_cache.is_some() {
-                    to_disk.push((inner.index.entry(c).digest, stored));
-                }
-                out.push((c, b));
+        for (c, b, stored) in res {
+            if inner.opts.disk_cache.is_some() {
+                to_disk.push((c, inner.index.entry(c).digest, stored));
+            } else {
+                self.mark_cached(c);
             }
+            out.push((c, b));
         }
         if let Some(dc) = inner.opts.disk_cache.clone() {
-            let name = inner.name.clone();
+            // A chunk counts as local (filled) only once its disk write is done.
+            let me = self.clone();
+            inner.disk_writes.fetch_add(1, Relaxed);
             tokio::task::spawn_blocking(move || {
-                for (d, stored) in to_disk {
+                for (c, d, stored) in to_disk {
                     debug_assert_eq!(sha256(&stored), d);
-                    if let Err(e) = dc.put(&d, &stored) {
-                        tracing::warn!(layer = %name, error = %e, "disk cache write failed");
+                    match dc.put(&d, &stored) {
+                        Ok(()) => me.mark_cached(c),
+                        Err(e) => {
+                            tracing::warn!(layer = %me.inner.name, chunk = c, error = %e, "disk cache write failed")
+                        }
                     }
                 }
+                me.inner.disk_writes.fetch_sub(1, Relaxed);
             });
         }
         out
+    }
+
+    /// Records chunk `c` as local (in the disk cache, or in memory without one).
+    fn mark_cached(&self, c: u64) {
+        let mut cached = self.inner.cached.lock().expect("cached lock");
+        if !cached[c as usize] {
+            cached[c as usize] = true;
+            self.inner.metrics.fill_done.fetch_add(1, Relaxed);
+        }
     }
 
     /// Serves the chunks stored wholly inside `bytes` (blob bytes from `start`, fetched with the index
@@ -959,6 +982,31 @@ impl Engine {
             .filter(|&c| inner.index.entry(c).kind != ChunkKind::Zero)
             .collect();
         order.sort_by_key(|&c| inner.index.entry(c).offset);
+        // Passes over what is not local yet; a chunk whose disk write failed is fetched again on the
+        // next pass, and the fill fails loudly when a pass makes no progress.
+        let mut left = order.len();
+        loop {
+            self.fill_pass(&order, bytes_per_sec).await?;
+            while inner.disk_writes.load(Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let cached = inner.cached.lock().expect("cached lock").clone();
+            order.retain(|&c| !cached[c as usize]);
+            if order.is_empty() {
+                return Ok(());
+            }
+            if order.len() >= left {
+                return Err(format!(
+                    "{} chunks could not be stored in the disk cache",
+                    order.len()
+                ));
+            }
+            left = order.len();
+        }
+    }
+
+    async fn fill_pass(&self, order: &[u64], bytes_per_sec: Option<u64>) -> Result<(), String> {
+        let inner = &self.inner;
         let batch_bytes: u64 = 4 << 20;
         let mut i = 0;
         while i < order.len() {
@@ -967,14 +1015,17 @@ impl Engine {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let mut batch = Vec::new();
-            let mut bytes = 0u64;
-            while i < order.len() && bytes < batch_bytes {
+            let (mut bytes, mut decoded) = (0u64, 0u64);
+            // Bounded by stored and by decoded bytes: chunks of one repeated byte compress to
+            // almost nothing, and a batch is held decoded until it is cached.
+            while i < order.len() && bytes < batch_bytes && decoded < MAX_BATCH_DECODED {
                 let c = order[i];
                 i += 1;
                 if inner.cached.lock().expect("cached lock")[c as usize] {
                     continue;
                 }
                 bytes += inner.index.entry(c).stored_len as u64;
+                decoded += inner.index.chunk_len(c) as u64;
                 batch.push(c);
             }
             if batch.is_empty() {

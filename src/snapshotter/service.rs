@@ -480,7 +480,9 @@ impl Snapshotter {
         layers: Layers,
         referrers: Option<ReferrerLookup>,
     ) -> Result<Snapshotter, StoreError> {
-        std::fs::create_dir_all(root.join("snapshots"))
+        // 0700 like ROOT itself: snapshots hold images' files, setuid ones included.
+        crate::process::private_dir(root)
+            .and_then(|_| crate::process::private_dir(&root.join("snapshots")))
             .map_err(|e| StoreError::Db(e.to_string()))?;
         let store = Store::open(&root.join("metadata.redb"))?;
         Ok(Snapshotter {
