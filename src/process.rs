@@ -38,6 +38,38 @@ impl ProcessId {
             None => false,
         }
     }
+
+    /// Sends `signal` to this process and no other: a pidfd pins the process first, then its start
+    /// time is checked, so a pid reused in between is never signalled. Fails with ESRCH when the
+    /// process is gone or is a stranger with the same pid.
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned to us and is owned by nothing else.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        if !self.alive() {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 struct Stat {
@@ -93,6 +125,33 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_go_to_the_recorded_process_only() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let id = ProcessId {
+            pid: child.id(),
+            start: stat(child.id()).unwrap().start,
+        };
+        // The same pid with another start time is a stranger: not signalled.
+        let stranger = ProcessId {
+            start: id.start + 1,
+            ..id
+        };
+        assert_eq!(
+            stranger.signal(libc::SIGTERM).unwrap_err().raw_os_error(),
+            Some(libc::ESRCH)
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the stranger check signalled it"
+        );
+        id.signal(libc::SIGTERM).unwrap();
+        assert!(!child.wait().unwrap().success());
+    }
 
     #[test]
     fn the_current_process_is_alive_and_a_reused_pid_is_not() {

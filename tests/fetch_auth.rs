@@ -207,7 +207,7 @@ type Seen = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 /// A loopback HTTP/1.1 server answering each request with `answer(method, path, auth)` and
 /// recording every (path, Authorization) it receives.
 async fn recording(
-    answer: impl Fn(&str, &str, &str) -> Vec<u8> + Send + Sync + 'static,
+    answer: impl Fn(&str, &str, &str, Option<(u64, u64)>) -> Vec<u8> + Send + Sync + 'static,
 ) -> (String, Seen) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
@@ -228,6 +228,7 @@ async fn recording(
                     let method = parts.next().unwrap_or("").to_string();
                     let path = parts.next().unwrap_or("").to_string();
                     let mut auth = String::new();
+                    let mut range = None;
                     loop {
                         let mut h = String::new();
                         if r.read_line(&mut h).await.unwrap_or(0) == 0 || h == "\r\n" {
@@ -237,10 +238,17 @@ async fn recording(
                             if k.eq_ignore_ascii_case("authorization") {
                                 auth = v.trim().to_string();
                             }
+                            if k.eq_ignore_ascii_case("range") {
+                                range = v
+                                    .trim()
+                                    .trim_start_matches("bytes=")
+                                    .split_once('-')
+                                    .map(|(a, b)| (a.parse().unwrap(), b.parse().unwrap()));
+                            }
                         }
                     }
                     seen.lock().unwrap().push((path.clone(), auth.clone()));
-                    let resp = answer(&method, &path, &auth);
+                    let resp = answer(&method, &path, &auth, range);
                     if r.get_mut().write_all(&resp).await.is_err() {
                         return;
                     }
@@ -276,7 +284,7 @@ async fn credentials_never_leave_their_host() {
     let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
 
     // The realm: hands out a token to anyone (an anonymous pull token), records what it got.
-    let (realm, realm_seen) = recording(|_, _, _| {
+    let (realm, realm_seen) = recording(|_, _, _, _| {
         http(
             "200 OK",
             "Content-Type: application/json\r\n",
@@ -285,7 +293,7 @@ async fn credentials_never_leave_their_host() {
     })
     .await;
     // A mirror that wants basic auth: it must never see the upstream's credentials.
-    let (mirror, mirror_seen) = recording(|_, _, _| {
+    let (mirror, mirror_seen) = recording(|_, _, _, _| {
         http(
             "401 Unauthorized",
             "WWW-Authenticate: Basic realm=\"mirror\"\r\n",
@@ -296,7 +304,7 @@ async fn credentials_never_leave_their_host() {
     // The registry: bearer challenge naming the foreign realm; serves ranges to the anonymous token.
     let b2 = blob.clone();
     let realm2 = realm.clone();
-    let (registry, registry_seen) = recording(move |method, _path, auth| {
+    let (registry, registry_seen) = recording(move |method, _path, auth, _| {
         if auth != "Bearer anon" {
             return http(
                 "401 Unauthorized",
@@ -390,4 +398,89 @@ fn credential_channels() {
         "http://auth.example.com/token"
     ));
     assert!(!ok("https://10.0.0.1/v2/", "https://10.0.0.2/token"));
+}
+
+/// A redirect target that once served corrupt bytes is not reused: the retry asks the registry
+/// for a fresh target, and only verified bytes are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_target_that_served_corrupt_bytes_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    t.file("f", DEF, &noise(600_000, 5));
+    let tar = dir.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob_path = dir.path().join("l.blob");
+    let summary = convert(&tar, &blob_path);
+    let raw_path = dir.path().join("l.img");
+    run_ok(
+        lazyblk()
+            .args(["layer", "export"])
+            .arg(&blob_path)
+            .arg("-o")
+            .arg(&raw_path),
+    );
+    let raw = std::fs::read(&raw_path).unwrap();
+    let blob = Arc::new(std::fs::read(&blob_path).unwrap());
+    let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
+    let index_offset = summary["blob"]["index_offset"].as_u64().unwrap();
+    // Object storage: the first data range (below the index) comes back with a flipped byte.
+    let flipped = Arc::new(AtomicU64::new(0));
+    let (b2, f2) = (blob.clone(), flipped.clone());
+    let (object, _) = recording(move |method, _, _, range| {
+        if method == "HEAD" {
+            return format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b2.len()).into_bytes();
+        }
+        let (a, b) = range.unwrap();
+        let mut body = b2[a as usize..=b as usize].to_vec();
+        if b < index_offset && f2.fetch_add(1, Relaxed) == 0 {
+            body[0] ^= 0xff;
+        }
+        let mut v = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(&body);
+        v
+    })
+    .await;
+    let registry_gets = Arc::new(AtomicU64::new(0));
+    let g2 = registry_gets.clone();
+    let (registry, _) = recording(move |method, _, _, _| {
+        if method == "GET" {
+            g2.fetch_add(1, Relaxed);
+        }
+        format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{object}/blob?sig=x\r\nContent-Length: 0\r\n\r\n").into_bytes()
+    })
+    .await;
+    let opts = SourceOptions {
+        registry: RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+        engine: lazyblk::fetch::EngineOptions {
+            retry_base: std::time::Duration::from_millis(5),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = open_source(&format!("{registry}/team/app@{digest}"), &opts)
+        .await
+        .unwrap();
+    let before = registry_gets.load(Relaxed);
+    let size = e.index().image_size();
+    let mut got = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(1 << 20);
+        got.extend_from_slice(&e.read(off, n as usize).await.unwrap());
+        off += n;
+    }
+    assert!(got == raw, "wrong bytes served");
+    assert!(flipped.load(Relaxed) > 0, "no corrupt answer was sent");
+    assert!(
+        registry_gets.load(Relaxed) >= before + 1,
+        "the redirect target that served corrupt bytes was reused ({} registry GETs)",
+        registry_gets.load(Relaxed)
+    );
 }

@@ -443,9 +443,12 @@ fn detach_without_daemon(run_dir: &std::path::Path, device: &str) -> Result<()> 
         return crate::device::remove_orphan(&s, run_dir)
             .with_context(|| format!("removing {}", s.device));
     }
-    // SAFETY: SIGTERM to the process our state file names, checked alive by pid *and* start time
-    // just above, so not a stranger that reused the pid.
-    unsafe { libc::kill(s.pid as libc::pid_t, libc::SIGTERM) };
+    crate::process::ProcessId {
+        pid: s.pid,
+        start: s.pid_start,
+    }
+    .signal(libc::SIGTERM)
+    .with_context(|| format!("{}: signalling its serving process {}", s.device, s.pid))?;
     let state = run_dir
         .join("devices")
         .join(format!("{}.json", s.device.trim_start_matches("/dev/")));

@@ -43,8 +43,20 @@ impl DiskCache {
             for f in fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".tmp") {
-                    let _ = fs::remove_file(f.path());
+                if let Some(stem) = name.strip_suffix(".tmp") {
+                    // `<digest>.<pid>-<n>.tmp`: only a writer that is gone leaves its file behind;
+                    // another live process sharing the cache may be writing this one.
+                    let pid = stem
+                        .rsplit('.')
+                        .next()
+                        .and_then(|p| p.split('-').next())
+                        .and_then(|p| p.parse::<u32>().ok());
+                    let live = pid.is_some_and(|p| {
+                        p != std::process::id() && Path::new(&format!("/proc/{p}")).exists()
+                    });
+                    if !live {
+                        let _ = fs::remove_file(f.path());
+                    }
                     continue;
                 }
                 let mut d = [0u8; 32];
@@ -119,12 +131,17 @@ impl DiskCache {
         }
         let path = self.path(d);
         fs::create_dir_all(path.parent().expect("fanout dir"))?;
-        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
+        let written = fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(data))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // A failed write (disk full, say) leaves nothing behind.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &path)?;
         {
             let mut s = self.state.lock().expect("cache lock");
             if s.lru.put(*d, data.len() as u64).is_none() {
@@ -284,10 +301,16 @@ mod tests {
         fs::write(&p, &a[..50]).unwrap();
         assert!(c.get(&sha256(&a)).is_none());
         assert!(!p.exists());
-        // Leftover temp file from a crash is cleaned; entries are adopted on reopen.
-        fs::write(c.path(&sha256(&e)).with_extension("9.tmp"), b"junk").unwrap();
+        // A leftover temp file of a dead writer is cleaned, a live process's (pid 1) is not;
+        // entries are adopted on reopen.
+        let dead = c.path(&sha256(&e)).with_extension("4194305-0.tmp");
+        let live = c.path(&sha256(&e)).with_extension("1-0.tmp");
+        fs::write(&dead, b"junk").unwrap();
+        fs::write(&live, b"being written").unwrap();
         drop(c);
         let c = DiskCache::open(dir.path(), 250).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
         assert_eq!(c.get(&sha256(&e)).unwrap(), e);
         assert_eq!(c.total_bytes(), 100);
     }

@@ -851,9 +851,13 @@ impl Engine {
             // Verify and decompress on the blocking pool: never SHA-256 + zstd of megabytes on the
             // reactor that serves every other layer.
             let (me, chunks, start) = (self.clone(), f.chunks.clone(), f.blob_range.start);
-            tokio::task::spawn_blocking(move || me.decode_range(&chunks, start, &bytes))
+            let r = tokio::task::spawn_blocking(move || me.decode_range(&chunks, start, &bytes))
                 .await
-                .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?
+                .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?;
+            if r.as_ref().is_err_and(|e| e.kind == "corrupt") {
+                inner.remote.distrust();
+            }
+            r
         })
         .await
         .map_err(|e| e.message)?;

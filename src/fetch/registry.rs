@@ -701,7 +701,13 @@ impl RangeReader for RegistryBlob {
     fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
         Box::pin(async move {
             let resp = self.send(false, Some(&range)).await?;
-            ranged_body(resp, &range, &self.describe()).await
+            let r = ranged_body(resp, &range, &self.describe()).await;
+            if r.is_err() {
+                // A redirect target that answered badly (200 ignoring Range, short or long 206)
+                // is not reused: the registry is asked again next time.
+                self.distrust();
+            }
+            r
         })
     }
 
@@ -717,6 +723,18 @@ impl RangeReader for RegistryBlob {
             "{}/{}@{}",
             self.blob.registry, self.blob.repository, self.blob.digest
         )
+    }
+
+    fn distrust(&self) {
+        if self
+            .redirect
+            .lock()
+            .expect("redirect lock")
+            .take()
+            .is_some()
+        {
+            tracing::debug!(blob = %self.describe(), "dropped the cached redirect target");
+        }
     }
 }
 

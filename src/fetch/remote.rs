@@ -47,6 +47,9 @@ pub trait RangeReader: Send + Sync + 'static {
     fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>>;
     /// What this is, for logs (never contains credentials).
     fn describe(&self) -> String;
+    /// Bytes read from here failed verification: forget any shortcut (a cached redirect target)
+    /// so the next attempt asks the source of truth again.
+    fn distrust(&self) {}
 }
 
 /// A blob in a local file.
