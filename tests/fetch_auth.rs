@@ -479,7 +479,7 @@ async fn a_redirect_target_that_served_corrupt_bytes_is_dropped() {
     assert!(got == raw, "wrong bytes served");
     assert!(flipped.load(Relaxed) > 0, "no corrupt answer was sent");
     assert!(
-        registry_gets.load(Relaxed) >= before + 1,
+        registry_gets.load(Relaxed) > before,
         "the redirect target that served corrupt bytes was reused ({} registry GETs)",
         registry_gets.load(Relaxed)
     );
