@@ -224,3 +224,29 @@ async fn prefetch_hints_are_bounded() {
         "{last} bytes fetched for prefetch hints of a {disk}-byte disk"
     );
 }
+
+#[test]
+fn credentials_in_a_source_url_are_refused_and_never_echoed() {
+    let run = tempfile::tempdir().unwrap();
+    let out = lazyblk()
+        .args(["attach", "--backend", "loop", "--run-dir"])
+        .arg(run.path())
+        .arg("https://alice:s3cret@127.0.0.1:1/blob")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("credentials in a source URL are refused"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret"), "the password was echoed: {err}");
+    assert!(
+        !run.path().join("devices").exists()
+            || std::fs::read_dir(run.path().join("devices"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "state written for a refused source"
+    );
+}

@@ -136,7 +136,7 @@ fn attach_remote(
     let st = rt
         .block_on(api::attach(c, spec))
         .map_err(status_error)
-        .with_context(|| format!("attaching {}", spec.source))?;
+        .with_context(|| format!("attaching {}", crate::fetch::source::shown(&spec.source)))?;
     println!("{}", st.device);
     Ok(())
 }
@@ -211,7 +211,7 @@ fn attach_foreground(a: AttachArgs, spec: LayerSpec) -> Result<()> {
     }
     let st = rt
         .block_on(node.attach(spec))
-        .with_context(|| format!("attaching {}", a.source))?;
+        .with_context(|| format!("attaching {}", crate::fetch::source::shown(&a.source)))?;
     println!("{}", st.device);
     use std::io::Write;
     std::io::stdout().flush()?;

@@ -186,7 +186,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let opts = a.src.options()?;
     let engine = open_source(&a.source, &opts)
         .await
-        .with_context(|| format!("opening {}", a.source))?;
+        .with_context(|| format!("opening {}", crate::fetch::source::shown(&a.source)))?;
     let desc = format!("lazyblk layer {}", engine.name());
     tracing::info!(source = %engine.name(), size = engine.index().image_size(), "layer opened");
     if let Some(addr) = &a.metrics_addr {

@@ -38,6 +38,15 @@ pub fn range_reader_in(
     if spec.starts_with("http://") || spec.starts_with("https://") {
         let url = reqwest::Url::parse(spec)
             .map_err(|e| FetchError::permanent("config", format!("bad URL: {e}")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // A source is recorded in state files and shown by `lazyblk ls`; credentials belong in
+            // the docker config (scoped to their host), never in a URL.
+            return Err(FetchError::permanent(
+                "config",
+                "credentials in a source URL are refused (they would land in state files and \
+                 process lists); put them in a docker config.json",
+            ));
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
@@ -115,4 +124,13 @@ pub async fn fetch_index(
         ..SourceOptions::default()
     };
     Ok(open_source(spec, &opts).await?.index().clone())
+}
+
+/// `spec` as it may be shown in messages and logs: an `http(s)://` URL without user info or query
+/// (which may carry credentials or signatures).
+pub fn shown(spec: &str) -> String {
+    match reqwest::Url::parse(spec) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => super::remote::redact(&u),
+        _ => spec.to_string(),
+    }
 }

@@ -300,7 +300,12 @@ impl Node {
         let opts = self.source_options(&spec, &health)?;
         let engine = open_source_in(&spec.source, &opts, Some(&self.inner.sessions))
             .await
-            .map_err(|e| NodeError::Failed(format!("opening {}: {e}", spec.source)))?;
+            .map_err(|e| {
+                NodeError::Failed(format!(
+                    "opening {}: {e}",
+                    crate::fetch::source::shown(&spec.source)
+                ))
+            })?;
         let me = self.clone();
         let (spec2, engine2) = (spec.clone(), engine.clone());
         let attachment = tokio::task::spawn_blocking(move || me.attach_device(&spec2, &engine2))
@@ -338,7 +343,8 @@ impl Node {
         r.map_err(|e| {
             NodeError::Failed(format!(
                 "attaching {} with the {:?} backend: {e}",
-                spec.source, spec.backend
+                crate::fetch::source::shown(&spec.source),
+                spec.backend
             ))
         })
     }
