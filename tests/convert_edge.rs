@@ -428,3 +428,31 @@ fn data_after_the_end_of_the_archive_is_bounded() {
     gz.write_all(&vec![0u8; 17 << 20]).unwrap();
     assert_fails(&gz.finish().unwrap(), &["end-of-archive"]);
 }
+
+#[test]
+fn entry_count_is_bounded() {
+    let mut t = LayerTar::new();
+    for i in 0..11 {
+        t.file(&format!("f{i}"), DEF, b"");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let tar = work.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let out = lazyblk()
+        .args(["layer", "convert", "--max-entries", "10"])
+        .arg(&tar)
+        .arg("-o")
+        .arg(work.path().join("b"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("more than 10 entries"), "{err}");
+    run_ok(
+        lazyblk()
+            .args(["layer", "convert", "--max-entries", "11"])
+            .arg(&tar)
+            .arg("-o")
+            .arg(work.path().join("b")),
+    );
+}

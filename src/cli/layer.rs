@@ -44,6 +44,9 @@ pub struct ConvertArgs {
     /// Compression threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse layers with more tar entries than this (each costs about 0.6 KiB of memory).
+    #[arg(long, default_value_t = crate::convert::DEFAULT_MAX_ENTRIES)]
+    max_entries: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -127,6 +130,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
         },
         threads: threads(a.threads),
         progress: !a.json,
+        max_entries: a.max_entries,
     };
     let summary = if a.input == "-" {
         convert_layer(std::io::stdin(), None, &a.output, &opts)

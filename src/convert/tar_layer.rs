@@ -14,6 +14,12 @@ pub const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// A tar problem, located.
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
+    /// More entries than the converter accepts (each costs memory until the image is written).
+    #[error("tar: more than {limit} entries (raise --max-entries if the layer really has that many; about 0.6 KiB of memory each)")]
+    TooManyEntries {
+        /// The limit.
+        limit: u64,
+    },
     /// The tar stream itself is malformed or truncated.
     #[error(transparent)]
     Stream(#[from] TarStreamError),
@@ -56,12 +62,16 @@ pub const OVERLAY_XATTR_PREFIXES: &[&[u8]] = &[b"trusted.overlay.", b"user.overl
 pub fn apply_tar<S: BlockSink, R: Read>(
     tar: R,
     builder: &mut Ext4Builder<S>,
+    max_entries: u64,
 ) -> Result<(TarStats, R), TarError> {
     let mut reader = TarReader::new(tar);
     let mut stats = TarStats::default();
     let mut i = 0u64;
     while let Some(e) = reader.next_entry()? {
         stats.entries += 1;
+        if stats.entries > max_entries {
+            return Err(TarError::TooManyEntries { limit: max_entries });
+        }
         let (offset, name) = (e.offset, e.path.clone());
         apply_entry(e, &mut reader, builder, &mut stats).map_err(|err| match err {
             // The data of a file ended early, or the stream beneath failed: a stream error.

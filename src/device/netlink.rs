@@ -145,39 +145,8 @@ impl GenlSocket {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let mut b = &buf[..n as usize];
-            while b.len() >= 16 {
-                let mlen = u32::from_ne_bytes(b[0..4].try_into().expect("4")) as usize;
-                let mtype = u16::from_ne_bytes([b[4], b[5]]);
-                let mseq = u32::from_ne_bytes(b[8..12].try_into().expect("4"));
-                if mlen < 16 || mlen > b.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
-                let body = &b[16..mlen];
-                if mseq == seq {
-                    match mtype {
-                        NLMSG_ERROR => {
-                            let Some(code) = body.get(0..4) else {
-                                return Err(io::Error::new(
-                                    io::ErrorKind::InvalidData,
-                                    "netlink error message without an error code",
-                                ));
-                            };
-                            let err = i32::from_ne_bytes(code.try_into().expect("4"));
-                            if err != 0 {
-                                return Err(io::Error::from_raw_os_error(-err));
-                            }
-                            return Ok(reply_attrs);
-                        }
-                        NLMSG_DONE => return Ok(reply_attrs),
-                        _ if body.len() >= 4 => reply_attrs = body[4..].to_vec(),
-                        _ => {}
-                    }
-                }
-                b = &b[((mlen + 3) & !3).min(b.len())..];
+            if let Some(done) = parse_reply(&buf[..n as usize], seq, &mut reply_attrs)? {
+                return Ok(done);
             }
         }
     }
@@ -206,9 +175,88 @@ impl GenlSocket {
     }
 }
 
+/// Parses one `recv` worth of netlink messages answering request `seq`: the attributes of the last
+/// data message are kept in `reply_attrs`; returns them once an ACK (`NLMSG_ERROR` with code 0) or
+/// `NLMSG_DONE` arrives, an error for a negative code or a malformed message, and `None` when more
+/// messages are to come. Never panics, whatever the bytes (fuzzed).
+pub fn parse_reply(
+    mut b: &[u8],
+    seq: u32,
+    reply_attrs: &mut Vec<u8>,
+) -> io::Result<Option<Vec<u8>>> {
+    while b.len() >= 16 {
+        let mlen = u32::from_ne_bytes(b[0..4].try_into().expect("4")) as usize;
+        let mtype = u16::from_ne_bytes([b[4], b[5]]);
+        let mseq = u32::from_ne_bytes(b[8..12].try_into().expect("4"));
+        if mlen < 16 || mlen > b.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "truncated netlink message",
+            ));
+        }
+        let body = &b[16..mlen];
+        if mseq == seq {
+            match mtype {
+                NLMSG_ERROR => {
+                    let Some(code) = body.get(0..4) else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "netlink error message without an error code",
+                        ));
+                    };
+                    let err = i32::from_ne_bytes(code.try_into().expect("4"));
+                    if err != 0 {
+                        return Err(io::Error::from_raw_os_error(
+                            err.checked_neg().unwrap_or(libc::EIO),
+                        ));
+                    }
+                    return Ok(Some(std::mem::take(reply_attrs)));
+                }
+                NLMSG_DONE => return Ok(Some(std::mem::take(reply_attrs))),
+                _ if body.len() >= 4 => *reply_attrs = body[4..].to_vec(),
+                _ => {}
+            }
+        }
+        b = &b[((mlen + 3) & !3).min(b.len())..];
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_and_hostile_replies_are_errors() {
+        let msg = |mtype: u16, seq: u32, body: &[u8]| {
+            let mut m = ((16 + body.len()) as u32).to_ne_bytes().to_vec();
+            m.extend_from_slice(&mtype.to_ne_bytes());
+            m.extend_from_slice(&[0, 0]);
+            m.extend_from_slice(&seq.to_ne_bytes());
+            m.extend_from_slice(&[0; 4]);
+            m.extend_from_slice(body);
+            m.resize(m.len().div_ceil(4) * 4, 0);
+            m
+        };
+        let mut attrs = Vec::new();
+        // An NLMSG_ERROR too short to hold its code (this used to panic).
+        assert!(parse_reply(&msg(NLMSG_ERROR, 7, &[1]), 7, &mut attrs).is_err());
+        // i32::MIN as a code: an error, not an overflow.
+        assert!(parse_reply(&msg(NLMSG_ERROR, 7, &i32::MIN.to_ne_bytes()), 7, &mut attrs).is_err());
+        // A length pointing past the buffer.
+        let mut m = msg(NLMSG_DONE, 7, &[]);
+        m[0] = 200;
+        assert!(parse_reply(&m, 7, &mut attrs).is_err());
+        // Data, then ACK: the data's attributes.
+        let mut m = msg(0x20, 7, &[0, 0, 0, 0, 9, 9]);
+        m.extend(msg(NLMSG_ERROR, 7, &0i32.to_ne_bytes()));
+        assert_eq!(parse_reply(&m, 7, &mut attrs).unwrap(), Some(vec![9, 9]));
+        // Other requests' messages are skipped.
+        assert_eq!(
+            parse_reply(&msg(NLMSG_DONE, 8, &[]), 7, &mut attrs).unwrap(),
+            None
+        );
+    }
 
     #[test]
     fn attributes_round_trip() {
