@@ -102,9 +102,11 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
     std::fs::write(&utar, u.finish()).unwrap();
     convert(&utar, &payload.join("upper.blob"));
     std::fs::write(payload.join("SHA256SUMS"), sums).unwrap();
+    hostile_panic_blob(&payload.join("layer.blob"), &payload.join("panic.blob"), tmp.path());
     let console = boot(
         &payload,
         &[
+            "guest-hostile.sh",
             "guest-backends.sh",
             "guest-crash.sh",
             "guest-overlay.sh",
@@ -163,6 +165,36 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
         console.contains("ublk-control: yes, nbd: yes"),
         "guest kernel lacks ublk/nbd: {console}"
     );
+    // The hostile image: the superblock's errors=panic is overridden, the corrupt directory is an
+    // error, the kernel lives on.
+    for line in [
+        "hostile: mounted with ro,nosuid,nodev,noatime",
+        "hostile: reading the corrupt directory failed:",
+        "hostile: kernel alive",
+    ] {
+        assert!(console.contains(line), "{line}: {console}");
+    }
+}
+
+/// `from` (a converted layer with a `data` directory) exported, its superblock set to
+/// `errors=panic` and the first block of `data` overwritten with garbage, then cut into a blob
+/// again (chunks and index that verify: what a hostile publisher would push).
+fn hostile_panic_blob(from: &std::path::Path, to: &std::path::Path, tmp: &std::path::Path) {
+    use lazyblk_image_format::{encode_chunk, BlobWriter, Codec};
+    let raw = tmp.join("panic.img");
+    run_ok(lazyblk().args(["layer", "export"]).arg(from).arg("-o").arg(&raw));
+    run_ok(Command::new("tune2fs").args(["-e", "panic"]).arg(&raw));
+    let out = run_ok(Command::new("debugfs").args(["-R", "bmap /data 0"]).arg(&raw));
+    let block: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let mut img = std::fs::read(&raw).unwrap();
+    let at = (block * 4096) as usize;
+    img[at..at + 4096].copy_from_slice(&noise(4096, 99));
+    let mut w = BlobWriter::new(std::fs::File::create(to).unwrap(), 18).unwrap();
+    for (i, c) in img.chunks(1 << 18).enumerate() {
+        w.append(i as u64, &encode_chunk(c, Codec::Zstd { level: 3 }))
+            .unwrap();
+    }
+    w.finish(img.len() as u64).unwrap();
 }
 
 #[test]
