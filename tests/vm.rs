@@ -102,7 +102,11 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
     std::fs::write(&utar, u.finish()).unwrap();
     convert(&utar, &payload.join("upper.blob"));
     std::fs::write(payload.join("SHA256SUMS"), sums).unwrap();
-    hostile_panic_blob(&payload.join("layer.blob"), &payload.join("panic.blob"), tmp.path());
+    hostile_panic_blob(
+        &payload.join("layer.blob"),
+        &payload.join("panic.blob"),
+        tmp.path(),
+    );
     let console = boot(
         &payload,
         &[
@@ -182,9 +186,19 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
 fn hostile_panic_blob(from: &std::path::Path, to: &std::path::Path, tmp: &std::path::Path) {
     use lazyblk_image_format::{encode_chunk, BlobWriter, Codec};
     let raw = tmp.join("panic.img");
-    run_ok(lazyblk().args(["layer", "export"]).arg(from).arg("-o").arg(&raw));
+    run_ok(
+        lazyblk()
+            .args(["layer", "export"])
+            .arg(from)
+            .arg("-o")
+            .arg(&raw),
+    );
     run_ok(Command::new("tune2fs").args(["-e", "panic"]).arg(&raw));
-    let out = run_ok(Command::new("debugfs").args(["-R", "bmap /data 0"]).arg(&raw));
+    let out = run_ok(
+        Command::new("debugfs")
+            .args(["-R", "bmap /data 0"])
+            .arg(&raw),
+    );
     let block: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let mut img = std::fs::read(&raw).unwrap();
     let at = (block * 4096) as usize;

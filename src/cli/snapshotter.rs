@@ -250,6 +250,7 @@ mod tests {
             toml::from_str(include_str!("../../deploy/lazyblk-snapshotter.toml")).unwrap();
         assert_eq!(c.backend, Some(Backend::Auto));
         assert_eq!(c.fill, Some(true));
+        assert_eq!(c.referrers, Some(ReferrerMode::SameRepository));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "grace_secs = 5\nbackend = \"nbd\"\n").unwrap();
@@ -264,6 +265,19 @@ mod tests {
         assert_eq!(s.backend, Backend::Loop);
         assert_eq!(s.grace_secs, 5);
         assert_eq!(s.address, PathBuf::from("/run/lazyblk/lazyblk.sock"));
+        std::fs::write(&p, "referrer_publishers = [\"r.example/team/*\"]\n").unwrap();
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
+        let s = settings(t.a).unwrap();
+        assert!(s.referrers.accepts("r.example/team/app"));
+        assert!(!s.referrers.accepts("r.example/other/app"));
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap(), "--referrers", "off"]);
+        assert!(!settings(t.a)
+            .unwrap()
+            .referrers
+            .accepts("r.example/team/app"));
+        let t = T::parse_from(["t", "--referrer-publisher", "r.example/exact"]);
+        let s = settings(t.a).unwrap();
+        assert!(s.referrers.accepts("r.example/exact") && !s.referrers.accepts("r.example/exact2"));
         std::fs::write(&p, "grace = 5\n").unwrap();
         let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
         assert!(settings(t.a).is_err(), "unknown keys are refused");
