@@ -383,16 +383,7 @@ fn sixteen_layers_under_sixty_four_readers_each() {
     );
     let n = reads.load(std::sync::atomic::Ordering::Relaxed);
     assert!(n > 16 * 64, "only {n} reads");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .unwrap();
+    let rss_kib = proc_status_kib(daemon.child.id(), "VmRSS");
     eprintln!(
         "{n} reads in {secs} s by 1024 readers on 16 layers; daemon RSS {} MiB",
         rss_kib >> 10
@@ -408,19 +399,18 @@ fn sixteen_layers_under_sixty_four_readers_each() {
     assert!(v.iter().all(|l| l["read_errors"] == 0), "{v:?}");
 }
 
-/// Peak resident memory of `pid` (VmHWM), bytes.
-fn peak_rss(pid: u32) -> u64 {
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`...).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .unwrap()
         .trim()
         .trim_end_matches(" kB")
         .trim()
         .parse()
-        .unwrap();
-    kb * 1024
+        .unwrap()
 }
 
 /// A hostile image: a 4 GiB file of one repeated byte (each 256 KiB chunk stores as a few dozen
@@ -489,7 +479,7 @@ t.close()
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, size - 4096).unwrap();
     assert!(tail.iter().all(|&b| b == b'A'));
     drop(f);
-    let peak = peak_rss(d.child.id());
+    let peak = proc_status_kib(d.child.id(), "VmHWM") * 1024;
     eprintln!(
         "daemon peak RSS after filling 4 GiB of one byte: {} MiB",
         peak >> 20

@@ -116,16 +116,15 @@ async fn mock(blob: Arc<Vec<u8>>, digest: String, counters: Arc<Counters>) -> St
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bearer_token_flow_and_cached_redirects() {
-    let dir = tempfile::tempdir().unwrap();
+/// A converted layer with one file `f` of `body`: (blob bytes, raw disk bytes, convert summary).
+fn layer_of(dir: &std::path::Path, body: &[u8]) -> (Vec<u8>, Vec<u8>, serde_json::Value) {
     let mut t = LayerTar::new();
-    t.file("f", DEF, &b"content ".repeat(400_000));
-    let tar = dir.path().join("l.tar");
+    t.file("f", DEF, body);
+    let tar = dir.join("l.tar");
     std::fs::write(&tar, t.finish()).unwrap();
-    let blob_path = dir.path().join("l.blob");
+    let blob_path = dir.join("l.blob");
     let summary = convert(&tar, &blob_path);
-    let raw_path = dir.path().join("l.img");
+    let raw_path = dir.join("l.img");
     run_ok(
         lazyblk()
             .args(["layer", "export"])
@@ -133,8 +132,18 @@ async fn bearer_token_flow_and_cached_redirects() {
             .arg("-o")
             .arg(&raw_path),
     );
-    let blob = Arc::new(std::fs::read(&blob_path).unwrap());
-    let raw = std::fs::read(&raw_path).unwrap();
+    (
+        std::fs::read(&blob_path).unwrap(),
+        std::fs::read(&raw_path).unwrap(),
+        summary,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flow_and_cached_redirects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, raw, summary) = layer_of(dir.path(), &b"content ".repeat(400_000));
+    let blob = Arc::new(blob);
     let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
     let counters = Arc::new(Counters::default());
     let addr = mock(blob, digest.clone(), counters.clone()).await;
@@ -405,22 +414,8 @@ fn credential_channels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_target_that_served_corrupt_bytes_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
-    let mut t = LayerTar::new();
-    t.file("f", DEF, &noise(600_000, 5));
-    let tar = dir.path().join("l.tar");
-    std::fs::write(&tar, t.finish()).unwrap();
-    let blob_path = dir.path().join("l.blob");
-    let summary = convert(&tar, &blob_path);
-    let raw_path = dir.path().join("l.img");
-    run_ok(
-        lazyblk()
-            .args(["layer", "export"])
-            .arg(&blob_path)
-            .arg("-o")
-            .arg(&raw_path),
-    );
-    let raw = std::fs::read(&raw_path).unwrap();
-    let blob = Arc::new(std::fs::read(&blob_path).unwrap());
+    let (blob, raw, summary) = layer_of(dir.path(), &noise(600_000, 5));
+    let blob = Arc::new(blob);
     let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
     let index_offset = summary["blob"]["index_offset"].as_u64().unwrap();
     // Object storage: the first data range (below the index) comes back with a flipped byte.
