@@ -462,3 +462,60 @@ async fn a_relaid_out_blob_serves_its_startup_region_from_the_index_request() {
     let index_only = s.blob.index_offset..s.blob.index_offset + s.blob.index_length;
     assert_eq!(srv.ranges()[before..].to_vec(), vec![index_only]);
 }
+
+/// A disk cache that cannot take the chunks (a full filesystem): the fill does not report the layer
+/// local — it fails loudly, naming the cause — because a chunk counts as filled only once its
+/// disk write is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_into_a_full_disk_cache_fails_instead_of_claiming_the_layer_is_local() {
+    if !privileged() {
+        return;
+    }
+    let (blob, _) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB of tmpfs: the first chunks fit, the rest get ENOSPC.
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(dir.path().to_path_buf());
+    let mut o = opts(Duration::from_secs(5));
+    o.engine.disk_cache = Some(Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap()));
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let err = e
+        .background_fill(None)
+        .await
+        .expect_err("the fill must not succeed into a full cache");
+    assert!(
+        err.contains("could not be stored in the disk cache"),
+        "{err}"
+    );
+    assert!(
+        e.metrics().fill_ratio() < 1.0,
+        "chunks counted as filled without being stored"
+    );
+    assert!(e.pin_if_filled().is_none());
+    // Nothing half-written is left behind.
+    for sub in std::fs::read_dir(dir.path()).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            for f in std::fs::read_dir(&sub).unwrap() {
+                let p = f.unwrap().path();
+                assert!(
+                    !p.to_string_lossy().ends_with(".tmp"),
+                    "left {}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
