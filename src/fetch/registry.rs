@@ -28,6 +28,32 @@ pub struct BlobRef {
     pub digest: String,
 }
 
+/// Docker Hub's registry host (what `docker.io` and `index.docker.io` mean).
+pub const DOCKER_HUB: &str = "registry-1.docker.io";
+
+/// Splits an image name into (registry host, repository) like docker and containerd: a first
+/// component without `.` or `:` (and not `localhost`) means Docker Hub; `docker.io` and
+/// `index.docker.io` are Docker Hub too; a single-name Docker Hub repository is `library/NAME`.
+pub fn split_name(name: &str) -> (String, String) {
+    let (registry, repository) = match name.split_once('/') {
+        Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => {
+            (h.to_string(), r.to_string())
+        }
+        _ => (DOCKER_HUB.to_string(), name.to_string()),
+    };
+    let registry = match registry.as_str() {
+        "docker.io" | "index.docker.io" => DOCKER_HUB.to_string(),
+        _ => registry,
+    };
+    let repository =
+        if registry == DOCKER_HUB && !repository.is_empty() && !repository.contains('/') {
+            format!("library/{repository}")
+        } else {
+            repository
+        };
+    (registry, repository)
+}
+
 impl BlobRef {
     /// Parses `host[:port]/repo[/...]@sha256:<hex>`. A first component without `.` or `:` (and not
     /// `localhost`) means Docker Hub, like docker and containerd.
@@ -36,19 +62,7 @@ impl BlobRef {
             .split_once('@')
             .ok_or_else(|| format!("{s:?}: expected NAME@sha256:DIGEST"))?;
         lazyblk_image_format::parse_digest(digest).map_err(|e| e.to_string())?;
-        let (first, rest) = name.split_once('/').unwrap_or(("", name));
-        let (registry, repository) = if !first.is_empty()
-            && (first.contains('.') || first.contains(':') || first == "localhost")
-        {
-            (first.to_string(), rest.to_string())
-        } else if first.is_empty() {
-            (
-                "registry-1.docker.io".to_string(),
-                format!("library/{rest}"),
-            )
-        } else {
-            ("registry-1.docker.io".to_string(), name.to_string())
-        };
+        let (registry, repository) = split_name(name);
         if repository.is_empty()
             || !repository
                 .bytes()
@@ -871,5 +885,64 @@ mod tests {
         assert_eq!(eps[1].base.scheme(), "http");
         let plain = endpoints("x.example", &RegistryOptions::default()).unwrap();
         assert_eq!(plain[0].base.scheme(), "https");
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_toml_mirrors_come_in_file_order_then_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("reg.example");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hosts.toml"),
+            "server = \"https://reg.example\"\n\
+             [host.\"https://zeta.mirror\"]\n  capabilities = [\"pull\"]\n\
+             [host.\"https://alpha.mirror\"]\n  capabilities = [\"pull\", \"resolve\"]\n\
+             [host.\"https://push-only.mirror\"]\n  capabilities = [\"push\"]\n",
+        )
+        .unwrap();
+        let opts = RegistryOptions {
+            hosts_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        let eps: Vec<String> = endpoints("reg.example", &opts)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.base.to_string())
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                "https://zeta.mirror/",
+                "https://alpha.mirror/",
+                "https://reg.example/"
+            ]
+        );
+    }
+
+    #[test]
+    fn docker_hub_names() {
+        for (name, want) in [
+            (
+                "docker.io/library/nginx",
+                ("registry-1.docker.io", "library/nginx"),
+            ),
+            ("docker.io/nginx", ("registry-1.docker.io", "library/nginx")),
+            ("index.docker.io/x/y", ("registry-1.docker.io", "x/y")),
+            ("nginx", ("registry-1.docker.io", "library/nginx")),
+            ("localhost:5000/app", ("localhost:5000", "app")),
+        ] {
+            let (r, p) = split_name(name);
+            assert_eq!((r.as_str(), p.as_str()), want, "{name}");
+        }
+        let b = BlobRef::parse(&format!("docker.io/nginx@sha256:{}", "a".repeat(64))).unwrap();
+        assert_eq!(
+            (b.registry.as_str(), b.repository.as_str()),
+            ("registry-1.docker.io", "library/nginx")
+        );
     }
 }

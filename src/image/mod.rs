@@ -70,19 +70,7 @@ impl ImageRef {
             Some((n, t)) if !t.contains('/') => (n, Some(t)),
             _ => (name, None),
         };
-        let (registry, repository) = match name.split_once('/') {
-            Some((h, r)) if h.contains('.') || h.contains(':') || h == "localhost" => {
-                (h.to_string(), r.to_string())
-            }
-            _ => (
-                "registry-1.docker.io".to_string(),
-                if name.contains('/') {
-                    name.to_string()
-                } else {
-                    format!("library/{name}")
-                },
-            ),
-        };
+        let (registry, repository) = crate::fetch::registry::split_name(name);
         if repository.is_empty() {
             return Err(ImageError(format!("{s:?}: no repository")));
         }
@@ -172,6 +160,31 @@ mod tests {
         );
         assert!(
             matches!(ImageRef::parse("debian").unwrap(), ImageRef::Registry { repository, .. } if repository == "library/debian")
+        );
+        // Docker Hub as CRI names it: fully qualified, with and without `library/`.
+        for name in [
+            "docker.io/library/nginx:latest",
+            "docker.io/nginx:latest",
+            "index.docker.io/library/nginx",
+            "nginx",
+            "library/nginx",
+        ] {
+            assert_eq!(
+                ImageRef::parse(name).unwrap(),
+                ImageRef::Registry {
+                    registry: "registry-1.docker.io".into(),
+                    repository: "library/nginx".into(),
+                    reference: "latest".into()
+                },
+                "{name}"
+            );
+        }
+        assert!(
+            matches!(ImageRef::parse("docker.io/bitnami/redis").unwrap(), ImageRef::Registry { registry, repository, .. } if registry == "registry-1.docker.io" && repository == "bitnami/redis")
+        );
+        // Other registries keep single-name repositories as they are.
+        assert!(
+            matches!(ImageRef::parse("reg.io/app").unwrap(), ImageRef::Registry { repository, .. } if repository == "app")
         );
         assert_eq!(
             ImageRef::parse("oci:/tmp/x:v2").unwrap(),
