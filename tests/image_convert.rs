@@ -460,10 +460,11 @@ fn conversion_errors_are_clear_and_push_nothing() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // The cause, not only "error sending request".
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("127.0.0.1:1") && err.contains("Connection refused"),
+        "{err}"
     );
 }
 

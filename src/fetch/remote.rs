@@ -102,7 +102,23 @@ impl RangeReader for FileRange {
 pub fn classify(e: reqwest::Error, what: &str) -> FetchError {
     // Never print the URL's query string: presigned object-store URLs carry credentials there.
     let e = e.without_url();
-    FetchError::transient("network", format!("{what}: {e}"))
+    FetchError::transient("network", format!("{what}: {}", with_causes(&e)))
+}
+
+/// An error and its causes, `a: b: c` (reqwest's own message, "error sending request", says
+/// nothing of why: connection refused, DNS, TLS issuer...).
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// How long a registry answer may send nothing (headers or body) before the attempt is abandoned,
@@ -159,7 +175,10 @@ impl BodyPace {
             .map_err(|e| {
                 FetchError::transient(
                     "truncated",
-                    format!("{what}: reading the body: {}", e.without_url()),
+                    format!(
+                        "{what}: reading the body: {}",
+                        with_causes(&e.without_url())
+                    ),
                 )
             })?;
         if let Some(c) = &chunk {

@@ -186,7 +186,13 @@ impl RegistryStore {
                 .get(target.clone())
                 .send()
                 .await
-                .map_err(|e| ImageError(format!("{}: {}", redact(&target), e.without_url())));
+                .map_err(|e| {
+                    ImageError(format!(
+                        "{}: {}",
+                        redact(&target),
+                        crate::fetch::remote::with_causes(&e.without_url())
+                    ))
+                });
         }
         Ok(resp)
     }
