@@ -60,15 +60,6 @@ pub struct ReferrerPolicy {
     pub publishers: Vec<String>,
 }
 
-impl Default for ReferrerPolicy {
-    fn default() -> Self {
-        ReferrerPolicy {
-            mode: ReferrerMode::SameRepository,
-            publishers: vec![],
-        }
-    }
-}
-
 impl ReferrerPolicy {
     /// Whether artifacts of images in `repo` (`REGISTRY/REPO`) are accepted.
     pub fn accepts(&self, repo: &str) -> bool {
@@ -124,14 +115,8 @@ impl ReferrerLookup {
     /// any. Lookup failures are logged and mean "no trace": prefetch is an optimisation.
     fn trace(&self, image_ref: &str, manifest: &str) -> Option<PathBuf> {
         let dir = self.trace_dir.as_ref()?;
-        let repo = match crate::image::ImageRef::parse(image_ref) {
-            Ok(crate::image::ImageRef::Registry {
-                registry,
-                repository,
-                ..
-            }) => format!("{registry}/{repository}"),
-            _ => return None,
-        };
+        let (registry, repository) = registry_repo(image_ref)?;
+        let repo = format!("{registry}/{repository}");
         lazyblk_image_format::parse_digest(manifest).ok()?;
         let key = format!("{repo}@{manifest}");
         if let Some((at, t)) = self.traces.lock().expect("traces lock").get(&key) {
@@ -194,14 +179,7 @@ impl ReferrerLookup {
     /// The lazyblk layer converted from `layer_digest` of image manifest `manifest`, if a referrer
     /// artifact of that manifest has one. Lookup failures are logged and mean "no".
     fn find(&self, image_ref: &str, manifest: &str, layer_digest: &str) -> Option<Remote> {
-        let Ok(crate::image::ImageRef::Registry {
-            registry,
-            repository,
-            ..
-        }) = crate::image::ImageRef::parse(image_ref)
-        else {
-            return None;
-        };
+        let (registry, repository) = registry_repo(image_ref)?;
         let publisher = format!("{registry}/{repository}");
         if !self.policy.accepts(&publisher) {
             return None;
@@ -336,6 +314,18 @@ impl Fields for Named<'_> {
     }
 }
 
+/// (registry, repository) of a registry image reference (None for an OCI layout or a bad one).
+fn registry_repo(image_ref: &str) -> Option<(String, String)> {
+    match crate::image::ImageRef::parse(image_ref) {
+        Ok(crate::image::ImageRef::Registry {
+            registry,
+            repository,
+            ..
+        }) => Some((registry, repository)),
+        _ => None,
+    }
+}
+
 /// The remote layer described by Prepare labels, if they describe one.
 pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Remote>, Status> {
     let get = |k: &str| labels.get(&format!("{LAZYBLK_PREFIX}{k}"));
@@ -357,18 +347,11 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
     let digest = labels
         .get(LABEL_LAYER_DIGEST)
         .ok_or_else(|| bad(&format!("{LABEL_LAYER_DIGEST} missing")))?;
-    let (registry, repository) = match crate::image::ImageRef::parse(image_ref) {
-        Ok(crate::image::ImageRef::Registry {
-            registry,
-            repository,
-            ..
-        }) => (registry, repository),
-        _ => {
-            return Err(bad(&format!(
-                "image ref {image_ref:?} is not a registry reference"
-            )))
-        }
-    };
+    let (registry, repository) = registry_repo(image_ref).ok_or_else(|| {
+        bad(&format!(
+            "image ref {image_ref:?} is not a registry reference"
+        ))
+    })?;
     lazyblk_image_format::parse_digest(digest).map_err(|e| bad(&e.to_string()))?;
     Ok(Some(Remote {
         source: format!("{registry}/{repository}@{digest}"),
@@ -620,17 +603,11 @@ impl Snapshotter {
         let converted = remote_from_labels(&labels)?;
         let is_converted = converted.is_some();
         // The repository whose referrer artifact supplied the layer (None: a converted layer).
-        let publisher = match (is_converted, labels.get(LABEL_IMAGE_REF)) {
-            (false, Some(image)) => match crate::image::ImageRef::parse(image) {
-                Ok(crate::image::ImageRef::Registry {
-                    registry,
-                    repository,
-                    ..
-                }) => Some(format!("{registry}/{repository}")),
-                _ => None,
-            },
-            _ => None,
-        };
+        let publisher = labels
+            .get(LABEL_IMAGE_REF)
+            .filter(|_| !is_converted)
+            .and_then(|image| registry_repo(image))
+            .map(|(registry, repository)| format!("{registry}/{repository}"));
         let remote = match converted {
             Some(r) => Some(r),
             // An ordinary layer: a `--referrer` artifact of its image may have a lazyblk version.
