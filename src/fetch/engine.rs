@@ -621,13 +621,15 @@ impl Engine {
                 .metrics
                 .readahead_chunks
                 .fetch_add(ahead.end - ahead.start, Relaxed);
-            self.spawn_prefetch(ahead);
+            self.spawn_prefetch(ahead, ());
         }
     }
 
-    fn spawn_prefetch(&self, chunks: std::ops::Range<u64>) {
+    /// Fetches `chunks` into memory in the background; `hold` is dropped when that is done.
+    fn spawn_prefetch(&self, chunks: std::ops::Range<u64>, hold: impl Send + 'static) {
         let me = self.clone();
         let task = async move {
+            let _hold = hold;
             let deadline = Instant::now() + me.inner.opts.read_deadline;
             let _ = me.get_chunks(chunks, deadline, true).await;
         };
@@ -1116,12 +1118,6 @@ impl BlockSource for Engine {
                 self.0.fetch_sub(1, Relaxed);
             }
         }
-        let release = Release(hints);
-        let me = self.clone();
-        self.spawn_task(async move {
-            let _release = release;
-            let deadline = Instant::now() + me.inner.opts.read_deadline;
-            let _ = me.get_chunks(chunks, deadline, true).await;
-        });
+        self.spawn_prefetch(chunks, Release(hints));
     }
 }
