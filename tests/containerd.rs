@@ -72,6 +72,21 @@ struct Env {
 }
 
 impl Env {
+    /// `lazyblk pull IMAGE --plain-http --namespace NS` against this containerd.
+    fn lazyblk_pull(&self, image: &str, ns: &str) -> Command {
+        let mut c = lazyblk();
+        c.args([
+            "pull",
+            image,
+            "--plain-http",
+            "--namespace",
+            ns,
+            "--address",
+        ])
+        .arg(&self.sock);
+        c
+    }
+
     /// The cleanup guard for this environment and containers `(namespace, name)`.
     fn cleanup(&self, containers: Vec<(String, String)>) -> Cleanup {
         Cleanup {
@@ -226,18 +241,7 @@ fn start_httpd_on(env: &Env, ns: &str, image: &str, name: &str, port: u16) -> u1
 /// then a container `name` reading from both layers.
 fn pull_and_run_mixed(env: &Env, r: &str, name: &str) {
     let mixed_ref = format!("{r}/test/app:mixed");
-    let out = stdout(run_ok(
-        lazyblk()
-            .args([
-                "pull",
-                &mixed_ref,
-                "--plain-http",
-                "--namespace",
-                "mixed",
-                "--address",
-            ])
-            .arg(&env.sock),
-    ));
+    let out = stdout(run_ok(&mut env.lazyblk_pull(&mixed_ref, "mixed")));
     assert!(out.contains("1 remote layer(s), 1 unpacked"), "{out}");
     let seen = stdout(run_ok(env.ctr("mixed").args([
         "run",
@@ -375,18 +379,7 @@ fn check_trace(
         "--plain-http",
     ])));
     assert_eq!(shown.matches(" chunks ").count(), layers.len(), "{shown}");
-    let out = stdout(run_ok(
-        lazyblk()
-            .args([
-                "pull",
-                &traced,
-                "--plain-http",
-                "--namespace",
-                "traced",
-                "--address",
-            ])
-            .arg(&env.sock),
-    ));
+    let out = stdout(run_ok(&mut env.lazyblk_pull(&traced, "traced")));
     assert!(out.contains("3 remote layer(s)"), "{out}");
     let name = format!("traced-{}", std::process::id());
     cleanup.containers.push(("traced".into(), name.clone()));
@@ -598,16 +591,8 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
 /// The `poison` image (lazyblk layers under another image's chain IDs) is refused before anything
 /// is committed: the original image's chain then still unpacks from its own tar layers.
 fn poison_is_refused(env: &Env, r: &str) {
-    let out = lazyblk()
-        .args([
-            "pull",
-            &format!("{r}/test/app:poison"),
-            "--plain-http",
-            "--namespace",
-            "poison",
-            "--address",
-        ])
-        .arg(&env.sock)
+    let out = env
+        .lazyblk_pull(&format!("{r}/test/app:poison"), "poison")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -624,16 +609,7 @@ fn poison_is_refused(env: &Env, r: &str) {
     ])));
     assert_eq!(snaps.lines().count(), 1, "something was committed: {snaps}");
     let out = stdout(run_ok(
-        lazyblk()
-            .args([
-                "pull",
-                &format!("{r}/test/app:web"),
-                "--plain-http",
-                "--namespace",
-                "poison",
-                "--address",
-            ])
-            .arg(&env.sock),
+        &mut env.lazyblk_pull(&format!("{r}/test/app:web"), "poison"),
     ));
     assert!(out.contains("0 remote layer(s), 3 unpacked"), "{out}");
 }

@@ -29,88 +29,48 @@ async fn mock(blob: Arc<Vec<u8>>, digest: String, counters: Arc<Counters>) -> St
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let a2 = addr.clone();
-    tokio::spawn(async move {
-        loop {
-            let (sock, _) = l.accept().await.unwrap();
-            let (blob, digest, c, addr) =
-                (blob.clone(), digest.clone(), counters.clone(), a2.clone());
-            tokio::spawn(async move {
-                let mut r = BufReader::new(sock);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut parts = line.split_whitespace();
-                    let method = parts.next().unwrap().to_string();
-                    let path = parts.next().unwrap().to_string();
-                    let (mut auth, mut range) = (String::new(), None::<(u64, u64)>);
-                    loop {
-                        let mut h = String::new();
-                        r.read_line(&mut h).await.unwrap();
-                        if h == "\r\n" {
-                            break;
-                        }
-                        let (k, v) = h.split_once(':').unwrap();
-                        let v = v.trim().to_string();
-                        match k.to_ascii_lowercase().as_str() {
-                            "authorization" => auth = v,
-                            "range" => {
-                                let (a, b) =
-                                    v.trim_start_matches("bytes=").split_once('-').unwrap();
-                                range = Some((a.parse().unwrap(), b.parse().unwrap()));
-                            }
-                            _ => {}
-                        }
-                    }
-                    let s = r.get_mut();
-                    let basic = format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
-                    );
-                    let resp: Vec<u8> = if path.starts_with("/token") {
-                        if auth == basic && path.contains("scope=repository%3Ateam%2Fapp%3Apull") {
-                            c.token.fetch_add(1, Relaxed);
-                            let body = r#"{"token":"tok-123"}"#;
-                            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
-                        } else {
-                            c.token_denied.fetch_add(1, Relaxed);
-                            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_vec()
-                        }
-                    } else if path == format!("/v2/team/app/blobs/{digest}") {
-                        c.registry.fetch_add(1, Relaxed);
-                        if auth != "Bearer tok-123" {
-                            c.unauthorized.fetch_add(1, Relaxed);
-                            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"mock\",scope=\"repository:team/app:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes()
-                        } else {
-                            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /object/blob?X-Signature=SECRET\r\nContent-Length: 0\r\n\r\n".to_vec()
-                        }
-                    } else if path == "/object/blob?X-Signature=SECRET" {
-                        c.object.fetch_add(1, Relaxed);
-                        if !auth.is_empty() {
-                            c.leaked_auth.fetch_add(1, Relaxed);
-                        }
-                        if method == "HEAD" {
-                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len())
-                                .into_bytes()
-                        } else {
-                            let (a, b) = range.unwrap();
-                            let mut v = format!(
-                                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
-                                b + 1 - a
-                            )
-                            .into_bytes();
-                            v.extend_from_slice(&blob[a as usize..=b as usize]);
-                            v
-                        }
-                    } else {
-                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
-                    };
-                    if s.write_all(&resp).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("alice:s3cret")
+    );
+    recording_on(l, move |method, path, auth, range| {
+        let c = &counters;
+        if path.starts_with("/token") {
+            if auth == basic && path.contains("scope=repository%3Ateam%2Fapp%3Apull") {
+                c.token.fetch_add(1, Relaxed);
+                let body = r#"{"token":"tok-123"}"#;
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+            } else {
+                c.token_denied.fetch_add(1, Relaxed);
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_vec()
+            }
+        } else if path == format!("/v2/team/app/blobs/{digest}") {
+            c.registry.fetch_add(1, Relaxed);
+            if auth != "Bearer tok-123" {
+                c.unauthorized.fetch_add(1, Relaxed);
+                format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{a2}/token\",service=\"mock\",scope=\"repository:team/app:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes()
+            } else {
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /object/blob?X-Signature=SECRET\r\nContent-Length: 0\r\n\r\n".to_vec()
+            }
+        } else if path == "/object/blob?X-Signature=SECRET" {
+            c.object.fetch_add(1, Relaxed);
+            if !auth.is_empty() {
+                c.leaked_auth.fetch_add(1, Relaxed);
+            }
+            if method == "HEAD" {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len()).into_bytes()
+            } else {
+                let (a, b) = range.unwrap();
+                let mut v = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
+                    b + 1 - a
+                )
+                .into_bytes();
+                v.extend_from_slice(&blob[a as usize..=b as usize]);
+                v
+            }
+        } else {
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
         }
     });
     addr
@@ -220,6 +180,14 @@ async fn recording(
 ) -> (String, Seen) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
+    (addr, recording_on(l, answer))
+}
+
+/// [`recording`] on an already bound listener (for servers that must know their own address).
+fn recording_on(
+    l: tokio::net::TcpListener,
+    answer: impl Fn(&str, &str, &str, Option<(u64, u64)>) -> Vec<u8> + Send + Sync + 'static,
+) -> Seen {
     let seen: Seen = Default::default();
     let (answer, seen2) = (Arc::new(answer), seen.clone());
     tokio::spawn(async move {
@@ -265,7 +233,7 @@ async fn recording(
             });
         }
     });
-    (addr, seen)
+    seen
 }
 
 fn http(status: &str, headers: &str, body: &str) -> Vec<u8> {
