@@ -115,7 +115,8 @@ fn now_ms() -> u64 {
 
 /// Polls `url` until it answers 2xx.
 async fn wait_ready(url: &str, timeout: Duration) -> Result<()> {
-    let client = reqwest::Client::builder()
+    let client = crate::fetch::tls::client_builder(&Default::default())
+        .map_err(anyhow::Error::msg)?
         .timeout(Duration::from_secs(2))
         .no_proxy()
         .build()?;

@@ -7,9 +7,12 @@
 //! registry sessions.
 
 pub mod access;
+pub mod auth;
+pub mod credentials;
 pub mod diskcache;
 pub mod engine;
 pub mod fill;
+pub mod hosts;
 pub mod memcache;
 pub mod metrics;
 pub mod readahead;
@@ -17,6 +20,7 @@ pub mod registry;
 pub mod remote;
 pub mod retry;
 pub mod source;
+pub mod tls;
 
 pub use engine::{Engine, EngineOptions};
 pub use fill::FillGate;

@@ -6,7 +6,7 @@
 //! blob) with control over redirects, retries and what is logged; the push side lives next to it.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -83,163 +83,37 @@ impl BlobRef {
 pub struct RegistryOptions {
     /// Use plain HTTP for the registry (only for registries you mark insecure).
     pub plain_http: bool,
-    /// containerd-style `certs.d` directory with `<host>/hosts.toml` (mirrors, per-host scheme).
+    /// containerd-style `certs.d` directory with `<host>/hosts.toml` (mirrors, TLS, per-host scheme).
     pub hosts_dir: Option<PathBuf>,
     /// Docker config file (default: `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
 }
 
-/// Username and password (or token) for a registry. Never logged.
-#[derive(Clone)]
-pub struct Credentials {
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
+pub use super::credentials::{docker_credentials, Credentials};
+pub use super::hosts::{Capabilities, Endpoint};
 
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, <redacted>)", self.username)
-    }
-}
-
-/// Looks up credentials for `registry` in a docker config file: `credHelpers`, then `auths`, then
-/// `credsStore`.
-pub fn docker_credentials(registry: &str, config: Option<&Path>) -> Option<Credentials> {
-    let path = match config {
-        Some(p) => p.to_path_buf(),
-        None => match std::env::var_os("DOCKER_CONFIG") {
-            Some(d) => PathBuf::from(d).join("config.json"),
-            None => PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json"),
-        },
-    };
-    let text = std::fs::read_to_string(&path).ok()?;
-    let cfg: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let keys: Vec<String> = if registry == "registry-1.docker.io" {
-        vec![
-            "https://index.docker.io/v1/".into(),
-            "docker.io".into(),
-            "index.docker.io".into(),
-            registry.into(),
-        ]
-    } else {
-        vec![
-            registry.to_string(),
-            format!("https://{registry}"),
-            format!("http://{registry}"),
-        ]
-    };
-    if let Some(helper) = keys.iter().find_map(|k| cfg["credHelpers"][k].as_str()) {
-        return run_credential_helper(helper, &keys[0]);
-    }
-    for k in &keys {
-        if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(auth)
-                .ok()?;
-            let s = String::from_utf8(decoded).ok()?;
-            let (u, p) = s.split_once(':')?;
-            return Some(Credentials {
-                username: u.to_string(),
-                password: p.to_string(),
-            });
-        }
-    }
-    let store = cfg["credsStore"].as_str()?;
-    run_credential_helper(store, &keys[0])
-}
-
-fn run_credential_helper(helper: &str, server: &str) -> Option<Credentials> {
-    use std::io::Write;
-    let mut child = std::process::Command::new(format!("docker-credential-{helper}"))
-        .arg("get")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| tracing::warn!(helper, error = %e, "credential helper not runnable"))
-        .ok()?;
-    child.stdin.take()?.write_all(server.as_bytes()).ok()?;
-    let out = child.wait_with_output().ok()?;
-    if !out.status.success() {
-        tracing::warn!(helper, server, "credential helper found no credentials");
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(Credentials {
-        username: v["Username"].as_str()?.to_string(),
-        password: v["Secret"].as_str()?.to_string(),
+/// The endpoints for `registry`: `hosts.toml` hosts in file order, then the server (see
+/// [`super::hosts`]).
+pub fn endpoints(registry: &str, opts: &RegistryOptions) -> Result<Vec<Endpoint>, String> {
+    super::hosts::endpoints(&super::hosts::HostsQuery {
+        registry,
+        default_scheme: if opts.plain_http { "http" } else { "https" },
+        hosts_dir: opts.hosts_dir.as_deref(),
     })
 }
 
-/// One place a blob can be fetched from: a mirror or the registry itself.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    /// `scheme://host[:port]` (plus an optional path prefix).
-    pub base: Url,
-    /// Mirrors get `?ns=<registry>` like containerd sends.
-    pub mirror: bool,
-}
-
-/// The endpoints for `registry`: `hosts.toml` mirrors with the `pull` capability first, then the server.
-pub fn endpoints(registry: &str, opts: &RegistryOptions) -> Result<Vec<Endpoint>, String> {
-    let default_scheme = if opts.plain_http { "http" } else { "https" };
-    let origin = |s: &str| Url::parse(s).map_err(|e| format!("bad registry URL {s:?}: {e}"));
-    if let Some(dir) = &opts.hosts_dir {
-        let file = dir.join(registry).join("hosts.toml");
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            let v: toml::Value =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-            let mut out = Vec::new();
-            if let Some(hosts) = v.get("host").and_then(|h| h.as_table()) {
-                for (url, h) in hosts {
-                    let caps: Vec<&str> = h
-                        .get("capabilities")
-                        .and_then(|c| c.as_array())
-                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-                        .unwrap_or_else(|| vec!["pull", "resolve"]);
-                    if caps.contains(&"pull") {
-                        out.push(Endpoint {
-                            base: origin(url)?,
-                            mirror: true,
-                        });
-                    }
-                }
-            }
-            let server = v
-                .get("server")
-                .and_then(|s| s.as_str())
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| format!("{default_scheme}://{registry}"));
-            out.push(Endpoint {
-                base: origin(&server)?,
-                mirror: false,
-            });
-            return Ok(out);
-        }
-    }
-    Ok(vec![Endpoint {
-        base: origin(&format!("{default_scheme}://{registry}"))?,
-        mirror: false,
-    }])
-}
-
-/// An authenticated client for one repository of one registry: endpoints (mirrors for pulls), the
-/// `WWW-Authenticate` flow, credentials. Used by blob reads and by image conversion (manifests, pushes).
+/// An authenticated client for one repository of one registry: endpoints (mirrors for pulls), each
+/// with its own TLS client, and the auth state (credentials per origin, tokens per scope).
 pub struct RepoClient {
-    client: reqwest::Client,
     /// Registry host.
     pub registry: String,
     /// Repository path.
     pub repository: String,
     endpoints: Vec<Endpoint>,
-    /// Credentials per endpoint origin (`scheme://host:port`): the registry's for the registry, a
-    /// mirror's own for a mirror (never the upstream's).
-    creds: std::collections::HashMap<String, Credentials>,
+    /// One HTTP client per endpoint (its TLS settings), same order as `endpoints`.
+    clients: Vec<reqwest::Client>,
     push: bool,
-    /// The Authorization header per endpoint origin (a bearer token or basic credentials).
-    auth: tokio::sync::Mutex<std::collections::HashMap<String, HeaderValue>>,
+    auth: super::auth::Authorizer,
 }
 
 /// `scheme://host:port` of `u` (the unit credentials and tokens are scoped to).
@@ -285,8 +159,25 @@ pub fn realm_may_get_credentials(endpoint: &Url, realm: &Url) -> bool {
     r == parent || r.ends_with(&format!(".{parent}"))
 }
 
+/// Extra credentials for some registries, on top of the docker config (a Kubernetes pull secret the
+/// CRI proxy received for this image, say): `host → credentials`.
+pub type ExtraCredentials = std::collections::HashMap<String, Credentials>;
+
+/// The host (`host[:port]`) credentials are filed under for endpoint `ep` of `registry`.
+fn credential_host(ep: &Endpoint, registry: &str) -> Option<String> {
+    if !ep.mirror {
+        return Some(registry.to_string());
+    }
+    match (ep.base.host_str(), ep.base.port()) {
+        (Some(h), Some(p)) => Some(format!("{h}:{p}")),
+        (Some(h), None) => Some(h.to_string()),
+        _ => None,
+    }
+}
+
 impl RepoClient {
     /// A client for `registry/repository`; `push` asks tokens for `pull,push` and skips mirrors.
+    /// `client` serves endpoints with default TLS; others get a shared client for their settings.
     pub fn new(
         client: reqwest::Client,
         registry: &str,
@@ -294,43 +185,90 @@ impl RepoClient {
         opts: &RegistryOptions,
         push: bool,
     ) -> Result<RepoClient, String> {
+        RepoClient::with_credentials(
+            client,
+            registry,
+            repository,
+            opts,
+            push,
+            &ExtraCredentials::new(),
+        )
+    }
+
+    /// [`RepoClient::new`], with `extra` credentials preferred over the docker config's per host.
+    pub fn with_credentials(
+        client: reqwest::Client,
+        registry: &str,
+        repository: &str,
+        opts: &RegistryOptions,
+        push: bool,
+        extra: &ExtraCredentials,
+    ) -> Result<RepoClient, String> {
         let endpoints = endpoints(registry, opts)?;
         let mut creds = std::collections::HashMap::new();
+        let mut clients = Vec::with_capacity(endpoints.len());
         for ep in &endpoints {
-            let host = if ep.mirror {
-                match (ep.base.host_str(), ep.base.port()) {
-                    (Some(h), Some(p)) => format!("{h}:{p}"),
-                    (Some(h), None) => h.to_string(),
-                    _ => continue,
-                }
+            clients.push(if ep.tls.is_default() {
+                client.clone()
             } else {
-                registry.to_string()
+                super::tls::shared_client(&ep.tls, build_client)
+                    .map_err(|e| format!("TLS settings for {}: {e}", ep.base))?
+            });
+            let Some(host) = credential_host(ep, registry) else {
+                continue;
             };
-            if let Some(c) = docker_credentials(&host, opts.docker_config.as_deref()) {
+            let found = extra
+                .get(&host)
+                .cloned()
+                .or_else(|| docker_credentials(&host, opts.docker_config.as_deref()));
+            if let Some(c) = found {
                 creds.insert(origin_of(&ep.base), c);
             }
         }
+        let scope = if push {
+            format!("repository:{repository}:pull,push")
+        } else {
+            format!("repository:{repository}:pull")
+        };
         Ok(RepoClient {
-            client,
             registry: registry.to_string(),
             repository: repository.to_string(),
             endpoints,
-            creds,
+            clients,
             push,
-            auth: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            auth: super::auth::Authorizer::new(creds, scope),
         })
     }
 
-    /// The HTTP client (no automatic redirects).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.client
+    /// The HTTP client for requests to `url`: its endpoint's (TLS settings), or the registry
+    /// server's for anything else (a redirect to object storage).
+    pub fn http_for(&self, url: &Url) -> &reqwest::Client {
+        let origin = origin_of(url);
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| origin_of(&e.base) == origin)
+            .unwrap_or(self.endpoints.len() - 1);
+        &self.clients[i]
     }
 
-    /// `<endpoint>/v2/<repository>/<path>` (mirrors get `?ns=`).
+    /// The registry server's HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        self.clients
+            .last()
+            .expect("endpoints always end with the server")
+    }
+
+    /// Tokens fetched from token realms so far.
+    pub fn tokens_fetched(&self) -> u64 {
+        self.auth.tokens_fetched()
+    }
+
+    /// `<endpoint API root>/<repository>/<path>` (mirrors get `?ns=`).
     pub fn url(&self, ep: &Endpoint, path: &str) -> Url {
         let mut u = ep.base.clone();
         let full = format!(
-            "{}/v2/{}/{}",
+            "{}/{}/{}",
             u.path().trim_end_matches('/'),
             self.repository,
             path
@@ -360,46 +298,84 @@ impl RepoClient {
         let origin = origin_of(url);
         // Credentials and tokens only for the endpoints of this client, each its own: a URL on any
         // other origin (an upload Location elsewhere, say) gets no Authorization header at all.
-        let known = self.endpoints.iter().any(|e| origin_of(&e.base) == origin);
-        let mut tried_auth = false;
+        let endpoint = self.endpoints.iter().find(|e| origin_of(&e.base) == origin);
+        let http = self.http_for(url);
+        let mut challenge_seen = None;
         loop {
-            let mut rb = build(&self.client, url.clone());
-            if let Some(h) = self.auth.lock().await.get(&origin).cloned() {
-                rb = rb.header(AUTHORIZATION, h);
+            let mut rb = build(http, url.clone());
+            if let Some(ep) = endpoint {
+                for (k, v) in &ep.headers {
+                    rb = rb.header(k.as_str(), v.as_str());
+                }
+                if let Some(h) = self.auth.header(http, &origin).await? {
+                    rb = rb.header(AUTHORIZATION, h);
+                }
             }
             let resp = rb.send().await.map_err(|e| classify(e, &what))?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !tried_auth && known {
-                tried_auth = true;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && challenge_seen.is_none() && endpoint.is_some()
+            {
                 let challenge = resp
                     .headers()
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_string();
-                self.authenticate(&challenge, &what, url).await?;
+                self.auth.answer(http, url, &challenge, &what).await?;
+                challenge_seen = Some(challenge);
                 continue;
             }
-            if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|c| format!(" (it asked for {c})"))
+                    .unwrap_or_default();
+                let body = super::remote::read_body(resp, 4096, &what)
+                    .await
+                    .unwrap_or_default();
                 return Err(FetchError::permanent(
                     "auth",
-                    format!("{what}: HTTP {} (check credentials)", resp.status()),
+                    format!(
+                        "{what}: HTTP {status}{}{challenge}: check the credentials for {origin}",
+                        super::remote::error_body_summary(&body)
+                    ),
                 ));
             }
             return Ok(resp);
         }
     }
 
-    /// Sends to `path` under the repository: mirrors first for pulls, then the registry.
+    /// Sends to `path` under the repository: hosts able to serve it first (mirrors with `pull` for
+    /// blobs and digests, `resolve` for tags), then the registry; pushes go to the registry only.
     pub async fn send(
         &self,
         path: &str,
         build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
     ) -> Result<reqwest::Response, FetchError> {
+        let by_tag = path
+            .strip_prefix("manifests/")
+            .is_some_and(|r| !r.contains(':'));
+        let able = |e: &Endpoint| {
+            if !e.mirror {
+                return true;
+            }
+            if self.push {
+                return false;
+            }
+            if by_tag {
+                e.capabilities.resolve
+            } else {
+                e.capabilities.pull
+            }
+        };
         let mut last = None;
-        for ep in self.endpoints.iter().filter(|e| !self.push || !e.mirror) {
+        for ep in self.endpoints.iter().filter(|e| able(e)) {
             let url = self.url(ep, path);
             match self.send_url(&url, build).await {
                 Ok(r) if ep.mirror && !(r.status().is_success() || r.status().is_redirection()) => {
+                    tracing::debug!(mirror = %redact(&ep.base), status = %r.status(), "mirror cannot serve this; trying the next endpoint");
                     last = Some(FetchError::transient(
                         "mirror",
                         format!("{}: HTTP {}", redact(&url), r.status()),
@@ -407,97 +383,13 @@ impl RepoClient {
                 }
                 Ok(r) => return Ok(r),
                 Err(e) if ep.mirror => {
-                    tracing::debug!(mirror = %ep.base, error = %e, "mirror failed, trying the next endpoint");
+                    tracing::debug!(mirror = %redact(&ep.base), error = %e, "mirror failed, trying the next endpoint");
                     last = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(last.unwrap_or_else(|| FetchError::permanent("config", "no endpoints")))
-    }
-
-    /// Answers a `WWW-Authenticate` challenge: a bearer token from the realm (with basic credentials if
-    /// we have them), or basic auth directly.
-    async fn authenticate(
-        &self,
-        challenge: &str,
-        what: &str,
-        endpoint_url: &Url,
-    ) -> Result<(), FetchError> {
-        let (scheme, params) = parse_challenge(challenge);
-        let origin = origin_of(endpoint_url);
-        let creds = self.creds.get(&origin);
-        let mut auth = self.auth.lock().await;
-        if scheme.eq_ignore_ascii_case("basic") {
-            let c = creds.ok_or_else(|| {
-                FetchError::permanent(
-                    "auth",
-                    format!("{what}: registry wants basic auth and no credentials are configured for {origin}"),
-                )
-            })?;
-            if !secure_channel(endpoint_url) {
-                return Err(FetchError::permanent(
-                    "auth",
-                    format!("{what}: refusing to send credentials over plain HTTP to a non-loopback host (use HTTPS)"),
-                ));
-            }
-            auth.insert(origin, basic_header(c));
-            return Ok(());
-        }
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(FetchError::permanent(
-                "auth",
-                format!("{what}: unsupported auth challenge {scheme:?}"),
-            ));
-        }
-        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let realm = param("realm").ok_or_else(|| {
-            FetchError::permanent("auth", format!("{what}: bearer challenge without realm"))
-        })?;
-        let mut url = Url::parse(&realm)
-            .map_err(|e| FetchError::permanent("auth", format!("{what}: bad realm: {e}")))?;
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = param("service") {
-                q.append_pair("service", &s);
-            }
-            let scope = if self.push {
-                format!("repository:{}:pull,push", self.repository)
-            } else {
-                param("scope").unwrap_or_else(|| format!("repository:{}:pull", self.repository))
-            };
-            q.append_pair("scope", &scope);
-        }
-        let mut rb = self.client.get(url.clone());
-        if let Some(c) = creds {
-            if realm_may_get_credentials(endpoint_url, &url) {
-                rb = rb.header(AUTHORIZATION, basic_header(c));
-            } else {
-                tracing::warn!(endpoint = %origin, realm = %redact(&url), "not sending credentials to a token realm on another host or over plain HTTP; asking for an anonymous token");
-            }
-        }
-        let resp = rb.send().await.map_err(|e| classify(e, "token endpoint"))?;
-        if !resp.status().is_success() {
-            return Err(FetchError {
-                message: format!("token endpoint {}: HTTP {}", redact(&url), resp.status()),
-                retryable: resp.status().is_server_error(),
-                kind: "auth",
-            });
-        }
-        let body = super::remote::read_body(resp, 1 << 20, "token endpoint").await?;
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-            FetchError::transient("auth", format!("token endpoint: bad response: {e}"))
-        })?;
-        let token = v["token"]
-            .as_str()
-            .or_else(|| v["access_token"].as_str())
-            .ok_or_else(|| FetchError::permanent("auth", "token endpoint: no token in response"))?;
-        let mut h = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            FetchError::permanent("auth", "token endpoint: token is not a valid header value")
-        })?;
-        h.set_sensitive(true);
-        auth.insert(origin, h);
-        Ok(())
     }
 }
 
@@ -697,10 +589,16 @@ impl Sessions {
     }
 }
 
-/// An HTTP client for registries: no automatic redirects (they are handled and cached here), HTTP/2
-/// when offered, bounded connect time.
+/// An HTTP client for registries with default TLS (the system trust store): no automatic redirects
+/// (they are handled and cached here), HTTP/2 when offered, bounded connect time. One per process.
 pub fn registry_client() -> reqwest::Client {
-    reqwest::Client::builder()
+    super::tls::shared_client(&super::tls::TlsSettings::default(), build_client)
+        .expect("the default TLS settings always build")
+}
+
+/// A registry HTTP client for TLS settings `s`.
+fn build_client(s: &super::tls::TlsSettings) -> Result<reqwest::Client, String> {
+    super::tls::client_builder(s)?
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(std::time::Duration::from_secs(10))
         // No answer (headers or body bytes) within this: the attempt fails and is retried.
@@ -708,7 +606,7 @@ pub fn registry_client() -> reqwest::Client {
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .user_agent(concat!("lazyblk/", env!("CARGO_PKG_VERSION")))
         .build()
-        .expect("reqwest client with rustls")
+        .map_err(|e| super::remote::with_causes(&e))
 }
 
 impl RangeReader for RegistryBlob {
@@ -880,9 +778,10 @@ mod tests {
             ..Default::default()
         };
         let eps = endpoints("reg.example:5000", &opts).unwrap();
-        assert_eq!(eps.len(), 2);
+        assert_eq!(eps.len(), 3);
         assert!(eps[0].mirror && eps[0].base.as_str().starts_with("http://127.0.0.1:6000"));
-        assert_eq!(eps[1].base.scheme(), "http");
+        assert!(eps[1].mirror && !eps[1].capabilities.pull && eps[1].capabilities.resolve);
+        assert_eq!(eps[2].base.scheme(), "http");
         let plain = endpoints("x.example", &RegistryOptions::default()).unwrap();
         assert_eq!(plain[0].base.scheme(), "https");
     }
@@ -912,14 +811,15 @@ mod endpoint_tests {
         let eps: Vec<String> = endpoints("reg.example", &opts)
             .unwrap()
             .into_iter()
+            .filter(|e| e.capabilities.pull)
             .map(|e| e.base.to_string())
             .collect();
         assert_eq!(
             eps,
             [
-                "https://zeta.mirror/",
-                "https://alpha.mirror/",
-                "https://reg.example/"
+                "https://zeta.mirror/v2",
+                "https://alpha.mirror/v2",
+                "https://reg.example/v2"
             ]
         );
     }

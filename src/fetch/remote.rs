@@ -102,7 +102,52 @@ impl RangeReader for FileRange {
 pub fn classify(e: reqwest::Error, what: &str) -> FetchError {
     // Never print the URL's query string: presigned object-store URLs carry credentials there.
     let e = e.without_url();
+    if let Some(tls) = super::tls::explain(&e) {
+        // A certificate problem does not go away by retrying.
+        return FetchError::permanent("tls", format!("{what}: {tls}"));
+    }
     FetchError::transient("network", format!("{what}: {}", with_causes(&e)))
+}
+
+/// `": CODE: message (detail)"` from an OCI error body (`{"errors":[{"code","message","detail"}]}`),
+/// or `": <text>"` for a short non-JSON body, or nothing; for messages after an HTTP status.
+pub fn error_body_summary(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<OciError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OciError {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default)]
+        detail: serde_json::Value,
+    }
+    let clip = |s: &str| s.chars().take(300).collect::<String>();
+    if let Ok(e) = serde_json::from_slice::<Errors>(body) {
+        let parts: Vec<String> = e
+            .errors
+            .iter()
+            .map(|x| {
+                let mut m = format!("{}: {}", x.code, x.message);
+                if !x.detail.is_null() {
+                    m.push_str(&format!(" ({})", clip(&x.detail.to_string())));
+                }
+                m
+            })
+            .collect();
+        if !parts.is_empty() {
+            return format!(": {}", clip(&parts.join("; ")));
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() || text.starts_with('<') {
+        return String::new();
+    }
+    format!(": {}", clip(&text.replace(['\r', '\n'], " ")))
 }
 
 /// An error and its causes, `a: b: c` (reqwest's own message, "error sending request", says
@@ -273,8 +318,12 @@ pub async fn ranged_body(
         "http_4xx"
     };
     let retryable = kind == "http_5xx" || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+    let body = read_body(resp, 4096, what).await.unwrap_or_default();
     Err(FetchError {
-        message: format!("{what}: HTTP {status} for range {range:?}"),
+        message: format!(
+            "{what}: HTTP {status} for range {range:?}{}",
+            error_body_summary(&body)
+        ),
         retryable,
         kind,
     })

@@ -47,8 +47,10 @@ pub fn range_reader_in(
                  process lists); put them in a docker config.json",
             ));
         }
-        let client = reqwest::Client::builder()
+        let client = super::tls::client_builder(&Default::default())
+            .map_err(|e| FetchError::permanent("config", e))?
             .connect_timeout(std::time::Duration::from_secs(10))
+            .read_timeout(super::remote::body_idle())
             .build()
             .map_err(|e| FetchError::permanent("config", e.to_string()))?;
         return Ok(Arc::new(HttpRange::new(client, url)));
