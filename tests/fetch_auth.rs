@@ -178,7 +178,17 @@ type Seen = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 async fn recording(
     answer: impl Fn(&str, &str, &str, Option<(u64, u64)>) -> Vec<u8> + Send + Sync + 'static,
 ) -> (String, Seen) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    recording_at("127.0.0.1", answer).await
+}
+
+/// [`recording`] on loopback address `ip` (127.0.0.2 is another host than 127.0.0.1).
+async fn recording_at(
+    ip: &str,
+    answer: impl Fn(&str, &str, &str, Option<(u64, u64)>) -> Vec<u8> + Send + Sync + 'static,
+) -> (String, Seen) {
+    let l = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
     let addr = l.local_addr().unwrap().to_string();
     (addr, recording_on(l, answer))
 }
@@ -260,8 +270,9 @@ async fn credentials_never_leave_their_host() {
     let blob = Arc::new(std::fs::read(&blob_path).unwrap());
     let digest = summary["blob"]["digest"].as_str().unwrap().to_string();
 
-    // The realm: hands out a token to anyone (an anonymous pull token), records what it got.
-    let (realm, realm_seen) = recording(|_, _, _, _| {
+    // The realm, on another host: hands out a token to anyone (an anonymous pull token), records
+    // what it got.
+    let (realm, realm_seen) = recording_at("127.0.0.2", |_, _, _, _| {
         http(
             "200 OK",
             "Content-Type: application/json\r\n",
@@ -362,9 +373,18 @@ fn credential_channels() {
         "http://127.0.0.1:5000/v2/",
         "http://127.0.0.1:5000/token"
     ));
-    assert!(!ok(
+    // Same host, another port (docker_auth's layout): yes; another loopback address: no.
+    assert!(ok(
         "http://127.0.0.1:5000/v2/",
         "http://127.0.0.1:5001/token"
+    ));
+    assert!(!ok(
+        "http://127.0.0.1:5000/v2/",
+        "http://127.0.0.2:5000/token"
+    ));
+    assert!(!ok(
+        "https://r.example.com:5000/v2/",
+        "https://r.example.com.evil.org/token"
     ));
     assert!(!ok(
         "https://r.example.com/v2/",

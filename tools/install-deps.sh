@@ -3,7 +3,7 @@
 # Called by tools/test.sh, tools/demo.sh and .ci/run, so a fresh machine needs nothing else.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(e2fsprogs mount tar gzip zstd xz-utils debootstrap ca-certificates attr
+pkgs=(e2fsprogs mount tar gzip zstd xz-utils debootstrap ca-certificates openssl attr
   docker-registry libnbd-bin nbdkit curl umoci skopeo prometheus
   qemu-system-x86 busybox-static cpio libclang-dev protobuf-compiler containerd runc)
 missing=()

@@ -10,6 +10,15 @@ if [[ $EUID -ne 0 ]]; then
   exec sudo -E PATH="$PATH" "$0" "$@"
 fi
 tools/install-deps.sh
+# tests/registries.rs installs a test CA into the system store and removes it when done; should a test
+# die before that, nothing of it survives this script.
+cleanup_test_cas() {
+  if compgen -G "/usr/local/share/ca-certificates/lazyblk-test-*.crt" >/dev/null; then
+    rm -f /usr/local/share/ca-certificates/lazyblk-test-*.crt
+    update-ca-certificates --fresh >/dev/null 2>&1 || true
+  fi
+}
+trap cleanup_test_cas EXIT
 if [[ -z "${LAZYBLK_CONTAINERD2_DIR:-}" ]]; then
   LAZYBLK_CONTAINERD2_DIR=$(tools/get-containerd2.sh)
   export LAZYBLK_CONTAINERD2_DIR

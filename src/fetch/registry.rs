@@ -135,13 +135,15 @@ pub fn secure_channel(u: &Url) -> bool {
 }
 
 /// Whether credentials of the registry at `endpoint` may go to token realm `realm`: over a secure
-/// channel, and either the same origin, or (both HTTPS) a host under the registry's parent domain
+/// channel, and either the same host (any port), or (both HTTPS) a host under the registry's parent domain
 /// (`registry-1.docker.io` → `auth.docker.io`, `registry.gitlab.com` → `gitlab.com`).
 pub fn realm_may_get_credentials(endpoint: &Url, realm: &Url) -> bool {
     if !secure_channel(realm) || !secure_channel(endpoint) {
         return false;
     }
-    if origin_of(endpoint) == origin_of(realm) {
+    // The same host on another port: the same machine and operator (docker_auth's usual layout,
+    // registry on :5000 and token server on :5001).
+    if endpoint.host() == realm.host() {
         return true;
     }
     if endpoint.scheme() != "https" || realm.scheme() != "https" {
@@ -354,6 +356,26 @@ impl RepoClient {
         path: &str,
         build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
     ) -> Result<reqwest::Response, FetchError> {
+        self.send_with(path, build, false).await
+    }
+
+    /// [`RepoClient::send`] for a request with a `Range` header: a mirror answering 200 (the whole
+    /// blob: a pull-through cache that does not hold it yet streams it while it stores it) is passed
+    /// over for the next endpoint, so one cold read never costs a whole blob.
+    pub async fn send_ranged(
+        &self,
+        path: &str,
+        build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
+    ) -> Result<reqwest::Response, FetchError> {
+        self.send_with(path, build, true).await
+    }
+
+    async fn send_with(
+        &self,
+        path: &str,
+        build: &(dyn Fn(&reqwest::Client, Url) -> reqwest::RequestBuilder + Sync),
+        ranged: bool,
+    ) -> Result<reqwest::Response, FetchError> {
         let by_tag = path
             .strip_prefix("manifests/")
             .is_some_and(|r| !r.contains(':'));
@@ -374,6 +396,13 @@ impl RepoClient {
         for ep in self.endpoints.iter().filter(|e| able(e)) {
             let url = self.url(ep, path);
             match self.send_url(&url, build).await {
+                Ok(r) if ep.mirror && ranged && r.status() == StatusCode::OK => {
+                    tracing::debug!(mirror = %redact(&ep.base), "mirror answered a range with the whole blob (a pull-through cache filling?); trying the next endpoint");
+                    last = Some(FetchError::transient(
+                        "mirror",
+                        format!("{}: 200 instead of 206 for a range", redact(&url)),
+                    ));
+                }
                 Ok(r) if ep.mirror && !(r.status().is_success() || r.status().is_redirection()) => {
                     tracing::debug!(mirror = %redact(&ep.base), status = %r.status(), "mirror cannot serve this; trying the next endpoint");
                     last = Some(FetchError::transient(
@@ -454,10 +483,12 @@ impl RegistryBlob {
                 Err(e) => return Err(classify(e, &redact(&url))),
             }
         }
-        let resp = self
-            .repo
-            .send(&format!("blobs/{}", self.blob.digest), &build)
-            .await?;
+        let path = format!("blobs/{}", self.blob.digest);
+        let resp = if range.is_some() {
+            self.repo.send_ranged(&path, &build).await?
+        } else {
+            self.repo.send(&path, &build).await?
+        };
         if !resp.status().is_redirection() {
             return Ok(resp);
         }

@@ -143,13 +143,25 @@ pub fn shared_client(
 pub fn explain(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
-            c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
+        // io::Error hides its payload from `source()`, and hyper nests one io::Error in another.
+        let mut inner: &(dyn std::error::Error + 'static) = c;
+        while let Some(payload) = inner
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            inner = payload;
+        }
+        let tls = inner.downcast_ref::<rustls::Error>();
         if let Some(t) = tls {
             return Some(describe(t));
+        }
+        // After a TLS 1.3 handshake the server's alert (a refused client certificate) reaches us
+        // as a read error of the connection, its rustls type lost on the way.
+        let text = c.to_string();
+        if let Some(alert) = text.strip_prefix("received fatal alert: ") {
+            return Some(format!(
+                "TLS: the server refused the connection (alert {alert}; does it want a client certificate? set hosts.toml `client`)"
+            ));
         }
         cur = c.source();
     }

@@ -3,6 +3,7 @@
 
 pub mod faulty;
 pub mod layer;
+pub mod pki;
 pub mod registry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
