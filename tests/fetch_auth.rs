@@ -467,3 +467,70 @@ async fn a_redirect_target_that_served_corrupt_bytes_is_dropped() {
         registry_gets.load(Relaxed)
     );
 }
+
+/// Tokens are cached per scope and replaced shortly before they expire, with no 401 round trip: the
+/// registry sees one challenge for the whole session even as its 2-second tokens run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_before_they_expire() {
+    use lazyblk::fetch::registry::{registry_client, BlobRef, RegistryBlob};
+    use lazyblk::fetch::RangeReader;
+    let blob = Arc::new(noise(100_000, 3));
+    let digest = format!("sha256:{}", "c".repeat(64));
+    let issued = Arc::new(AtomicU64::new(0));
+    let challenged = Arc::new(AtomicU64::new(0));
+    let (realm, _) = {
+        let issued = issued.clone();
+        recording(move |_, path, _, _| {
+            assert!(path.contains("scope=repository%3Ateam%2Fapp%3Apull"), "{path}");
+            let n = issued.fetch_add(1, Relaxed) + 1;
+            http(
+                "200 OK",
+                "Content-Type: application/json\r\n",
+                &format!(r#"{{"token":"t{n}","expires_in":2}}"#),
+            )
+        })
+        .await
+    };
+    let (registry, seen) = {
+        let (blob, challenged) = (blob.clone(), challenged.clone());
+        recording(move |_, _, auth, range| {
+            if !auth.starts_with("Bearer t") {
+                challenged.fetch_add(1, Relaxed);
+                return http(
+                    "401 Unauthorized",
+                    &format!("WWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"r\",scope=\"repository:team/app:pull\"\r\n"),
+                    "",
+                );
+            }
+            let (a, b) = range.unwrap();
+            let mut v = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n\r\n",
+                b + 1 - a
+            )
+            .into_bytes();
+            v.extend_from_slice(&blob[a as usize..=b as usize]);
+            v
+        })
+        .await
+    };
+    let opts = RegistryOptions {
+        plain_http: true,
+        ..Default::default()
+    };
+    let r = RegistryBlob::new(
+        registry_client(),
+        BlobRef::parse(&format!("{registry}/team/app@{digest}")).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(&r.read_range(10..20).await.unwrap()[..], &blob[10..20]);
+    }
+    assert_eq!((issued.load(Relaxed), challenged.load(Relaxed)), (1, 1));
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    assert_eq!(&r.read_range(30..40).await.unwrap()[..], &blob[30..40]);
+    assert_eq!(issued.load(Relaxed), 2, "a fresh token before the old one expired");
+    assert_eq!(challenged.load(Relaxed), 1, "no 401 round trip to find out");
+    let last = seen.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(last, "Bearer t2");
+}
