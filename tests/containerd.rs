@@ -126,6 +126,10 @@ impl Env {
     }
 
     fn start_snapshotter(&self) -> Daemon {
+        self.start_snapshotter_with(&[])
+    }
+
+    fn start_snapshotter_with(&self, extra: &[&str]) -> Daemon {
         let _ = std::fs::remove_file(self.dir.join("snap.ready"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -140,6 +144,7 @@ impl Env {
             .arg(&self.root)
             .args(["--backend", "loop", "--plain-http", "--grace-secs", "1"])
             .args(["--log", "info"])
+            .args(extra)
             .stderr(log)
             .spawn()
             .unwrap();
@@ -1215,5 +1220,146 @@ state = "{d}/cstate"
         "/srv/app/index.html",
     ])));
     assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    drop(snapd);
+}
+
+/// Kubernetes pull secrets through the CRI proxy: kubelet's `PullImage` (here the `k8s-cri` client)
+/// goes to the snapshotter's proxy socket with credentials for a registry that requires them
+/// (htpasswd); containerd pulls with them, and the snapshotter and node daemon read the layers lazily
+/// with them too, though no docker config anywhere has them.
+#[test]
+fn cri_proxy_hands_pull_secrets_to_lazy_layer_reads() {
+    let tools = ["containerd", "ctr", "runc", "skopeo", "umoci", "curl"];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
+        return;
+    };
+    // The same images behind a registry that wants alice's password.
+    let htpasswd = env.dir.join("htpasswd");
+    std::fs::write(&htpasswd, common::pki::htpasswd_line("alice", "s3cret")).unwrap();
+    let Some(private) = Registry::start_with(&common::registry::RegistryConfig {
+        htpasswd: Some(htpasswd),
+        storage: Some(reg.storage.clone()),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let p = private.addr.clone();
+    let anonymous = stdout(run_ok(Command::new("curl").args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{p}/v2/test/app/manifests/web-lazyblk"),
+    ])));
+    assert_eq!(
+        anonymous, "401",
+        "the private registry must want credentials"
+    );
+    let dir = env.dir.clone();
+    let cri_sock = dir.join("cri-proxy.sock");
+    let snapd = env.start_snapshotter_with(&[
+        "--cri-listen",
+        cri_sock.to_str().unwrap(),
+        "--cri-backend",
+        env.sock.to_str().unwrap(),
+    ]);
+    let _containerd = env.start_containerd(&format!(
+        r#"version = 2
+root = "{d}/croot"
+state = "{d}/cstate"
+[grpc]
+  address = "{d}/containerd.sock"
+[proxy_plugins.lazyblk]
+  type = "snapshot"
+  address = "{d}/lazyblk.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "lazyblk"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{p}"]
+  endpoint = ["http://{p}"]
+"#,
+        d = dir.display()
+    ));
+    let _cleanup = env.cleanup(vec![]);
+    let image = format!("{p}/test/app:web-lazyblk");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use k8s_cri::v1::{
+            image_service_client::ImageServiceClient, AuthConfig, ImageSpec, ImageStatusRequest,
+            PullImageRequest,
+        };
+        let channel = lazyblk::snapshotter::pull::connect(&cri_sock)
+            .await
+            .unwrap();
+        let mut images = ImageServiceClient::new(channel);
+        let t = Instant::now();
+        loop {
+            let r = images
+                .pull_image(PullImageRequest {
+                    image: Some(ImageSpec {
+                        image: image.clone(),
+                        ..Default::default()
+                    }),
+                    auth: Some(AuthConfig {
+                        // containerd 1.6 parses server_address as a URL: kubelet leaves it empty.
+                        username: "alice".into(),
+                        password: "s3cret".into(),
+                        ..Default::default()
+                    }),
+                    sandbox_config: None,
+                })
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("CRI PullImage via the proxy: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("CRI PullImage via the proxy: {e}"),
+            }
+        }
+        // The other image calls pass through unchanged.
+        let st = images
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.image.is_some(), "ImageStatus through the proxy");
+    });
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert!(log.contains("pull secret kept"), "{log}");
+    assert!(!log.contains("s3cret"), "credentials must never be logged");
+    assert_eq!(
+        log.matches("remote layer recorded").count(),
+        3,
+        "the CRI pull did not hand the layers over: {log}"
+    );
+    let seen = stdout(run_ok(env.ctr("k8s.io").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+        &format!("cri-secret-{}", std::process::id()),
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    let daemon_log =
+        std::fs::read_to_string(env.root.join("run").join("daemon.log")).unwrap_or_default();
+    assert!(
+        !daemon_log.contains("s3cret"),
+        "credentials must never be logged"
+    );
     drop(snapd);
 }

@@ -481,7 +481,10 @@ async fn tokens_are_refreshed_before_they_expire() {
     let (realm, _) = {
         let issued = issued.clone();
         recording(move |_, path, _, _| {
-            assert!(path.contains("scope=repository%3Ateam%2Fapp%3Apull"), "{path}");
+            assert!(
+                path.contains("scope=repository%3Ateam%2Fapp%3Apull"),
+                "{path}"
+            );
             let n = issued.fetch_add(1, Relaxed) + 1;
             http(
                 "200 OK",
@@ -529,7 +532,11 @@ async fn tokens_are_refreshed_before_they_expire() {
     assert_eq!((issued.load(Relaxed), challenged.load(Relaxed)), (1, 1));
     tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
     assert_eq!(&r.read_range(30..40).await.unwrap()[..], &blob[30..40]);
-    assert_eq!(issued.load(Relaxed), 2, "a fresh token before the old one expired");
+    assert_eq!(
+        issued.load(Relaxed),
+        2,
+        "a fresh token before the old one expired"
+    );
     assert_eq!(challenged.load(Relaxed), 1, "no 401 round trip to find out");
     let last = seen.lock().unwrap().last().unwrap().1.clone();
     assert_eq!(last, "Bearer t2");

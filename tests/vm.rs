@@ -116,7 +116,8 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
             "guest-overlay.sh",
             "guest-dead.sh",
         ],
-        600,
+        // A hang guard, not a timing: five scripts under TCG, beside the other VM test, on two cores.
+        1200,
     );
     for backend in ["ublk", "nbd", "loop"] {
         for line in [

@@ -20,7 +20,8 @@ use crate::snapshotter::service::{
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
     /// TOML file with any of: address, root, run_dir, start_daemon, backend, grace_secs, fill,
-    /// prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config.
+    /// prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config,
+    /// cri_listen, cri_backend, cri_credential_ttl_secs.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Unix socket containerd connects to (`[proxy_plugins.lazyblk] address`)
@@ -64,6 +65,17 @@ pub struct SnapshotterArgs {
     /// ending in `*`, e.g. `registry.example.com/platform/*`); repeatable [default: any repository].
     #[arg(long = "referrer-publisher", value_name = "PATTERN")]
     referrer_publishers: Vec<String>,
+    /// Serve the CRI image-service proxy on this socket (kubelet `--image-service-endpoint`):
+    /// pull secrets of each PullImage are kept for lazy reads of that image's layers.
+    #[arg(long)]
+    cri_listen: Option<PathBuf>,
+    /// containerd's CRI socket behind the proxy [default: /run/containerd/containerd.sock].
+    #[arg(long)]
+    cri_backend: Option<PathBuf>,
+    /// How long pull-secret credentials are kept after the PullImage that brought them
+    /// [default: 86400].
+    #[arg(long)]
+    cri_credential_ttl_secs: Option<u64>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -85,6 +97,9 @@ struct ConfigFile {
     plain_http: Option<bool>,
     hosts_dir: Option<PathBuf>,
     docker_config: Option<PathBuf>,
+    cri_listen: Option<PathBuf>,
+    cri_backend: Option<PathBuf>,
+    cri_credential_ttl_secs: Option<u64>,
 }
 
 /// Effective settings.
@@ -99,6 +114,8 @@ struct Settings {
     registry: RegistryArgs,
     run_dir: PathBuf,
     start_daemon: bool,
+    /// The CRI proxy: (listen, backend, credential ttl).
+    cri: Option<(PathBuf, PathBuf, Duration)>,
 }
 
 fn settings(a: SnapshotterArgs) -> Result<Settings> {
@@ -108,7 +125,21 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         .clone()
         .or(c.root.clone())
         .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into());
+    let cri = a.cri_listen.or(c.cri_listen).map(|listen| {
+        (
+            listen,
+            a.cri_backend
+                .or(c.cri_backend)
+                .unwrap_or_else(|| "/run/containerd/containerd.sock".into()),
+            Duration::from_secs(
+                a.cri_credential_ttl_secs
+                    .or(c.cri_credential_ttl_secs)
+                    .unwrap_or(86_400),
+            ),
+        )
+    });
     Ok(Settings {
+        cri,
         run_dir: a.run_dir.or(c.run_dir).unwrap_or_else(|| root.join("run")),
         start_daemon: !a.no_start_daemon && c.start_daemon.unwrap_or(true),
         address: a
@@ -227,14 +258,33 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
                 _ = term.recv() => {}
             }
         };
-        tonic::transport::Server::builder()
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let cri = a.cri.clone().map(|(listen, backend, ttl)| {
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let r = crate::snapshotter::cri_proxy::serve(listen.clone(), backend, ttl, async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+                if let Err(e) = &r {
+                    tracing::error!(listen = %listen.display(), error = %e, "CRI proxy stopped");
+                }
+                r
+            })
+        });
+        let served = tonic::transport::Server::builder()
             .add_service(SnapshotsServer::new(Service(snap)))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
                 shutdown,
             )
             .await
-            .context("gRPC server")?;
+            .context("gRPC server");
+        let _ = stop_tx.send(true);
+        if let Some(cri) = cri {
+            let _ = cri.await;
+        }
+        served?;
         let _ = std::fs::remove_file(&a.address);
         Ok::<(), anyhow::Error>(())
     })

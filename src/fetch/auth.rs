@@ -42,6 +42,9 @@ enum OriginAuth {
 /// Auth state of one repository client: credentials per origin, tokens per origin and scope.
 pub struct Authorizer {
     creds: HashMap<String, Credentials>,
+    /// `(server origin, registry, repository)`: the server's credentials are looked up in the
+    /// process keychain first (run-time credentials such as pull secrets).
+    keychain_scope: Option<(String, String, String)>,
     default_scope: String,
     state: tokio::sync::Mutex<HashMap<String, OriginAuth>>,
     /// Tokens fetched (for tests and metrics).
@@ -61,10 +64,33 @@ impl Authorizer {
     pub fn new(creds: HashMap<String, Credentials>, default_scope: String) -> Authorizer {
         Authorizer {
             creds,
+            keychain_scope: None,
             default_scope,
             state: tokio::sync::Mutex::new(HashMap::new()),
             fetched: 0.into(),
         }
+    }
+
+    /// Also consults the process keychain for `registry/repository` when talking to `server_origin`.
+    pub fn with_keychain(mut self, server_origin: &str, registry: &str, repository: &str) -> Self {
+        self.keychain_scope = Some((
+            server_origin.to_string(),
+            registry.to_string(),
+            repository.to_string(),
+        ));
+        self
+    }
+
+    /// The credentials for `origin`: the keychain's (for the server), else the docker config's.
+    fn creds(&self, origin: &str) -> Option<Credentials> {
+        if let Some((server, registry, repository)) = &self.keychain_scope {
+            if server == origin {
+                if let Some(c) = super::keychain::global().get(registry, repository) {
+                    return Some(c);
+                }
+            }
+        }
+        self.creds.get(origin).cloned()
     }
 
     /// Tokens fetched from realms so far.
@@ -81,12 +107,8 @@ impl Authorizer {
     ) -> Result<Option<HeaderValue>, FetchError> {
         let mut state = self.state.lock().await;
         let Some(a) = state.get_mut(origin) else {
-            if let Some(t) = self
-                .creds
-                .get(origin)
-                .and_then(|c| c.registry_token.as_ref())
-            {
-                return Ok(Some(bearer(t)?));
+            if let Some(t) = self.creds(origin).and_then(|c| c.registry_token) {
+                return Ok(Some(bearer(&t)?));
             }
             return Ok(None);
         };
@@ -126,7 +148,7 @@ impl Authorizer {
     ) -> Result<(), FetchError> {
         let (scheme, params) = parse_challenge(challenge);
         let origin = super::registry::origin_of(endpoint_url);
-        let creds = self.creds.get(&origin);
+        let creds = self.creds(&origin);
         if scheme.eq_ignore_ascii_case("basic") {
             let c = creds.filter(|c| c.has_password()).ok_or_else(|| {
                 FetchError::permanent(
@@ -143,7 +165,7 @@ impl Authorizer {
             self.state
                 .lock()
                 .await
-                .insert(origin, OriginAuth::Basic(basic_header(c)));
+                .insert(origin, OriginAuth::Basic(basic_header(&c)));
             return Ok(());
         }
         if !scheme.eq_ignore_ascii_case("bearer") {
@@ -210,16 +232,15 @@ impl Authorizer {
     ) -> Result<Token, FetchError> {
         let endpoint = Url::parse(origin)
             .map_err(|e| FetchError::permanent("auth", format!("bad origin {origin}: {e}")))?;
-        let creds = self
-            .creds
-            .get(origin)
-            .filter(|_| realm_may_get_credentials(&endpoint, realm));
-        if self.creds.contains_key(origin) && creds.is_none() {
+        let known = self.creds(origin);
+        let had_creds = known.is_some();
+        let creds = known.filter(|_| realm_may_get_credentials(&endpoint, realm));
+        if had_creds && creds.is_none() {
             tracing::warn!(endpoint = %origin, realm = %redact(realm), "not sending credentials to a token realm on another host or over plain HTTP; asking for an anonymous token");
         }
         let shown = redact(realm);
         let sent = Instant::now();
-        let resp = match creds.and_then(|c| c.identity_token.as_deref()) {
+        let resp = match creds.as_ref().and_then(|c| c.identity_token.as_deref()) {
             Some(refresh) => {
                 let mut form = vec![
                     ("grant_type", "refresh_token"),
@@ -242,7 +263,7 @@ impl Authorizer {
                     q.append_pair("scope", scope);
                 }
                 let mut rb = http.get(url);
-                if let Some(c) = creds.filter(|c| c.has_password()) {
+                if let Some(c) = creds.as_ref().filter(|c| c.has_password()) {
                     rb = rb.header(AUTHORIZATION, basic_header(c));
                 }
                 rb.send().await

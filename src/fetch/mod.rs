@@ -13,6 +13,7 @@ pub mod diskcache;
 pub mod engine;
 pub mod fill;
 pub mod hosts;
+pub mod keychain;
 pub mod memcache;
 pub mod metrics;
 pub mod readahead;

@@ -161,10 +161,6 @@ pub fn realm_may_get_credentials(endpoint: &Url, realm: &Url) -> bool {
     r == parent || r.ends_with(&format!(".{parent}"))
 }
 
-/// Extra credentials for some registries, on top of the docker config (a Kubernetes pull secret the
-/// CRI proxy received for this image, say): `host → credentials`.
-pub type ExtraCredentials = std::collections::HashMap<String, Credentials>;
-
 /// The host (`host[:port]`) credentials are filed under for endpoint `ep` of `registry`.
 fn credential_host(ep: &Endpoint, registry: &str) -> Option<String> {
     if !ep.mirror {
@@ -180,31 +176,14 @@ fn credential_host(ep: &Endpoint, registry: &str) -> Option<String> {
 impl RepoClient {
     /// A client for `registry/repository`; `push` asks tokens for `pull,push` and skips mirrors.
     /// `client` serves endpoints with default TLS; others get a shared client for their settings.
+    /// Credentials: the process keychain's for this repository (run-time pull secrets), else the
+    /// docker config's, per endpoint host.
     pub fn new(
         client: reqwest::Client,
         registry: &str,
         repository: &str,
         opts: &RegistryOptions,
         push: bool,
-    ) -> Result<RepoClient, String> {
-        RepoClient::with_credentials(
-            client,
-            registry,
-            repository,
-            opts,
-            push,
-            &ExtraCredentials::new(),
-        )
-    }
-
-    /// [`RepoClient::new`], with `extra` credentials preferred over the docker config's per host.
-    pub fn with_credentials(
-        client: reqwest::Client,
-        registry: &str,
-        repository: &str,
-        opts: &RegistryOptions,
-        push: bool,
-        extra: &ExtraCredentials,
     ) -> Result<RepoClient, String> {
         let endpoints = endpoints(registry, opts)?;
         let mut creds = std::collections::HashMap::new();
@@ -219,14 +198,11 @@ impl RepoClient {
             let Some(host) = credential_host(ep, registry) else {
                 continue;
             };
-            let found = extra
-                .get(&host)
-                .cloned()
-                .or_else(|| docker_credentials(&host, opts.docker_config.as_deref()));
-            if let Some(c) = found {
+            if let Some(c) = docker_credentials(&host, opts.docker_config.as_deref()) {
                 creds.insert(origin_of(&ep.base), c);
             }
         }
+        let server_origin = origin_of(&endpoints.last().expect("a server endpoint").base);
         let scope = if push {
             format!("repository:{repository}:pull,push")
         } else {
@@ -238,7 +214,11 @@ impl RepoClient {
             endpoints,
             clients,
             push,
-            auth: super::auth::Authorizer::new(creds, scope),
+            auth: super::auth::Authorizer::new(creds, scope).with_keychain(
+                &server_origin,
+                registry,
+                repository,
+            ),
         })
     }
 

@@ -10,9 +10,10 @@ use super::proto::daemon_client::DaemonClient;
 use super::proto::daemon_server::{Daemon, DaemonServer};
 use super::proto::{
     AttachRequest, DetachReply, DetachRequest, Event, EventsRequest, LayerStatus, ListReply,
-    ListRequest, RecoverRequest,
+    ListRequest, PutCredentialsReply, PutCredentialsRequest, RecoverRequest,
 };
 use super::spec::LayerSpec;
+use crate::fetch::credentials::Credentials;
 
 /// The control socket of a run directory.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
@@ -59,6 +60,27 @@ impl Daemon for Api {
         Ok(Response::new(ListReply {
             layers: self.0.list(),
         }))
+    }
+
+    async fn put_credentials(
+        &self,
+        r: Request<PutCredentialsRequest>,
+    ) -> Result<Response<PutCredentialsReply>, Status> {
+        let r = r.into_inner();
+        if r.registry.is_empty() || r.repository.is_empty() {
+            return Err(Status::invalid_argument(
+                "registry and repository are required",
+            ));
+        }
+        let c = credentials_of(&r);
+        crate::fetch::keychain::global().put(
+            &r.registry,
+            &r.repository,
+            c,
+            std::time::Duration::from_secs(r.ttl_secs),
+        );
+        tracing::info!(registry = %r.registry, repository = %r.repository, ttl_secs = r.ttl_secs, "run-time registry credentials received");
+        Ok(Response::new(PutCredentialsReply {}))
     }
 
     type EventsStream = EventStream;
@@ -154,4 +176,36 @@ pub async fn attach(client: &mut Client, spec: &LayerSpec) -> Result<LayerStatus
         .attach(AttachRequest { spec_json })
         .await?
         .into_inner())
+}
+
+fn credentials_of(r: &PutCredentialsRequest) -> Credentials {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    Credentials {
+        username: r.username.clone(),
+        password: r.password.clone(),
+        identity_token: opt(&r.identity_token),
+        registry_token: opt(&r.registry_token),
+    }
+}
+
+/// Hands `creds` for `registry/repository` to the daemon for `ttl`.
+pub async fn put_credentials(
+    client: &mut Client,
+    registry: &str,
+    repository: &str,
+    creds: &Credentials,
+    ttl: std::time::Duration,
+) -> Result<(), Status> {
+    client
+        .put_credentials(PutCredentialsRequest {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            username: creds.username.clone(),
+            password: creds.password.clone(),
+            identity_token: creds.identity_token.clone().unwrap_or_default(),
+            registry_token: creds.registry_token.clone().unwrap_or_default(),
+            ttl_secs: ttl.as_secs(),
+        })
+        .await?;
+    Ok(())
 }

@@ -192,6 +192,24 @@ impl Layers {
         };
         let st = self.rt.block_on(async {
             let mut c = self.client().await?;
+            // Run-time credentials (a pull secret the CRI proxy saw) go to the daemon with each
+            // attach: a restarted daemon has them again before it serves the layer.
+            if let Ok(b) = crate::fetch::registry::BlobRef::parse(&remote.source) {
+                if let Some((creds, ttl)) =
+                    crate::fetch::keychain::global().get_with_ttl(&b.registry, &b.repository)
+                {
+                    api::put_credentials(&mut c, &b.registry, &b.repository, &creds, ttl)
+                        .await
+                        .map_err(|e| {
+                            std::io::Error::other(format!(
+                                "handing credentials for {}/{} to the node daemon: {}",
+                                b.registry,
+                                b.repository,
+                                e.message()
+                            ))
+                        })?;
+                }
+            }
             match api::attach(&mut c, &spec).await {
                 Ok(st) => Ok(st),
                 Err(e) => {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 pub struct Registry {
     child: Child,
     pub addr: String,
+    /// Its storage directory (another registry can serve the same storage).
+    pub storage: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -110,6 +112,7 @@ impl Registry {
         Some(Registry {
             child,
             addr,
+            storage,
             _dir: dir,
         })
     }
