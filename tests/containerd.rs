@@ -1363,3 +1363,94 @@ state = "{d}/cstate"
     );
     drop(snapd);
 }
+
+/// The snapshotter and `lazyblk pull` against a registry with TLS from a private CA (trusted through
+/// hosts.toml `ca` only) and token auth validating real JWTs, credentials in a docker config: a
+/// container runs from lazily read layers.
+#[test]
+fn snapshotter_reads_layers_from_a_tls_token_auth_registry() {
+    let tools = [
+        "containerd",
+        "ctr",
+        "runc",
+        "skopeo",
+        "umoci",
+        "curl",
+        "openssl",
+    ];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
+        return;
+    };
+    let dir = env.dir.clone();
+    let pki = common::pki::Pki::new(&dir.join("pki"), "lazyblk containerd test CA");
+    let server = pki.issue("server", &["IP:127.0.0.1"], "serverAuth");
+    let signer = pki.issue("signer", &[], "serverAuth");
+    let (service, issuer) = ("lazyblk-ctr-registry", "lazyblk-ctr-issuer");
+    let ts = common::token::token_service(service, issuer, signer.key.clone(), signer.cert.clone());
+    // The same images, behind TLS and token auth.
+    let Some(private) = Registry::start_with(&common::registry::RegistryConfig {
+        tls: Some((server.cert.clone(), server.key.clone())),
+        token: Some((
+            format!("http://{}/token", ts.addr),
+            service.into(),
+            issuer.into(),
+            pki.ca(),
+        )),
+        storage: Some(reg.storage.clone()),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let p = private.addr.clone();
+    let hosts = dir.join("certs.d");
+    std::fs::create_dir_all(hosts.join(&p)).unwrap();
+    std::fs::write(
+        hosts.join(&p).join("hosts.toml"),
+        format!(
+            "server = \"https://{p}\"\nca = \"{}\"\n",
+            pki.ca().display()
+        ),
+    )
+    .unwrap();
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret");
+    let cfg = dir.join("docker-config.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{p}":{{"auth":"{auth}"}}}}}}"#),
+    )
+    .unwrap();
+    let registry_args = [
+        "--hosts-dir",
+        hosts.to_str().unwrap(),
+        "--docker-config",
+        cfg.to_str().unwrap(),
+    ];
+    let snapd = env.start_snapshotter_with(&registry_args);
+    let _containerd = env.start_containerd(&format!(
+        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
+        d = dir.display()
+    ));
+    let _cleanup = env.cleanup(vec![]);
+    let image = format!("{p}/test/app:web-lazyblk");
+    let out = stdout(run_ok(
+        env.lazyblk_pull(&image, "default").args(registry_args),
+    ));
+    assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    let seen = stdout(run_ok(env.ctr("default").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+        &format!("tls-token-{}", std::process::id()),
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    assert!(
+        ts.basic_grants.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "tokens for the pull and for the lazy reads"
+    );
+    drop(snapd);
+}

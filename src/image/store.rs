@@ -187,11 +187,7 @@ impl RegistryStore {
                 .send()
                 .await
                 .map_err(|e| {
-                    ImageError(format!(
-                        "{}: {}",
-                        redact(&target),
-                        crate::fetch::remote::with_causes(&e.without_url())
-                    ))
+                    ImageError::from(crate::fetch::remote::classify(e, &redact(&target)))
                 });
         }
         Ok(resp)

@@ -5,6 +5,7 @@ pub mod faulty;
 pub mod layer;
 pub mod pki;
 pub mod registry;
+pub mod token;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
