@@ -509,7 +509,23 @@ fn pull_through_cache_mirror_serves_verified_ranges_and_outlives_the_origin() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // The original image's manifest and layer through the mirror too (it caches them as it serves).
+    let Some(third) = Registry::start() else {
+        return;
+    };
+    let t = third.addr.clone();
+    convert_ok(
+        &format!("{o}/app/img:v1"),
+        &format!("{t}/app/img:before"),
+        &["--plain-http", &hd_arg],
+    );
     drop(origin);
     // Origin gone: every read comes from the mirror's cache, verified chunk by chunk.
     serve_and_check(&source, &[&hd_arg], tmp.path());
+    // And a conversion of the original image reads the tag and the layer from the mirror alone.
+    convert_ok(
+        &format!("{o}/app/img:v1"),
+        &format!("{t}/app/img:after"),
+        &["--plain-http", &hd_arg],
+    );
 }
