@@ -456,3 +456,82 @@ fn entry_count_is_bounded() {
             .arg(work.path().join("b")),
     );
 }
+
+/// POSIX ACLs from both tar forms (the `SCHILY.xattr.system.posix_acl_*` binary value, GNU tar's
+/// `SCHILY.acl.*` text) become ext4 ACLs the kernel reads back and enforces; an invalid one is
+/// dropped with a warning instead of stored for the kernel to refuse.
+#[test]
+fn posix_acls_are_stored_as_ext4_acls() {
+    // user::rw-, user:1000:r--, group::r--, mask::r--, other::--- in the Linux xattr form.
+    let entry = |tag: u16, perm: u16, id: u32| {
+        let mut v = tag.to_le_bytes().to_vec();
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+        v
+    };
+    let mut access = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01, 6, u32::MAX),
+        (0x02, 4, 1000),
+        (0x04, 4, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        access.extend(entry(tag, perm, id));
+    }
+    let mut t = LayerTar::new();
+    t.dir("acl", DIR);
+    t.pax(&[("SCHILY.xattr.system.posix_acl_access", &access)]);
+    t.file(
+        "acl/f",
+        M { mode: 0o640, ..DEF },
+        b"only uid 1000 may read this\n",
+    );
+    t.pax(&[
+        ("SCHILY.acl.access", b"user::rwx,group::r-x,other::r-x"),
+        (
+            "SCHILY.acl.default",
+            b"user::rwx,user:2000:rwx,group::r-x,mask::rwx,other::---",
+        ),
+    ]);
+    t.dir("acl/d", DIR);
+    t.pax(&[(
+        "SCHILY.xattr.system.posix_acl_access",
+        b"\x02\0\0\0garbage!",
+    )]);
+    t.file("acl/bad", DEF, b"x");
+    let (ok, stderr, work) = convert_in_scratch(&t.finish());
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("invalid POSIX ACL"), "{stderr}");
+    if !privileged() {
+        return;
+    }
+    let img = work.path().join("img");
+    export_and_fsck(&work.path().join("run/deeper/still/out.blob"), &img);
+    let m = Mount::loop_ro(&img, &work.path().join("mnt"));
+    let value = |p: &str, name: &str| {
+        let out = Command::new("getfattr")
+            .args(["--only-values", "--absolute-names", "-n", name])
+            .arg(m.dir.join(p))
+            .output()
+            .unwrap();
+        out.status.success().then_some(out.stdout)
+    };
+    assert_eq!(value("acl/f", "system.posix_acl_access"), Some(access));
+    let default = value("acl/d", "system.posix_acl_default").expect("default ACL");
+    assert_eq!(default.len(), 4 + 5 * 8);
+    assert_eq!(&default[16..20], &2000u32.to_le_bytes(), "user:2000 kept");
+    assert!(value("acl/bad", "system.posix_acl_access").is_none());
+    // The kernel enforces the ACL: uid 1000 reads the 0640 root file, uid 1001 does not.
+    let read_as = |uid: &str| {
+        Command::new("setpriv")
+            .args(["--reuid", uid, "--regid", uid, "--clear-groups", "cat"])
+            .arg(m.dir.join("acl/f"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(read_as("1000"), "user:1000:r-- not honoured");
+    assert!(!read_as("1001"), "others must not read");
+}

@@ -526,6 +526,27 @@ fn apply_pax(e: &mut TarEntry, records: PaxRecords, offset: u64) -> Result<(), T
             k if k.starts_with(b"SCHILY.xattr.") => {
                 e.xattrs.insert(k[b"SCHILY.xattr.".len()..].to_vec(), v);
             }
+            // GNU tar --acls: the text form, stored as the Linux xattr it stands for.
+            b"SCHILY.acl.access" | b"SCHILY.acl.default" => {
+                let name: &[u8] = if k == b"SCHILY.acl.access" {
+                    b"system.posix_acl_access"
+                } else {
+                    b"system.posix_acl_default"
+                };
+                let text = String::from_utf8_lossy(&v);
+                match crate::ext4::acl::parse_text(&text) {
+                    Ok(acl) => {
+                        e.xattrs
+                            .insert(name.to_vec(), crate::ext4::acl::to_xattr(&acl));
+                    }
+                    Err(why) => tracing::warn!(
+                        offset,
+                        record = %String::from_utf8_lossy(&k),
+                        reason = %why,
+                        "POSIX ACL not stored"
+                    ),
+                }
+            }
             k if k.starts_with(b"GNU.sparse.") => {
                 return Err(bad(offset, "PAX sparse entries are not supported"))
             }

@@ -288,9 +288,9 @@ impl<S: BlockSink> Ext4Builder<S> {
             }
             let raw = &mut inodes[(ino as usize - 1) * INODE_SIZE..ino as usize * INODE_SIZE];
             let (entries, skipped) = xattr::to_entries(&xattrs);
-            for name in skipped {
+            for (name, why) in skipped {
                 summary.dropped_xattrs += 1;
-                tracing::warn!(path = %path_of(&tree, &numbering, id), xattr = %String::from_utf8_lossy(&name), "extended attribute not stored (unsupported namespace)");
+                tracing::warn!(path = %path_of(&tree, &numbering, id), xattr = %String::from_utf8_lossy(&name), reason = %why, "extended attribute not stored");
             }
             if !xattr::encode_in_inode(&mut raw[128 + EXTRA_ISIZE..], &entries) {
                 let encoded = xattr::encode_block(&entries, 0).map_err(|e| Ext4Error::Path {

@@ -6,6 +6,7 @@
 //! last, to the head of the image. Nothing touches the host filesystem. `docs/architecture.md` explains
 //! the layout and why it is an in-process writer rather than `mke2fs -d`.
 
+pub mod acl;
 mod builder;
 pub mod dir;
 pub mod disk;

@@ -20,16 +20,36 @@ pub struct XattrEntry {
     pub value: Vec<u8>,
 }
 
-/// Name prefixes ext4 stores as an index byte. POSIX ACLs (indexes 2 and 3) use a different value
-/// encoding on disk and are not converted.
+/// Name prefixes ext4 stores as an index byte. POSIX ACLs (indexes 2 and 3, empty names) are
+/// converted to ext4's own value encoding ([`super::acl`]).
 const PREFIXES: &[(&[u8], u8)] = &[(b"user.", 1), (b"trusted.", 4), (b"security.", 6)];
 
+/// The POSIX ACL attributes and their ext4 name indexes.
+const ACLS: &[(&[u8], u8)] = &[
+    (b"system.posix_acl_access", 2),
+    (b"system.posix_acl_default", 3),
+];
+
 /// Splits full attribute names into ext4 entries, sorted the way ext4 requires in attribute blocks
-/// (index, name length, name). Names ext4 cannot store here are returned as the second value.
-pub fn to_entries(xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> (Vec<XattrEntry>, Vec<Vec<u8>>) {
+/// (index, name length, name). Attributes ext4 cannot store are returned as the second value, with
+/// why.
+pub fn to_entries(
+    xattrs: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> (Vec<XattrEntry>, Vec<(Vec<u8>, String)>) {
     let mut entries = Vec::new();
     let mut skipped = Vec::new();
     for (full, value) in xattrs {
+        if let Some((_, index)) = ACLS.iter().find(|(n, _)| full.as_slice() == *n) {
+            match super::acl::parse_xattr(value) {
+                Ok(acl) => entries.push(XattrEntry {
+                    index: *index,
+                    name: Vec::new(),
+                    value: super::acl::to_ext4(&acl),
+                }),
+                Err(e) => skipped.push((full.clone(), format!("invalid POSIX ACL: {e}"))),
+            }
+            continue;
+        }
         match PREFIXES
             .iter()
             .find(|(p, _)| full.starts_with(p) && full.len() > p.len())
@@ -39,7 +59,7 @@ pub fn to_entries(xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> (Vec<XattrEntry>, Vec<
                 name: full[p.len()..].to_vec(),
                 value: value.clone(),
             }),
-            _ => skipped.push(full.clone()),
+            _ => skipped.push((full.clone(), "unsupported namespace".to_string())),
         }
     }
     entries.sort_by(|a, b| (a.index, a.name.len(), &a.name).cmp(&(b.index, b.name.len(), &b.name)));
@@ -160,11 +180,15 @@ mod tests {
 
     #[test]
     fn split_and_sort() {
+        let acl = super::super::acl::to_xattr(
+            &super::super::acl::parse_text("u::rwx,g::r-x,o::---").unwrap(),
+        );
         let (e, skipped) = to_entries(&map(&[
             ("user.zz", b"1"),
             ("trusted.overlay.opaque", b"y"),
             ("user.a", b"2"),
             ("system.posix_acl_access", b"x"),
+            ("system.posix_acl_default", &acl),
             ("weird.ns", b""),
         ]));
         let names: Vec<_> = e
@@ -176,10 +200,14 @@ mod tests {
             vec![
                 (1, "a".into()),
                 (1, "zz".into()),
+                (3, "".into()),
                 (4, "overlay.opaque".into())
             ]
         );
         assert_eq!(skipped.len(), 2);
+        assert!(skipped
+            .iter()
+            .any(|(_, why)| why.contains("invalid POSIX ACL")));
     }
 
     #[test]
