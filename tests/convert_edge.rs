@@ -535,3 +535,92 @@ fn posix_acls_are_stored_as_ext4_acls() {
     assert!(read_as("1000"), "user:1000:r-- not honoured");
     assert!(!read_as("1001"), "others must not read");
 }
+
+/// GNU sparse files, as GNU tar writes them in each format (old GNU `S` with extension headers, PAX
+/// 0.0, 0.1 and 1.0): the converted file has the real size and content, and its holes stay holes.
+/// Maps that lie (beyond the file, not matching the stored data) are refused.
+#[test]
+fn gnu_sparse_files_in_every_format() {
+    let tools = Command::new("tar").arg("--version").output();
+    if tools.is_err() {
+        assert!(may_skip(), "GNU tar missing in CI");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // 30 data segments in 96 MiB: more than the old GNU header's 4, so extension headers follow.
+    let f = std::fs::File::create(src.join("sparse.bin")).unwrap();
+    f.set_len(96 << 20).unwrap();
+    for i in 0..30u64 {
+        let data = noise(5000 + i as usize * 100, i as u32 + 1);
+        f.write_all_at(&data, i * (3 << 20) + 12345).unwrap();
+    }
+    drop(f);
+    let want = sha256_file(&src.join("sparse.bin"));
+    for (name, args) in [
+        ("gnu", &["--format=gnu"][..]),
+        ("pax0.0", &["--format=posix", "--sparse-version=0.0"]),
+        ("pax0.1", &["--format=posix", "--sparse-version=0.1"]),
+        ("pax1.0", &["--format=posix", "--sparse-version=1.0"]),
+    ] {
+        let tar = dir.path().join(format!("{name}.tar"));
+        run_ok(
+            Command::new("tar")
+                .arg("--sparse")
+                .args(args)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(&src)
+                .arg("sparse.bin"),
+        );
+        assert!(
+            std::fs::metadata(&tar).unwrap().len() < 4 << 20,
+            "{name}: GNU tar did not store it sparse"
+        );
+        let (ok, stderr, work) = convert_in_scratch(&std::fs::read(&tar).unwrap());
+        assert!(ok, "{name}: {stderr}");
+        if !privileged() {
+            continue;
+        }
+        let img = work.path().join("img");
+        export_and_fsck(&work.path().join("run/deeper/still/out.blob"), &img);
+        let m = Mount::loop_ro(&img, &work.path().join("mnt"));
+        let p = m.dir.join("sparse.bin");
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(md.len(), 96 << 20, "{name}");
+        assert_eq!(sha256_file(&p), want, "{name}");
+        assert!(md.blocks() * 512 < 4 << 20, "{name}: holes were filled");
+    }
+    // Lying maps.
+    for (records, data, why) in [
+        (
+            vec![
+                ("GNU.sparse.size", &b"100"[..]),
+                ("GNU.sparse.map", b"90,20"),
+            ],
+            &b"x"[..],
+            "beyond the file",
+        ),
+        (
+            vec![("GNU.sparse.size", &b"100"[..]), ("GNU.sparse.map", b"0,5")],
+            &b"xyz"[..],
+            "covers 5 bytes",
+        ),
+        (
+            vec![
+                ("GNU.sparse.size", &b"100"[..]),
+                ("GNU.sparse.map", b"50,2,10,1"),
+            ],
+            &b"xyz"[..],
+            "out of order",
+        ),
+    ] {
+        let mut t = LayerTar::new();
+        t.pax(&records);
+        t.file("s", DEF, data);
+        let (ok, stderr, _w) = convert_in_scratch(&t.finish());
+        assert!(!ok && stderr.contains(why), "{why}: {stderr}");
+    }
+}

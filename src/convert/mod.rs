@@ -5,6 +5,7 @@ mod blob_sink;
 pub mod input;
 pub mod tar_layer;
 pub mod tar_reader;
+pub mod tar_sparse;
 
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;

@@ -53,8 +53,10 @@ pub struct TarEntry {
     pub gid: u64,
     /// Modification time.
     pub mtime: Timestamp,
-    /// Data size in bytes.
+    /// Data size in bytes (for a sparse file, its real size: the data reader expands the holes).
     pub size: u64,
+    /// A GNU sparse file (old GNU `S` entry or PAX 0.0/0.1/1.0).
+    pub sparse: bool,
     /// Device major number.
     pub dev_major: u32,
     /// Device minor number.
@@ -104,6 +106,8 @@ pub struct TarReader<R> {
     done: bool,
     /// A byte read ahead by the end-of-stream check.
     peeked: Option<u8>,
+    /// The current entry is a sparse file: its expansion.
+    sparse: Option<super::tar_sparse::Cursor>,
 }
 
 impl<R: Read> TarReader<R> {
@@ -116,6 +120,7 @@ impl<R: Read> TarReader<R> {
             padding: 0,
             done: false,
             peeked: None,
+            sparse: None,
         }
     }
 
@@ -218,6 +223,7 @@ impl<R: Read> TarReader<R> {
         let rest = self.remaining + self.padding;
         self.remaining = 0;
         self.padding = 0;
+        self.sparse = None;
         self.skip(rest, "entry data")?;
 
         let mut pax: Option<PaxRecords> = None;
@@ -283,7 +289,7 @@ impl<R: Read> TarReader<R> {
                 b'4' => EntryKind::BlockDev,
                 b'5' => EntryKind::Dir,
                 b'6' => EntryKind::Fifo,
-                b'S' => return Err(bad(offset, "GNU sparse entries are not supported")),
+                b'S' => EntryKind::File,
                 t => {
                     return Err(bad(
                         offset,
@@ -318,6 +324,7 @@ impl<R: Read> TarReader<R> {
                     nanos: 0,
                 },
                 size,
+                sparse: false,
                 dev_major: 0,
                 dev_minor: 0,
                 xattrs: BTreeMap::new(),
@@ -329,8 +336,9 @@ impl<R: Read> TarReader<R> {
                 e.dev_minor = u32::try_from(number(&h[337..345], offset, "devminor")?)
                     .map_err(|_| bad(offset, "device minor out of range"))?;
             }
+            let mut pax_sparse = None;
             if let Some(records) = pax {
-                apply_pax(&mut e, records, offset)?;
+                pax_sparse = apply_pax(&mut e, records, offset)?;
             }
             // Like Go's archive/tar (and so containerd), only regular files have data: the size field of
             // header-only types (links, devices, directories, FIFOs) is ignored.
@@ -340,9 +348,115 @@ impl<R: Read> TarReader<R> {
             } else {
                 e.size = 0;
             }
+            let map = if typeflag == b'S' {
+                Some(self.old_gnu_sparse(&h, offset)?)
+            } else if let Some(p) = pax_sparse {
+                Some(self.pax_sparse(p, offset)?)
+            } else {
+                None
+            };
+            if let Some(map) = map {
+                map.validate(self.remaining)
+                    .map_err(|why| bad(offset, &why))?;
+                e.size = map.real_size;
+                e.sparse = true;
+                self.sparse = Some(map.cursor());
+            }
             return Ok(Some(e));
         }
     }
+}
+
+impl<R: Read> TarReader<R> {
+    /// The map of an old GNU `S` entry: four segments in the header, 21 more per extension block
+    /// while `isextended` says so; the real size at byte 483.
+    fn old_gnu_sparse(
+        &mut self,
+        h: &[u8; BLOCK],
+        offset: u64,
+    ) -> Result<super::tar_sparse::SparseMap, TarStreamError> {
+        let mut segments = Vec::new();
+        let take = |seg: &mut Vec<(u64, u64)>, area: &[u8]| -> Result<(), TarStreamError> {
+            for e in area.chunks_exact(24) {
+                if e[0] == 0 {
+                    break;
+                }
+                let off = number(&e[0..12], offset, "sparse offset")?;
+                let len = number(&e[12..24], offset, "sparse length")?;
+                seg.push((off, len));
+            }
+            Ok(())
+        };
+        take(&mut segments, &h[386..482])?;
+        let real_size = number(&h[483..495], offset, "sparse real size")?;
+        let mut extended = h[482] != 0;
+        while extended {
+            if segments.len() > super::tar_sparse::MAX_SEGMENTS {
+                return Err(bad(offset, "sparse map too long"));
+            }
+            let mut x = [0u8; BLOCK];
+            self.read_exact(&mut x, "sparse extension header")?;
+            take(&mut segments, &x[..504])?;
+            extended = x[504] != 0;
+        }
+        Ok(super::tar_sparse::SparseMap {
+            real_size,
+            segments,
+        })
+    }
+
+    /// The map of a PAX sparse file; for 1.0 it is read from the start of the entry's data.
+    fn pax_sparse(
+        &mut self,
+        p: PaxSparse,
+        offset: u64,
+    ) -> Result<super::tar_sparse::SparseMap, TarStreamError> {
+        let real_size = p
+            .real_size
+            .ok_or_else(|| bad(offset, "PAX sparse file without GNU.sparse.size/realsize"))?;
+        if p.major == Some(1) {
+            let mut remaining = self.remaining;
+            let mut read_block = || -> Result<[u8; BLOCK], String> {
+                if remaining < BLOCK as u64 {
+                    return Err("sparse map runs past the entry's data".into());
+                }
+                let mut b = [0u8; BLOCK];
+                self.read_exact(&mut b, "sparse map")
+                    .map_err(|e| e.to_string())?;
+                remaining -= BLOCK as u64;
+                Ok(b)
+            };
+            let (segments, blocks) = super::tar_sparse::parse_map_blocks(&mut read_block)
+                .map_err(|why| bad(offset, &why))?;
+            self.remaining -= blocks * BLOCK as u64;
+            return Ok(super::tar_sparse::SparseMap {
+                real_size,
+                segments,
+            });
+        }
+        if p.offsets.len() != p.lengths.len() {
+            return Err(bad(
+                offset,
+                "GNU.sparse.offset and numbytes records do not pair up",
+            ));
+        }
+        let mut segments = p.map;
+        segments.extend(p.offsets.into_iter().zip(p.lengths));
+        Ok(super::tar_sparse::SparseMap {
+            real_size,
+            segments,
+        })
+    }
+}
+
+/// The `GNU.sparse.*` records of a PAX header.
+#[derive(Default)]
+struct PaxSparse {
+    major: Option<u64>,
+    real_size: Option<u64>,
+    map: Vec<(u64, u64)>,
+    offsets: Vec<u64>,
+    lengths: Vec<u64>,
 }
 
 /// The content of the current entry (at most its size; short streams are a [`io::ErrorKind::UnexpectedEof`]).
@@ -352,21 +466,32 @@ pub struct EntryData<'a, R> {
 
 impl<R: Read> Read for EntryData<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.t.remaining == 0 {
-            return Ok(0);
+        if let Some(mut cursor) = self.t.sparse.take() {
+            let t = &mut *self.t;
+            let r = cursor.read(buf, |b| raw_read(t, b));
+            self.t.sparse = Some(cursor);
+            return r;
         }
-        let k = (buf.len() as u64).min(self.t.remaining) as usize;
-        let n = self.t.r.read(&mut buf[..k])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "tar stream ends inside file data",
-            ));
-        }
-        self.t.remaining -= n as u64;
-        self.t.pos += n as u64;
-        Ok(n)
+        raw_read(self.t, buf)
     }
+}
+
+/// Reads stored data of the current entry.
+fn raw_read<R: Read>(t: &mut TarReader<R>, buf: &mut [u8]) -> io::Result<usize> {
+    if t.remaining == 0 {
+        return Ok(0);
+    }
+    let k = (buf.len() as u64).min(t.remaining) as usize;
+    let n = t.r.read(&mut buf[..k])?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "tar stream ends inside file data",
+        ));
+    }
+    t.remaining -= n as u64;
+    t.pos += n as u64;
+    Ok(n)
 }
 
 fn pad(size: u64) -> u64 {
@@ -496,7 +621,12 @@ pub fn parse_pax(data: &[u8], offset: u64) -> Result<PaxRecords, TarStreamError>
     Ok(out)
 }
 
-fn apply_pax(e: &mut TarEntry, records: PaxRecords, offset: u64) -> Result<(), TarStreamError> {
+fn apply_pax(
+    e: &mut TarEntry,
+    records: PaxRecords,
+    offset: u64,
+) -> Result<Option<PaxSparse>, TarStreamError> {
+    let mut sparse: Option<PaxSparse> = None;
     let num = |v: &[u8], what: &str| -> Result<u64, TarStreamError> {
         std::str::from_utf8(v)
             .ok()
@@ -548,12 +678,46 @@ fn apply_pax(e: &mut TarEntry, records: PaxRecords, offset: u64) -> Result<(), T
                 }
             }
             k if k.starts_with(b"GNU.sparse.") => {
-                return Err(bad(offset, "PAX sparse entries are not supported"))
+                let sp = sparse.get_or_insert_with(PaxSparse::default);
+                match &k[b"GNU.sparse.".len()..] {
+                    b"major" => sp.major = Some(num(&v, "GNU.sparse.major")?),
+                    b"minor" => {
+                        num(&v, "GNU.sparse.minor")?;
+                    }
+                    b"size" | b"realsize" => sp.real_size = Some(num(&v, "GNU.sparse.size")?),
+                    b"name" => e.path = v,
+                    b"map" => {
+                        sp.map = super::tar_sparse::parse_map_record(&v)
+                            .map_err(|why| bad(offset, &why))?
+                    }
+                    b"offset" => sp.offsets.push(num(&v, "GNU.sparse.offset")?),
+                    b"numbytes" => sp.lengths.push(num(&v, "GNU.sparse.numbytes")?),
+                    b"numblocks" => {
+                        num(&v, "GNU.sparse.numblocks")?;
+                    }
+                    other => {
+                        return Err(bad(
+                            offset,
+                            &format!(
+                                "unknown PAX record GNU.sparse.{}",
+                                String::from_utf8_lossy(other)
+                            ),
+                        ))
+                    }
+                }
+                if sp.offsets.len() > super::tar_sparse::MAX_SEGMENTS {
+                    return Err(bad(offset, "sparse map too long"));
+                }
             }
             _ => {} // atime, ctime, comments, uname/gname, charset: not stored
         }
     }
-    Ok(())
+    if let Some(sp) = &sparse {
+        if sp.major.is_some_and(|m| m != 1) {
+            return Err(bad(offset, "unsupported GNU sparse format major version"));
+        }
+    }
+    Ok(sparse)
 }
 
 /// Parses a PAX time: `[-]seconds[.fraction]`.
