@@ -20,6 +20,7 @@ pub mod image;
 pub mod nbd;
 pub mod node;
 pub mod process;
+pub mod shape;
 pub mod snapshotter;
 pub mod trace;
 

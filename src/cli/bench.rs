@@ -14,6 +14,55 @@ use clap::{Args, Subcommand};
 pub enum BenchCommand {
     /// Random 4 KiB reads and sequential reads of a block device or file with O_DIRECT.
     Device(DeviceArgs),
+    /// A TCP proxy adding round-trip time and a shared bandwidth cap (no netem here): prints its
+    /// address, runs until killed.
+    Shape(ShapeArgs),
+}
+
+/// Arguments of `lazyblk bench shape`.
+#[derive(Debug, Args)]
+pub struct ShapeArgs {
+    /// Where to connect (`127.0.0.1:5000`).
+    upstream: String,
+    /// Listen address (loopback).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// `loopback`, `region` (2 ms RTT, 1 Gbit/s) or `internet` (30 ms RTT, 200 Mbit/s).
+    #[arg(long, default_value = "region")]
+    profile: String,
+    /// Round-trip time in ms (overrides the profile's).
+    #[arg(long)]
+    rtt_ms: Option<u64>,
+    /// Bandwidth per direction in Mbit/s (overrides the profile's; 0 = unlimited).
+    #[arg(long)]
+    mbit: Option<u64>,
+}
+
+fn shape(a: ShapeArgs) -> Result<()> {
+    let mut p = crate::shape::Profile::named(&a.profile)
+        .ok_or_else(|| anyhow::anyhow!("unknown profile {:?}", a.profile))?;
+    if let Some(ms) = a.rtt_ms {
+        p.rtt = std::time::Duration::from_millis(ms);
+    }
+    if let Some(m) = a.mbit {
+        p.bits_per_sec = m * 1_000_000;
+    }
+    let listen: std::net::SocketAddr = a.listen.parse()?;
+    if !listen.ip().is_loopback() {
+        anyhow::bail!("the shaper listens on loopback only");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let s = crate::shape::start(&a.listen, a.upstream.clone(), p).await?;
+        println!("{}", s.addr);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    })
 }
 
 /// Arguments of `lazyblk bench device`.
@@ -48,6 +97,7 @@ pub struct DeviceArgs {
 pub fn run(c: BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Device(a) => device(a),
+        BenchCommand::Shape(a) => shape(a),
     }
 }
 
