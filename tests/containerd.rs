@@ -1454,3 +1454,68 @@ fn snapshotter_reads_layers_from_a_tls_token_auth_registry() {
     );
     drop(snapd);
 }
+
+/// The snapshotter reads layers through a hosts.toml mirror that is a pull-through cache of the
+/// registry (Debian's docker-registry with `proxy: remoteurl`): the container runs, and the cache
+/// holds the layers it served.
+#[test]
+fn snapshotter_reads_through_a_pull_through_cache_mirror() {
+    let tools = ["containerd", "ctr", "runc", "skopeo", "umoci", "curl"];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let dir = env.dir.clone();
+    let Some(mirror) = Registry::start_with(&common::registry::RegistryConfig {
+        proxy_remote: Some(format!("http://{r}")),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let m = mirror.addr.clone();
+    let hosts = dir.join("certs.d");
+    std::fs::create_dir_all(hosts.join(&r)).unwrap();
+    std::fs::write(
+        hosts.join(&r).join("hosts.toml"),
+        format!(
+            "server = \"http://{r}\"\n[host.\"http://{m}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .unwrap();
+    let args = ["--hosts-dir", hosts.to_str().unwrap()];
+    let snapd = env.start_snapshotter_with(&args);
+    let _containerd = env.start_containerd(&format!(
+        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
+        d = dir.display()
+    ));
+    let _cleanup = env.cleanup(vec![]);
+    let image = format!("{r}/test/app:web-lazyblk");
+    let out = stdout(run_ok(env.lazyblk_pull(&image, "default").args(args)));
+    assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    let seen = stdout(run_ok(env.ctr("default").args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        &image,
+        &format!("mirror-{}", std::process::id()),
+        "cat",
+        "/srv/app/index.html",
+    ])));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    // The requests went to the mirror: it fetched (and keeps) the manifest and layer blobs.
+    let blobs = mirror.storage.join("docker/registry/v2/blobs/sha256");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mirror never saw the image's blobs ({n} cached)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(snapd);
+}

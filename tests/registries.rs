@@ -233,6 +233,17 @@ fn private_ca_registry_via_hosts_toml_certs_d_and_the_system_store() {
         &[&hd_arg],
     );
     assert!(e.contains("not valid for this host name"), "{e}");
+    // skip_verify (containerd's escape hatch) accepts it.
+    hosts_dir(
+        &hd,
+        &lh,
+        &format!("server = \"https://{lh}\"\nskip_verify = true\n"),
+    );
+    convert_ok(
+        &format!("{lh}/app/img:v1"),
+        &format!("{lh}/app/img:skip-verify"),
+        &[&hd_arg],
+    );
 
     // Docker's certs.d layout (no hosts.toml): `ca.crt` in the host's directory; served lazily.
     let cd = tmp.path().join("certs.d");
@@ -374,7 +385,10 @@ fn htpasswd_registry_with_credentials_from_the_docker_config() {
             &format!("--docker-config={}", wrong.display()),
         ],
     );
-    assert!(e.contains("401") && e.contains("credentials"), "{e}");
+    assert!(
+        e.contains("401") && e.contains("it asked for Basic realm") && e.contains("credentials"),
+        "{e}"
+    );
     let good = docker_config(
         &tmp.path().join("good.json"),
         &r,

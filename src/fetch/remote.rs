@@ -414,3 +414,24 @@ pub fn content_length(resp: &reqwest::Response) -> Option<u64> {
         .parse()
         .ok()
 }
+
+#[cfg(test)]
+mod error_body_tests {
+    use super::error_body_summary;
+
+    #[test]
+    fn oci_error_bodies_are_summarised() {
+        let b = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"v9"}}]}"#;
+        assert_eq!(
+            error_body_summary(b),
+            r#": MANIFEST_UNKNOWN: manifest unknown ({"Tag":"v9"})"#
+        );
+        assert_eq!(
+            error_body_summary(b"quota exceeded\r\n"),
+            ": quota exceeded"
+        );
+        assert_eq!(error_body_summary(b"<html>502 Bad Gateway</html>"), "");
+        assert_eq!(error_body_summary(b""), "");
+        assert!(error_body_summary(&[b'x'; 5000]).len() < 400);
+    }
+}

@@ -334,6 +334,9 @@ def main():
     ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace,lazyblk+relayout")
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
     ap.add_argument("--show-ls", action="store_true", help="print `lazyblk ls` while each lazyblk container runs")
+    ap.add_argument("--profile", default="loopback",
+                    help="network between node and registry: loopback, region (2 ms RTT, 1 Gbit/s) or "
+                         "internet (30 ms RTT, 200 Mbit/s), through `lazyblk bench shape` for every mode")
     a = ap.parse_args()
     global SHOW_LS
     SHOW_LS = a.show_ls
@@ -352,6 +355,13 @@ def main():
             build_image(name, work, reg)
         start_containerd(env, procs)
         rows = []
+        # Every mode reaches the registry through the same shaped path (images were built unshaped).
+        if a.profile != "loopback":
+            shaper = subprocess.Popen([BIN, "bench", "shape", reg, "--profile", a.profile],
+                                      stdout=subprocess.PIPE, text=True)
+            procs.append(shaper)
+            reg = shaper.stdout.readline().strip()
+            print(f"registry through the {a.profile} shaper at {reg}", file=sys.stderr)
         if {"lazyblk+trace", "lazyblk+relayout"} & set(a.modes.split(",")):
             for name in images:
                 record_trace(env, reg, name)
@@ -359,6 +369,7 @@ def main():
             for i in range(a.runs):
                 for mode in a.modes.split(","):
                     r = one_run(env, reg, name, mode, i)
+                    r["profile"] = a.profile
                     print(json.dumps(r), file=sys.stderr)
                     rows.append(r)
         env.cold()
