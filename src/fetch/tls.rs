@@ -53,7 +53,9 @@ fn system_roots() -> &'static RootCertStore {
             );
         }
         if added == 0 {
-            tracing::warn!(
+            // Not a warning: nodes that only reach plain-HTTP registries have no CA bundle, and a
+            // registry whose certificate these roots cannot verify fails with its own clear error.
+            tracing::info!(
                 "no CA certificates in the system trust store (install ca-certificates); \
                  using the built-in Mozilla roots"
             );
