@@ -122,6 +122,20 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Binds a unix socket at `path` created 0600 from the start (no window in which another user
+/// could connect), replacing a stale socket a crashed process left there. Needs a tokio runtime.
+pub fn bind_private_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path)?;
+    }
+    // SAFETY: umask only changes this process's file creation mask; restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let l = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1151,57 +1151,15 @@ fn cri_pulls_take_lazyblk_layers_remotely() {
     let dir = env.dir.clone();
     let snapd = env.start_snapshotter();
     // deploy/containerd/config-1.x.toml's CRI part, plus a plain-HTTP mirror for the test registry.
-    let _containerd = env.start_containerd(&format!(
-        r#"version = 2
-root = "{d}/croot"
-state = "{d}/cstate"
-[grpc]
-  address = "{d}/containerd.sock"
-[proxy_plugins.lazyblk]
-  type = "snapshot"
-  address = "{d}/lazyblk.sock"
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "lazyblk"
-  disable_snapshot_annotations = false
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{d}/cni/bin"
-  conf_dir = "{d}/cni/conf"
-[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{r}"]
-  endpoint = ["http://{r}"]
-"#,
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&cri_config(&dir, &r));
     let _cleanup = env.cleanup(vec![]);
     let image = format!("{r}/test/app:web-lazyblk");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        use k8s_cri::v1::{image_service_client::ImageServiceClient, ImageSpec, PullImageRequest};
         let channel = lazyblk::snapshotter::pull::connect(&env.sock)
             .await
             .unwrap();
-        let mut images = ImageServiceClient::new(channel);
-        // The CRI plugin initialises in the background: retry until it answers.
-        let t = Instant::now();
-        loop {
-            let r = images
-                .pull_image(PullImageRequest {
-                    image: Some(ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    auth: None,
-                    sandbox_config: None,
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) if t.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("CRI PullImage: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("CRI PullImage: {e}"),
-            }
-        }
+        cri_pull(channel, &image, None).await;
     });
     let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
     assert_eq!(
@@ -1264,64 +1222,25 @@ fn cri_proxy_hands_pull_secrets_to_lazy_layer_reads() {
         "--cri-backend",
         env.sock.to_str().unwrap(),
     ]);
-    let _containerd = env.start_containerd(&format!(
-        r#"version = 2
-root = "{d}/croot"
-state = "{d}/cstate"
-[grpc]
-  address = "{d}/containerd.sock"
-[proxy_plugins.lazyblk]
-  type = "snapshot"
-  address = "{d}/lazyblk.sock"
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "lazyblk"
-  disable_snapshot_annotations = false
-[plugins."io.containerd.grpc.v1.cri".cni]
-  bin_dir = "{d}/cni/bin"
-  conf_dir = "{d}/cni/conf"
-[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{p}"]
-  endpoint = ["http://{p}"]
-"#,
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&cri_config(&dir, &p));
     let _cleanup = env.cleanup(vec![]);
     let image = format!("{p}/test/app:web-lazyblk");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use k8s_cri::v1::{
             image_service_client::ImageServiceClient, AuthConfig, ImageSpec, ImageStatusRequest,
-            PullImageRequest,
         };
         let channel = lazyblk::snapshotter::pull::connect(&cri_sock)
             .await
             .unwrap();
+        // containerd 1.6 parses server_address as a URL: kubelet leaves it empty.
+        let auth = AuthConfig {
+            username: "alice".into(),
+            password: "s3cret".into(),
+            ..Default::default()
+        };
+        cri_pull(channel.clone(), &image, Some(auth)).await;
         let mut images = ImageServiceClient::new(channel);
-        let t = Instant::now();
-        loop {
-            let r = images
-                .pull_image(PullImageRequest {
-                    image: Some(ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    auth: Some(AuthConfig {
-                        // containerd 1.6 parses server_address as a URL: kubelet leaves it empty.
-                        username: "alice".into(),
-                        password: "s3cret".into(),
-                        ..Default::default()
-                    }),
-                    sandbox_config: None,
-                })
-                .await;
-            match r {
-                Ok(_) => break,
-                Err(e) if t.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("CRI PullImage via the proxy: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("CRI PullImage via the proxy: {e}"),
-            }
-        }
         // The other image calls pass through unchanged.
         let st = images
             .image_status(ImageStatusRequest {
@@ -1518,4 +1437,61 @@ fn snapshotter_reads_through_a_pull_through_cache_mirror() {
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(snapd);
+}
+
+/// containerd 1.6 with CRI on the lazyblk snapshotter (deploy/containerd/config-1.x.toml's CRI part),
+/// plus a plain-HTTP mirror entry for `registry`.
+fn cri_config(dir: &Path, registry: &str) -> String {
+    format!(
+        r#"version = 2
+root = "{d}/croot"
+state = "{d}/cstate"
+[grpc]
+  address = "{d}/containerd.sock"
+[proxy_plugins.lazyblk]
+  type = "snapshot"
+  address = "{d}/lazyblk.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "lazyblk"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni/bin"
+  conf_dir = "{d}/cni/conf"
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+  endpoint = ["http://{registry}"]
+"#,
+        d = dir.display()
+    )
+}
+
+/// A CRI `PullImage` of `image` (with `auth`) over `channel`, retried while the CRI plugin is still
+/// initialising (it starts in the background).
+async fn cri_pull(
+    channel: tonic::transport::Channel,
+    image: &str,
+    auth: Option<k8s_cri::v1::AuthConfig>,
+) {
+    use k8s_cri::v1::{image_service_client::ImageServiceClient, ImageSpec, PullImageRequest};
+    let mut images = ImageServiceClient::new(channel);
+    let t = Instant::now();
+    loop {
+        let r = images
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.to_string(),
+                    ..Default::default()
+                }),
+                auth: auth.clone(),
+                sandbox_config: None,
+            })
+            .await;
+        match r {
+            Ok(_) => return,
+            Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                eprintln!("CRI PullImage {image}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("CRI PullImage {image}: {e}"),
+        }
+    }
 }

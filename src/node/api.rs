@@ -120,18 +120,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let path = socket_path(&node.config().run_dir);
-    if std::fs::symlink_metadata(&path).is_ok() {
-        std::fs::remove_file(&path)?;
-    }
-    let listener = {
-        // Created 0600 from the start: no window in which another user could connect.
-        // SAFETY: umask only changes this process's file creation mask; restored right after.
-        let old = unsafe { libc::umask(0o177) };
-        let l = tokio::net::UnixListener::bind(&path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        l?
-    };
+    let listener = crate::process::bind_private_unix(&path)?;
     tonic::transport::Server::builder()
         .add_service(DaemonServer::new(Api(node)))
         .serve_with_incoming_shutdown(

@@ -150,17 +150,7 @@ pub async fn serve(
     if let Some(dir) = listen.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if std::fs::symlink_metadata(&listen).is_ok() {
-        std::fs::remove_file(&listen)?;
-    }
-    let listener = {
-        // SAFETY: umask only changes this process's file creation mask; restored right after.
-        let old = unsafe { libc::umask(0o177) };
-        let l = tokio::net::UnixListener::bind(&listen);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        l?
-    };
+    let listener = crate::process::bind_private_unix(&listen)?;
     let proxy = CriProxy::new(&backend, ttl).map_err(std::io::Error::other)?;
     tracing::info!(listen = %listen.display(), backend = %backend.display(), "CRI image-service proxy ready");
     tonic::transport::Server::builder()
