@@ -624,3 +624,62 @@ fn gnu_sparse_files_in_every_format() {
         assert!(!ok && stderr.contains(why), "{why}: {stderr}");
     }
 }
+
+/// Large directories are hashed (htree, one and two index levels): e2fsck checks the index, and the
+/// kernel finds every name through it.
+#[test]
+fn large_directories_are_hashed() {
+    let mut t = LayerTar::new();
+    t.dir("wide", DIR);
+    for i in 0..30_000 {
+        t.file(&format!("wide/file-{i:06}.txt"), DEF, b"");
+    }
+    // 200-byte names: 19 per block, over 508 leaves, so a level of index nodes.
+    t.dir("deep", DIR);
+    let long = |i: usize| format!("{i:06}-{}", "n".repeat(193));
+    for i in 0..12_000 {
+        t.file(&format!("deep/{}", long(i)), DEF, b"");
+    }
+    t.dir("small", DIR);
+    t.file("small/one", DEF, b"1");
+    let (ok, stderr, work) = convert_in_scratch(&t.finish());
+    assert!(ok, "{stderr}");
+    if !privileged() {
+        return;
+    }
+    let img = work.path().join("img");
+    export_and_fsck(&work.path().join("run/deeper/still/out.blob"), &img);
+    let dump = |dir: &str| {
+        String::from_utf8(
+            run_ok(
+                Command::new("debugfs")
+                    .args(["-R", &format!("htree_dump /{dir}")])
+                    .arg(&img),
+            )
+            .stdout,
+        )
+        .unwrap()
+    };
+    assert!(dump("wide").contains("Indirect levels: 0"));
+    assert!(dump("deep").contains("Indirect levels: 1"));
+    assert!(
+        !dump("small").contains("Root node dump"),
+        "one block stays linear"
+    );
+    let m = Mount::loop_ro(&img, &work.path().join("mnt"));
+    assert_eq!(
+        std::fs::read_dir(m.dir.join("wide")).unwrap().count(),
+        30_000
+    );
+    assert_eq!(
+        std::fs::read_dir(m.dir.join("deep")).unwrap().count(),
+        12_000
+    );
+    for i in (0..30_000).step_by(997) {
+        assert!(m.dir.join(format!("wide/file-{i:06}.txt")).exists(), "{i}");
+    }
+    for i in (0..12_000).step_by(331) {
+        assert!(m.dir.join("deep").join(long(i)).exists(), "{i}");
+    }
+    assert!(!m.dir.join("wide/file-030000.txt").exists());
+}

@@ -5,8 +5,8 @@ use std::io::{self, Read};
 
 use lazyblk_image_format::is_all_zero;
 
-use super::dir::{build_dir_blocks, file_type};
-use super::disk::{self, InodeFields, SuperblockParams, EXTENTS_FL};
+use super::dir::{build_dir_blocks, build_htree_dir, file_type};
+use super::disk::{self, InodeFields, SuperblockParams, EXTENTS_FL, INDEX_FL};
 use super::extent::{self, MAX_EXTENT_LEN};
 use super::tree::{display, Extent, Meta, NodeId, NodeKind, Tree, ROOT};
 use super::xattr;
@@ -248,11 +248,16 @@ impl<S: BlockSink> Ext4Builder<S> {
                     }
                     let links = 2 + subdirs as u64;
                     f.links = if links > 65000 { 1 } else { links as u16 };
-                    let content = build_dir_blocks(ino, parent, &entries);
+                    // Directories of more than one block are hashed, as mke2fs/e2fsck -D make them.
+                    let (content, flags) =
+                        match build_htree_dir(ino, parent, &entries, &opts.hash_seed) {
+                            Some(c) => (c, EXTENTS_FL | INDEX_FL),
+                            None => (build_dir_blocks(ino, parent, &entries), EXTENTS_FL),
+                        };
                     let n = (content.len() / BLOCK_SIZE) as u64;
                     let at = area.push(&content);
                     f.size = content.len() as u64;
-                    f.flags = EXTENTS_FL;
+                    f.flags = flags;
                     blocks_owned = n + set_extents(&mut f, &mut area, &extent::contiguous(at, n));
                     dir_count_per_ino.push((ino, true));
                 }

@@ -4,6 +4,8 @@ use super::tree::Timestamp;
 
 /// `s_feature_compat`: extended attributes.
 pub const COMPAT_EXT_ATTR: u32 = 0x0008;
+/// `s_feature_compat`: hashed (htree) directories.
+pub const COMPAT_DIR_INDEX: u32 = 0x0020;
 /// `s_feature_compat`: superblock backups only in `s_backup_bgs` (none here).
 pub const COMPAT_SPARSE_SUPER2: u32 = 0x0200;
 /// `s_feature_incompat`: file type in directory entries.
@@ -21,6 +23,8 @@ pub const RO_COMPAT_DIR_NLINK: u32 = 0x0020;
 /// `s_feature_ro_compat`: large inodes with nanosecond times.
 pub const RO_COMPAT_EXTRA_ISIZE: u32 = 0x0040;
 
+/// Inode flag: the directory is hashed (htree).
+pub const INDEX_FL: u32 = 0x1000;
 /// Inode flag: the inode uses extents.
 pub const EXTENTS_FL: u32 = 0x0008_0000;
 
@@ -72,7 +76,11 @@ pub fn superblock(p: &SuperblockParams) -> [u8; 1024] {
     put32(&mut b, 0x4C, 1); // dynamic revision
     put32(&mut b, 0x54, super::FIRST_INO);
     put16(&mut b, 0x58, super::INODE_SIZE as u16);
-    put32(&mut b, 0x5C, COMPAT_EXT_ATTR | COMPAT_SPARSE_SUPER2);
+    put32(
+        &mut b,
+        0x5C,
+        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2,
+    );
     put32(
         &mut b,
         0x60,
