@@ -1167,16 +1167,7 @@ fn cri_pulls_take_lazyblk_layers_remotely() {
         3,
         "the CRI pull did not hand the layers over: {log}"
     );
-    let seen = stdout(run_ok(env.ctr("k8s.io").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &format!("cri-{}", std::process::id()),
-        "cat",
-        "/srv/app/index.html",
-    ])));
+    let seen = cat_index(&env, "k8s.io", &image, "cri");
     assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
     drop(snapd);
 }
@@ -1263,16 +1254,7 @@ fn cri_proxy_hands_pull_secrets_to_lazy_layer_reads() {
         3,
         "the CRI pull did not hand the layers over: {log}"
     );
-    let seen = stdout(run_ok(env.ctr("k8s.io").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &format!("cri-secret-{}", std::process::id()),
-        "cat",
-        "/srv/app/index.html",
-    ])));
+    let seen = cat_index(&env, "k8s.io", &image, "cri-secret");
     assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
     let daemon_log =
         std::fs::read_to_string(env.root.join("run").join("daemon.log")).unwrap_or_default();
@@ -1356,16 +1338,7 @@ fn snapshotter_reads_layers_from_a_tls_token_auth_registry() {
         env.lazyblk_pull(&image, "default").args(registry_args),
     ));
     assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
-    let seen = stdout(run_ok(env.ctr("default").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &format!("tls-token-{}", std::process::id()),
-        "cat",
-        "/srv/app/index.html",
-    ])));
+    let seen = cat_index(&env, "default", &image, "tls-token");
     assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
     assert!(
         ts.basic_grants.load(std::sync::atomic::Ordering::Relaxed) >= 2,
@@ -1411,16 +1384,7 @@ fn snapshotter_reads_through_a_pull_through_cache_mirror() {
     let image = format!("{r}/test/app:web-lazyblk");
     let out = stdout(run_ok(env.lazyblk_pull(&image, "default").args(args)));
     assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
-    let seen = stdout(run_ok(env.ctr("default").args([
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazyblk",
-        &image,
-        &format!("mirror-{}", std::process::id()),
-        "cat",
-        "/srv/app/index.html",
-    ])));
+    let seen = cat_index(&env, "default", &image, "mirror");
     assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
     // The requests went to the mirror: it fetched (and keeps) the manifest and layer blobs.
     let blobs = mirror.storage.join("docker/registry/v2/blobs/sha256");
@@ -1494,4 +1458,19 @@ async fn cri_pull(
             Err(e) => panic!("CRI PullImage {image}: {e}"),
         }
     }
+}
+
+/// `ctr run --rm` of `image` on the lazyblk snapshotter in namespace `ns`, printing
+/// /srv/app/index.html; returns what it printed.
+fn cat_index(env: &Env, ns: &str, image: &str, name: &str) -> String {
+    stdout(run_ok(env.ctr(ns).args([
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazyblk",
+        image,
+        &format!("{name}-{}", std::process::id()),
+        "cat",
+        "/srv/app/index.html",
+    ])))
 }
