@@ -43,17 +43,23 @@ pub fn build_dir_blocks(self_ino: u32, parent_ino: u32, entries: &[(u32, &[u8], 
             close_block(&mut out, block_start, last_entry);
             block_start = out.len();
         }
-        let at = out.len();
-        out.extend_from_slice(&ino.to_le_bytes());
-        out.extend_from_slice(&(len as u16).to_le_bytes());
-        out.push(name.len() as u8);
-        out.push(ft);
-        out.extend_from_slice(name);
-        out.resize(at + len, 0);
-        last_entry = Some(at);
+        last_entry = Some(push_entry(&mut out, ino, name, ft));
     }
     close_block(&mut out, block_start, last_entry);
     out
+}
+
+/// Appends one entry (its minimal `rec_len`) to `out`; returns where it starts.
+fn push_entry(out: &mut Vec<u8>, ino: u32, name: &[u8], ft: u8) -> usize {
+    let len = rec_len(name.len());
+    let at = out.len();
+    out.extend_from_slice(&ino.to_le_bytes());
+    out.extend_from_slice(&(len as u16).to_le_bytes());
+    out.push(name.len() as u8);
+    out.push(ft);
+    out.extend_from_slice(name);
+    out.resize(at + len, 0);
+    at
 }
 
 /// Stretches the last entry of the block that starts at `block_start` to the end of the block.
@@ -205,14 +211,7 @@ pub fn build_htree_dir(
             let continues = prev_hash == Some(*hash);
             starts.push(if continues { hash | 1 } else { *hash });
         }
-        let at = cur.len();
-        cur.extend_from_slice(&ino.to_le_bytes());
-        cur.extend_from_slice(&(len as u16).to_le_bytes());
-        cur.push(name.len() as u8);
-        cur.push(ft);
-        cur.extend_from_slice(name);
-        cur.resize(at + len, 0);
-        last_at = Some(at);
+        last_at = Some(push_entry(&mut cur, ino, name, ft));
         prev_hash = Some(*hash);
     }
     close_block(&mut cur, 0, last_at);
