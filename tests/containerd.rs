@@ -1474,3 +1474,107 @@ fn cat_index(env: &Env, ns: &str, image: &str, name: &str) -> String {
         "/srv/app/index.html",
     ])))
 }
+
+/// `lazyblk index` (original-image indexes): the *unmodified* image runs lazily. A copy of the
+/// original image in its own repository is indexed there; its manifest does not change and the
+/// artifact holds no layer data; `lazyblk pull` takes every layer remotely, the container serves, and
+/// its root filesystem equals a full pull's (containerd's overlayfs snapshotter).
+#[test]
+fn original_images_run_lazily_from_an_index() {
+    let tools = ["containerd", "ctr", "runc", "skopeo", "umoci", "curl"];
+    let Some((reg, _tmp, env)) = setup(&tools, PathBuf::from("/usr/bin")) else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let dir = env.dir.clone();
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{r}/test/app:web"),
+        &format!("docker://{r}/test/orig:web"),
+    ]));
+    let digest_of = |tag: &str| {
+        let o = run_ok(Command::new("curl").args([
+            "-sfI",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{r}/v2/test/orig/manifests/{tag}"),
+        ]));
+        let h = stdout(o).to_lowercase();
+        h.lines()
+            .find_map(|l| l.strip_prefix("docker-content-digest: "))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let before = digest_of("web");
+    let started = Instant::now();
+    let out = stdout(run_ok(lazyblk().args([
+        "index",
+        &format!("{r}/test/orig:web"),
+        "--plain-http",
+        "--json",
+    ])));
+    let took = started.elapsed();
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["mode"], "index", "{out}");
+    let (src, idx) = (
+        s["source_bytes"].as_u64().unwrap(),
+        s["target_bytes"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "index: {idx} bytes for {src} bytes of layers ({:.2}%), built in {took:?}",
+        100.0 * idx as f64 / src as f64
+    );
+    assert!(idx < src / 4, "the index is not small: {idx} of {src}");
+    assert_eq!(digest_of("web"), before, "indexing changed the image");
+
+    let snapd = env.start_snapshotter();
+    let _containerd = env.start_containerd(&format!(
+        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
+        d = dir.display()
+    ));
+    let id = std::process::id();
+    let _cleanup = env.cleanup(vec![]);
+    let image = format!("{r}/test/orig:web");
+    let out = stdout(run_ok(&mut env.lazyblk_pull(&image, "default")));
+    assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    let seen = cat_index(&env, "default", &image, &format!("orig-{id}"));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
+    // Every attached layer reads its file data from the original blobs.
+    let devs = attached(&env);
+    assert_eq!(devs.len(), 3, "{devs:?}");
+    for dev in devs {
+        assert!(
+            dev["original_source"]
+                .as_str()
+                .is_some_and(|s| s.contains("/test/orig@sha256:")),
+            "{dev}"
+        );
+    }
+    run_ok(env.ctr("default").args([
+        "images",
+        "pull",
+        "--plain-http",
+        &format!("{r}/test/app:web"),
+    ]));
+    let a = rootfs_listing(
+        &env,
+        "overlayfs",
+        &format!("{r}/test/app:web"),
+        &format!("olist-o-{id}"),
+    );
+    let b = rootfs_listing(&env, "lazyblk", &image, &format!("olist-l-{id}"));
+    assert!(a.lines().count() > 1000, "{a}");
+    if a != b {
+        let (la, lb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
+            (a.lines().collect(), b.lines().collect());
+        let only_a: Vec<_> = la.difference(&lb).take(20).collect();
+        let only_b: Vec<_> = lb.difference(&la).take(20).collect();
+        panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n index only: {only_b:#?}");
+    }
+    remove_all(&env, "default");
+    drop(snapd);
+}

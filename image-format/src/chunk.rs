@@ -12,6 +12,10 @@ pub enum ChunkKind {
     Raw = 1,
     /// One zstd frame.
     Zstd = 2,
+    /// Not in the blob: the chunk's bytes come from outside it (the original layer an *original-image
+    /// index* describes; docs/format.md, "External chunks"). `stored_len` is the chunk's length and the
+    /// digest is the SHA-256 of its bytes, checked like a raw chunk's.
+    External = 3,
 }
 
 impl ChunkKind {
@@ -21,6 +25,7 @@ impl ChunkKind {
             0 => Some(ChunkKind::Zero),
             1 => Some(ChunkKind::Raw),
             2 => Some(ChunkKind::Zstd),
+            3 => Some(ChunkKind::External),
             _ => None,
         }
     }
@@ -89,6 +94,19 @@ pub fn encode_chunk(raw: &[u8], codec: Codec) -> EncodedChunk {
     EncodedChunk { kind, data, digest }
 }
 
+/// Encodes a chunk whose bytes stay outside the blob: all zeros become [`ChunkKind::Zero`], anything
+/// else [`ChunkKind::External`] with the SHA-256 of `raw` and nothing stored.
+pub fn encode_external(raw: &[u8]) -> EncodedChunk {
+    if is_all_zero(raw) {
+        return encode_chunk(raw, Codec::None);
+    }
+    EncodedChunk {
+        kind: ChunkKind::External,
+        data: Vec::new(),
+        digest: sha256(raw),
+    }
+}
+
 /// Verifies `stored` against `entry` (digest first, before any decompression) and decodes it into `out`,
 /// whose length must be the chunk's uncompressed length ([`crate::Index::chunk_len`]).
 pub fn decode_chunk(
@@ -121,7 +139,7 @@ pub fn decode_chunk(
     }
     match entry.kind {
         ChunkKind::Zero => unreachable!("handled above"),
-        ChunkKind::Raw => {
+        ChunkKind::Raw | ChunkKind::External => {
             if stored.len() != out.len() {
                 return Err(FormatError::ChunkDecode {
                     chunk,

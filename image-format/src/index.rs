@@ -52,6 +52,11 @@ impl ChunkEntry {
         digest: [0; 32],
     };
 
+    /// True for chunks whose bytes are in the blob (raw or zstd); false for zero and external ones.
+    pub fn is_stored(&self) -> bool {
+        matches!(self.kind, ChunkKind::Raw | ChunkKind::Zstd)
+    }
+
     /// Byte range of the stored chunk in the blob.
     pub fn blob_range(&self) -> std::ops::Range<u64> {
         self.offset..self.offset + self.stored_len as u64
@@ -190,7 +195,7 @@ impl Index {
     /// Checks that every stored chunk lies before `index_offset` (call after the footer is known).
     pub fn check_data_end(&self, index_offset: u64) -> Result<(), FormatError> {
         for (i, e) in self.entries.iter().enumerate() {
-            if e.kind != ChunkKind::Zero && e.offset + e.stored_len as u64 > index_offset {
+            if e.is_stored() && e.offset + e.stored_len as u64 > index_offset {
                 return Err(bad_chunk(i as u64, "offset", e.offset));
             }
         }
@@ -214,6 +219,15 @@ impl Index {
                 if e.stored_len as u64 != len {
                     return Err(bad_chunk(i, "stored_len", e.stored_len as u64));
                 }
+            }
+            ChunkKind::External => {
+                if e.stored_len as u64 != len {
+                    return Err(bad_chunk(i, "stored_len", e.stored_len as u64));
+                }
+                if e.offset != 0 {
+                    return Err(bad_chunk(i, "offset", e.offset));
+                }
+                return Ok(());
             }
             ChunkKind::Zstd => {
                 // A zstd frame that is not smaller than its content is never written.
@@ -306,7 +320,11 @@ impl Index {
 
     /// Total stored (compressed) bytes of all chunks.
     pub fn stored_bytes(&self) -> u64 {
-        self.entries.iter().map(|e| e.stored_len as u64).sum()
+        self.entries
+            .iter()
+            .filter(|e| e.is_stored())
+            .map(|e| e.stored_len as u64)
+            .sum()
     }
 }
 

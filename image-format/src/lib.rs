@@ -26,7 +26,9 @@ mod plan;
 mod relayout;
 mod writer;
 
-pub use chunk::{decode_chunk, encode_chunk, is_all_zero, ChunkKind, Codec, EncodedChunk};
+pub use chunk::{
+    decode_chunk, encode_chunk, encode_external, is_all_zero, ChunkKind, Codec, EncodedChunk,
+};
 pub use error::FormatError;
 pub use footer::{Footer, FOOTER_LEN, FOOTER_MAGIC};
 pub use index::{ChunkEntry, Index, IndexLimits, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, INDEX_MAGIC};

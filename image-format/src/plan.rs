@@ -39,6 +39,8 @@ pub struct ReadPlan {
     pub fetches: Vec<RangeFetch>,
     /// Chunks that are all zeros and need no fetch.
     pub zero_chunks: Vec<u64>,
+    /// External chunks (not in this blob; [`crate::ChunkKind::External`]), in chunk order.
+    pub external_chunks: Vec<u64>,
 }
 
 impl ReadPlan {
@@ -87,11 +89,14 @@ impl Index {
             }
             match self.entry(c).kind {
                 ChunkKind::Zero => plan.zero_chunks.push(c),
-                _ => stored.push(c),
+                ChunkKind::External => plan.external_chunks.push(c),
+                ChunkKind::Raw | ChunkKind::Zstd => stored.push(c),
             }
         }
         plan.zero_chunks.sort_unstable();
         plan.zero_chunks.dedup();
+        plan.external_chunks.sort_unstable();
+        plan.external_chunks.dedup();
         stored.sort_unstable_by_key(|&c| (self.entry(c).offset, c));
         stored.dedup();
         for c in stored {

@@ -37,16 +37,27 @@ pub fn relayout<W: Write>(
     let mut in_startup = vec![false; n as usize];
     let mut tail = Vec::new();
     for &c in startup {
-        if c < n && !in_startup[c as usize] && index.entry(c).kind != ChunkKind::Zero {
+        if c < n && !in_startup[c as usize] && index.entry(c).is_stored() {
             in_startup[c as usize] = true;
             tail.push(c);
         }
     }
     let mut head: Vec<u64> = (0..n)
-        .filter(|&c| index.entry(c).kind != ChunkKind::Zero && !in_startup[c as usize])
+        .filter(|&c| index.entry(c).is_stored() && !in_startup[c as usize])
         .collect();
     head.sort_by_key(|&c| index.entry(c).offset);
     let mut w = BlobWriter::new(out, index.chunk_shift())?;
+    // External chunks are not in the blob: they stay external.
+    for c in (0..n).filter(|&c| index.entry(c).kind == ChunkKind::External) {
+        w.append(
+            c,
+            &EncodedChunk {
+                kind: ChunkKind::External,
+                data: Vec::new(),
+                digest: index.entry(c).digest,
+            },
+        )?;
+    }
     let mut copy = |w: &mut BlobWriter<W>, c: u64| -> io::Result<()> {
         let e = index.entry(c);
         let data = stored(c, e)?;

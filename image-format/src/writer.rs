@@ -76,6 +76,14 @@ impl<W: Write> BlobWriter<W> {
         }
         let entry = if enc.kind == ChunkKind::Zero {
             ChunkEntry::ZERO
+        } else if enc.kind == ChunkKind::External {
+            // Nothing stored; `stored_len` (the chunk length) is set in `finish`.
+            ChunkEntry {
+                offset: 0,
+                stored_len: 0,
+                kind: ChunkKind::External,
+                digest: enc.digest,
+            }
         } else {
             let stored_len =
                 u32::try_from(enc.data.len()).map_err(|_| invalid("chunk too large"))?;
@@ -102,13 +110,19 @@ impl<W: Write> BlobWriter<W> {
                 self.entries.len() - 1
             )));
         }
+        let cs = self.chunk_size();
         let entries: Vec<ChunkEntry> = (0..count as usize)
             .map(|i| {
-                self.entries
+                let mut e = self
+                    .entries
                     .get(i)
                     .copied()
                     .flatten()
-                    .unwrap_or(ChunkEntry::ZERO)
+                    .unwrap_or(ChunkEntry::ZERO);
+                if e.kind == ChunkKind::External {
+                    e.stored_len = (image_size - i as u64 * cs).min(cs) as u32;
+                }
+                e
             })
             .collect();
         let index_offset = self.out.written;

@@ -94,6 +94,7 @@ impl AttachArgs {
             readahead_chunks: Some(s.readahead_chunks),
             ublk_queues: self.ublk_queues,
             ublk_depth: self.ublk_depth,
+            original: None,
         };
         // Same checks as the daemon applies.
         LayerSpec::from_json(&serde_json::to_vec(&spec)?).map_err(anyhow::Error::msg)
@@ -369,6 +370,7 @@ pub fn ls(a: LsArgs) -> Result<()> {
                     "fetched_bytes": s.fetched_bytes, "trace_prefetched": s.trace_prefetched,
                     "startup_region": s.startup_region, "last_error": s.last_error,
                     "depends_on_registry": s.depends_on_registry, "index_digest": s.index_digest,
+                    "original_source": s.original_source,
                 })
             })
             .collect();

@@ -60,14 +60,25 @@ pub fn convert(a: ConvertImageArgs) -> Result<()> {
         work_dir: work_dir.clone(),
         registry: a.registry.options(),
         progress: !a.json,
+        index_spans: None,
     };
+    run_convert(&src, dst.as_ref(), &opts, a.json)
+}
+
+fn run_convert(
+    src: &ImageRef,
+    dst: Option<&ImageRef>,
+    opts: &ImageConvertOptions,
+    json: bool,
+) -> Result<()> {
+    let work_dir = opts.work_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let res = rt.block_on(convert_image(&src, dst.as_ref(), &opts));
+    let res = rt.block_on(convert_image(src, dst, opts));
     let _ = std::fs::remove_dir_all(&work_dir);
     let s = res.with_context(|| format!("converting {src}"))?;
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         for m in &s.manifests {
@@ -85,6 +96,77 @@ pub fn convert(a: ConvertImageArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Arguments of `lazyblk index`.
+#[derive(Debug, Args)]
+pub struct IndexImageArgs {
+    /// The image: `host[:port]/repo[:tag|@digest]` or `oci:PATH[:tag]`. It is not changed; the
+    /// index artifacts are pushed next to it (Referrers API, or the `sha256-<hex>` tag fallback).
+    src: String,
+    /// Compressed bytes between inflate checkpoints: smaller spans fetch less per cold read, larger
+    /// ones make a smaller index.
+    #[arg(long, default_value = "1M", value_parser = parse_span_size)]
+    span_size: u64,
+    /// Index only this platform (`linux/amd64`); repeatable. Default: every platform.
+    #[arg(long = "platform")]
+    platforms: Vec<String>,
+    /// Layers indexed in parallel.
+    #[arg(long, default_value_t = 2)]
+    parallel_layers: usize,
+    /// Chunk size of the disks: same as `layer convert --chunk-size`.
+    #[arg(long, default_value = "256K", value_parser = super::layer::parse_chunk_size)]
+    chunk_size: u8,
+    /// Scratch directory for layers in flight (default: under $TMPDIR).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+fn parse_span_size(s: &str) -> Result<u64, String> {
+    let (n, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    let v = n
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?} is not a size (like 1M)"))?
+        .saturating_mul(mul);
+    let r = crate::original::build::SPAN_SIZE_RANGE;
+    if !r.contains(&v) {
+        return Err(format!(
+            "span size {v} is outside {}K..{}M",
+            r.start() >> 10,
+            r.end() >> 20
+        ));
+    }
+    Ok(v)
+}
+
+/// Runs `lazyblk index`.
+pub fn index(a: IndexImageArgs) -> Result<()> {
+    let src = ImageRef::parse(&a.src)?;
+    let opts = ImageConvertOptions {
+        platforms: a.platforms.clone(),
+        referrer: true,
+        layer: ConvertOptions {
+            chunk_shift: a.chunk_size,
+            codec: Codec::default(),
+            progress: false,
+            ..ConvertOptions::default()
+        },
+        parallel_layers: a.parallel_layers,
+        work_dir: a.work_dir.clone().unwrap_or_else(default_work_dir),
+        registry: a.registry.options(),
+        progress: !a.json,
+        index_spans: Some(a.span_size),
+    };
+    run_convert(&src, None, &opts, a.json)
 }
 
 /// Arguments of `lazyblk referrers`.

@@ -47,6 +47,10 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     /// Convert a whole image (every platform) from a registry or OCI layout, pushing the result.
     Convert(image::ConvertImageArgs),
+    /// Index an image's original layers (no data converted or copied): pushes, per manifest, a
+    /// referrer artifact with each layer's ext4 metadata and inflate checkpoints, so the snapshotter
+    /// runs the unmodified image lazily.
+    Index(image::IndexImageArgs),
     /// List the lazyblk referrer artifacts of an image.
     Referrers(image::ReferrersArgs),
     /// Serve a layer (file, URL or registry blob) read-only over NBD, fetching lazily.
@@ -76,6 +80,7 @@ pub fn main() -> Result<()> {
         Command::Layer(c) => layer::run(c),
         Command::Serve(a) => serve::run(a),
         Command::Convert(a) => image::convert(a),
+        Command::Index(a) => image::index(a),
         Command::Attach(a) => attach::attach(a),
         Command::Ls(a) => attach::ls(a),
         Command::Detach(a) => attach::detach(a),

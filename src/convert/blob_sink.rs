@@ -1,16 +1,19 @@
 //! A [`BlockSink`] that cuts the image into chunks, compresses them on worker threads and appends them
 //! to a blob in a deterministic order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Write};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use lazyblk_image_format::{encode_chunk, BlobSummary, BlobWriter, Codec, EncodedChunk};
+use lazyblk_image_format::{
+    encode_chunk, encode_external, BlobSummary, BlobWriter, Codec, EncodedChunk,
+};
 
 use crate::ext4::BlockSink;
 
-type Job = (u64, u64, Vec<u8>);
+/// (sequence, chunk, bytes, external).
+type Job = (u64, u64, Vec<u8>, bool);
 type Done = (u64, u64, EncodedChunk);
 
 /// Chunking, compressing sink. Writes at or above `head_end` must come in ascending order; the head
@@ -26,6 +29,22 @@ pub struct ChunkingSink<W: Write + Send + 'static> {
     workers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<io::Result<(W, BlobSummary)>>>,
     size_tx: Option<Sender<u64>>,
+    /// Original-image index mode: file data with a known tar origin is recorded here instead of
+    /// stored, and chunks holding nothing else become external chunks.
+    data_map: Option<Vec<DataRun>>,
+    /// Chunks (not flushed yet) written by anything but file data with an origin.
+    stored_chunks: HashSet<u64>,
+}
+
+/// A run of file data on the disk and where it lies in the layer's tar stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRun {
+    /// Byte offset on the disk.
+    pub disk: u64,
+    /// Byte offset in the uncompressed tar stream.
+    pub tar: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 impl<W: Write + Send + 'static> ChunkingSink<W> {
@@ -49,8 +68,13 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
                 std::thread::Builder::new()
                     .name(format!("lazyblk-compress-{i}"))
                     .spawn(move || {
-                        for (seq, chunk, data) in rx {
-                            if tx.send((seq, chunk, encode_chunk(&data, codec))).is_err() {
+                        for (seq, chunk, data, external) in rx {
+                            let enc = if external {
+                                encode_external(&data)
+                            } else {
+                                encode_chunk(&data, codec)
+                            };
+                            if tx.send((seq, chunk, enc)).is_err() {
                                 return;
                             }
                         }
@@ -73,14 +97,33 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
             workers,
             writer: Some(writer),
             size_tx: Some(size_tx),
+            data_map: None,
+            stored_chunks: HashSet::new(),
         })
+    }
+
+    /// Original-image index mode: file data written with an origin is not stored; the chunks that
+    /// hold only such data become external chunks, and [`ChunkingSink::take_data_map`] says where
+    /// their bytes are in the tar.
+    pub fn external_file_data(mut self) -> Self {
+        self.data_map = Some(Vec::new());
+        self
+    }
+
+    /// The data map recorded so far (original-image index mode), in disk order.
+    pub fn take_data_map(&mut self) -> Vec<DataRun> {
+        self.data_map
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn submit(&mut self, chunk: u64, data: Vec<u8>) -> io::Result<()> {
         let seq = self.seq;
         self.seq += 1;
+        let external = self.data_map.is_some() && !self.stored_chunks.remove(&chunk);
         let jobs = self.jobs.as_ref().expect("sink already finished");
-        if jobs.send((seq, chunk, data)).is_err() {
+        if jobs.send((seq, chunk, data, external)).is_err() {
             return Err(self.writer_error());
         }
         Ok(())
@@ -115,7 +158,39 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
 }
 
 impl<W: Write + Send + 'static> BlockSink for ChunkingSink<W> {
-    fn write_at(&mut self, offset: u64, mut data: &[u8]) -> io::Result<()> {
+    fn write_file_data(&mut self, offset: u64, data: &[u8], origin: Option<u64>) -> io::Result<()> {
+        let (Some(map), Some(tar)) = (self.data_map.as_mut(), origin) else {
+            return self.write_at(offset, data);
+        };
+        let len = data.len() as u64;
+        match map.last_mut() {
+            Some(l) if l.disk + l.len == offset && l.tar + l.len == tar => l.len += len,
+            _ => map.push(DataRun {
+                disk: offset,
+                tar,
+                len,
+            }),
+        }
+        self.write_bytes(offset, data)
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.data_map.is_some() && !data.is_empty() {
+            let cs = self.chunk_size;
+            for c in offset / cs..=(offset + data.len() as u64 - 1) / cs {
+                self.stored_chunks.insert(c);
+            }
+        }
+        self.write_bytes(offset, data)
+    }
+
+    fn set_size(&mut self, size: u64) -> io::Result<()> {
+        self.finish_chunks(size)
+    }
+}
+
+impl<W: Write + Send + 'static> ChunkingSink<W> {
+    fn write_bytes(&mut self, offset: u64, mut data: &[u8]) -> io::Result<()> {
         let cs = self.chunk_size;
         let mut off = offset;
         let first_chunk = offset / cs;
@@ -152,7 +227,7 @@ impl<W: Write + Send + 'static> BlockSink for ChunkingSink<W> {
         Ok(())
     }
 
-    fn set_size(&mut self, size: u64) -> io::Result<()> {
+    fn finish_chunks(&mut self, size: u64) -> io::Result<()> {
         let cs = self.chunk_size;
         let last = size.div_ceil(cs);
         let rest = std::mem::take(&mut self.partial);

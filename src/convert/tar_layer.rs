@@ -154,7 +154,8 @@ fn apply_entry<S: BlockSink, R: Read>(
 
     match e.kind {
         EntryKind::File => {
-            builder.add_file(&path, meta, e.size, &mut reader.data())?;
+            let origin = reader.origin();
+            builder.add_file_from(&path, meta, e.size, &mut reader.data(), Some(&origin))?;
         }
         EntryKind::Dir => {
             builder.add(&path, NodeKind::empty_dir(), meta)?;

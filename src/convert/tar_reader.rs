@@ -134,6 +134,25 @@ impl<R: Read> TarReader<R> {
         self.r
     }
 
+    /// Where the current entry's content lies in the tar stream (call before reading it).
+    pub fn origin(&self) -> EntryOrigin {
+        let mut stored = self.pos;
+        EntryOrigin {
+            start: self.pos,
+            segments: self.sparse.as_ref().map(|c| {
+                c.map()
+                    .segments
+                    .iter()
+                    .map(|&(off, len)| {
+                        let s = (off, len, stored);
+                        stored += len;
+                        s
+                    })
+                    .collect()
+            }),
+        }
+    }
+
     /// Reads the content of the current entry.
     pub fn data(&mut self) -> EntryData<'_, R> {
         EntryData { t: self }
@@ -473,6 +492,29 @@ impl<R: Read> Read for EntryData<'_, R> {
             return r;
         }
         raw_read(self.t, buf)
+    }
+}
+
+/// Where an entry's content lies in the tar stream ([`TarReader::origin`]).
+#[derive(Debug, Clone)]
+pub struct EntryOrigin {
+    start: u64,
+    /// Sparse files: `(file offset, length, tar offset)` of each data segment.
+    segments: Option<Vec<(u64, u64, u64)>>,
+}
+
+impl crate::ext4::DataOrigin for EntryOrigin {
+    fn origin(&self, at: u64) -> (Option<u64>, u64) {
+        let Some(segs) = &self.segments else {
+            return (Some(self.start + at), u64::MAX);
+        };
+        // The first segment ending after `at`.
+        let i = segs.partition_point(|&(off, len, _)| off + len <= at);
+        match segs.get(i) {
+            Some(&(off, len, tar)) if off <= at => (Some(tar + (at - off)), off + len - at),
+            Some(&(off, _, _)) => (None, off - at),
+            None => (None, u64::MAX),
+        }
     }
 }
 

@@ -71,6 +71,11 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// The map being expanded.
+    pub fn map(&self) -> &SparseMap {
+        &self.map
+    }
+
     /// Fills `buf` with the next expanded bytes, taking segment data from `data` (the stored
     /// segments, back to back). 0 at the end of the file.
     pub fn read(

@@ -167,8 +167,8 @@ impl Device for nbd_kernel::KernelNbd {
 
 /// The loop backend: a read-only loop device over the one file of a FUSE export.
 struct LoopExport {
-    lo: LoopDevice,
-    fuse: fuser::BackgroundSession,
+    lo: Option<LoopDevice>,
+    fuse: Option<fuser::BackgroundSession>,
     work: PathBuf,
 }
 
@@ -202,22 +202,49 @@ impl LoopExport {
         // One FUSE thread per device: its reads are answered from tokio tasks, so it never waits.
         cfg.n_threads = Some(1);
         let fuse = fuser::spawn_mount(DiskFs::new(source, rt), work.join("fuse"), &cfg)?;
-        let lo = LoopDevice::attach(&work.join("fuse").join(DISK_NAME))?;
-        Ok(LoopExport { lo, fuse, work })
+        let mut export = LoopExport {
+            lo: None,
+            fuse: Some(fuse),
+            work,
+        };
+        export.lo = Some(LoopDevice::attach(
+            &export.work.join("fuse").join(DISK_NAME),
+        )?);
+        Ok(export)
+    }
+}
+
+impl Drop for LoopExport {
+    /// Ends the FUSE session and makes sure its mount is gone: fuser's own unmount fails with EBUSY
+    /// while the loop device (still mounted by someone) holds the file, and a FUSE mount whose
+    /// server has gone would stay behind, answering ENOTCONN. Detached lazily instead, the loop
+    /// device's reads fail with EIO once this process is gone, and nothing is left mounted.
+    fn drop(&mut self) {
+        drop(self.lo.take());
+        drop(self.fuse.take());
+        let fuse = self.work.join("fuse");
+        if let Ok(c) = cstr(&fuse) {
+            // SAFETY: `c` is a valid NUL-terminated path; failure (not mounted) changes nothing.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&fuse);
+        let _ = std::fs::remove_dir(&self.work);
     }
 }
 
 impl Device for LoopExport {
     fn path(&self) -> String {
-        self.lo.path().display().to_string()
+        self.lo
+            .as_ref()
+            .map(|l| l.path().display().to_string())
+            .unwrap_or_default()
     }
-    fn remove(self: Box<Self>) -> std::io::Result<()> {
-        let LoopExport { lo, fuse, work } = *self;
-        let r = lo.detach();
-        drop(fuse);
-        let _ = std::fs::remove_dir(work.join("fuse"));
-        let _ = std::fs::remove_dir(&work);
-        r
+    fn remove(mut self: Box<Self>) -> std::io::Result<()> {
+        // Drop (FUSE session, mount, work dir) runs after.
+        match self.lo.take() {
+            Some(lo) => lo.detach(),
+            None => Ok(()),
+        }
     }
     fn work_dir(&self) -> Option<PathBuf> {
         Some(self.work.clone())

@@ -83,6 +83,19 @@ impl<S: BlockSink> Ext4Builder<S> {
         size: u64,
         data: &mut dyn Read,
     ) -> Result<NodeId, Ext4Error> {
+        self.add_file_from(path, meta, size, data, None)
+    }
+
+    /// [`Ext4Builder::add_file`], telling the sink where each written run of data lies in the tar
+    /// stream ([`BlockSink::write_file_data`]).
+    pub fn add_file_from(
+        &mut self,
+        path: &[Vec<u8>],
+        meta: Meta,
+        size: u64,
+        data: &mut dyn Read,
+        origin: Option<&dyn DataOrigin>,
+    ) -> Result<NodeId, Ext4Error> {
         let mut extents: Vec<Extent> = Vec::new();
         let mut logical: u64 = 0;
         let mut remaining = size;
@@ -120,10 +133,25 @@ impl<S: BlockSink> Ext4Builder<S> {
                         "layer too large for one ext4 image (8 TiB of data)".into(),
                     ));
                 }
-                self.sink.write_at(
-                    self.next_block * BLOCK_SIZE as u64,
-                    &self.buf[i * BLOCK_SIZE..j * BLOCK_SIZE],
-                )?;
+                // The file's own bytes of these blocks (the tail of its last block is zeros the sink
+                // already has), split where their origin in the tar changes.
+                let real = (j * BLOCK_SIZE).min(want);
+                let mut at = i * BLOCK_SIZE;
+                while at < real {
+                    let logical_byte = logical * BLOCK_SIZE as u64 + at as u64;
+                    let (from, run) = match origin {
+                        Some(o) => o.origin(logical_byte),
+                        None => (None, u64::MAX),
+                    };
+                    let end = real.min(at.saturating_add(run.clamp(1, usize::MAX as u64) as usize));
+                    let disk = self.next_block * BLOCK_SIZE as u64 + (at - i * BLOCK_SIZE) as u64;
+                    match (from, origin.is_some()) {
+                        // A hole of a sparse file inside a written block: zeros the sink has.
+                        (None, true) => {}
+                        (from, _) => self.sink.write_file_data(disk, &self.buf[at..end], from)?,
+                    }
+                    at = end;
+                }
                 push_extent(&mut extents, logical + i as u64, self.next_block, n);
                 self.next_block += n;
                 i = j;

@@ -46,6 +46,20 @@ pub trait BlockSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Declares the final image size (bytes); called once, after every write.
     fn set_size(&mut self, size: u64) -> io::Result<()>;
+    /// Writes file data: like [`BlockSink::write_at`], and `origin`, when known, is where `data`
+    /// lies verbatim in the layer's tar stream (its byte offset there). A sink that serves file data
+    /// from the original layer (an original-image index) records the mapping instead of the bytes.
+    fn write_file_data(&mut self, offset: u64, data: &[u8], origin: Option<u64>) -> io::Result<()> {
+        let _ = origin;
+        self.write_at(offset, data)
+    }
+}
+
+/// Where a regular file's bytes lie in the layer's tar stream, for [`Ext4Builder::add_file_from`].
+pub trait DataOrigin {
+    /// For logical byte `at` of the file: the tar offset of that byte (`None` inside a hole of a
+    /// sparse file) and how many bytes from `at` on keep that property (contiguous in the tar, or hole).
+    fn origin(&self, at: u64) -> (Option<u64>, u64);
 }
 
 impl BlockSink for std::fs::File {

@@ -51,6 +51,9 @@ pub struct EngineOptions {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Where the index's external chunks come from (an original-image index); an index with
+    /// external chunks and no source fails those reads.
+    pub external: Option<Arc<dyn super::external::ExternalData>>,
 }
 
 impl Default for EngineOptions {
@@ -67,6 +70,7 @@ impl Default for EngineOptions {
             on_read_error: None,
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
+            external: None,
         }
     }
 }
@@ -462,6 +466,15 @@ impl Engine {
         &self.inner.index
     }
 
+    /// Bytes the external-chunk source (an original layer) fetched.
+    pub fn external_fetched_bytes(&self) -> u64 {
+        self.inner
+            .opts
+            .external
+            .as_ref()
+            .map_or(0, |e| e.fetched_bytes())
+    }
+
     /// The layer's metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.inner.metrics.clone()
@@ -749,6 +762,14 @@ impl Engine {
         let plan = inner
             .index
             .plan_chunks(senders.keys().copied(), inner.opts.plan);
+        let externals = external_runs(&plan.external_chunks, &inner.index, inner.opts.plan);
+        let ext_fetches = externals.into_iter().map(|run| {
+            let me = self.clone();
+            async move {
+                let res = me.fetch_external(run.clone(), deadline).await;
+                (run, res)
+            }
+        });
         let fetches = plan.fetches.into_iter().map(|f| {
             let me = self.clone();
             async move {
@@ -756,7 +777,26 @@ impl Engine {
                 (f, res)
             }
         });
-        for (f, res) in futures::future::join_all(fetches).await {
+        let (ext_results, results) = futures::future::join(
+            futures::future::join_all(ext_fetches),
+            futures::future::join_all(fetches),
+        )
+        .await;
+        for (run, res) in ext_results {
+            match res {
+                Ok(decoded) => {
+                    for (c, b) in decoded {
+                        self.finish(c, Ok(b), senders.remove(&c), to_memory);
+                    }
+                }
+                Err(e) => {
+                    for c in run {
+                        self.finish(c, Err(e.clone()), senders.remove(&c), to_memory);
+                    }
+                }
+            }
+        }
+        for (f, res) in results {
             match res {
                 Ok(decoded) => {
                     for (c, b) in decoded {
@@ -866,6 +906,73 @@ impl Engine {
         Ok(self.store_fetched(res))
     }
 
+    /// A run of consecutive external chunks, read through the external source, every chunk verified
+    /// against its index digest; retried (wrong bytes included) until the deadline.
+    async fn fetch_external(
+        &self,
+        run: std::ops::Range<u64>,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Bytes)>, String> {
+        let inner = &self.inner;
+        let Some(ext) = inner.opts.external.clone() else {
+            return Err(format!(
+                "chunks {}..{} are external and this layer has no source for them",
+                run.start, run.end
+            ));
+        };
+        let idx = &inner.index;
+        let disk = idx.chunk_offset(run.start)
+            ..idx.chunk_offset(run.end - 1) + idx.chunk_len(run.end - 1) as u64;
+        let res = with_retries(&inner.opts, &inner.metrics, deadline, || async {
+            let _slot = inner
+                .fetch_slots
+                .acquire()
+                .await
+                .expect("semaphore never closed");
+            inner.metrics.inflight_fetches.fetch_add(1, Relaxed);
+            let r = ext.read_disk(disk.clone()).await;
+            inner.metrics.inflight_fetches.fetch_sub(1, Relaxed);
+            let bytes = r?;
+            if bytes.len() as u64 != disk.end - disk.start {
+                return Err(FetchError::permanent(
+                    "internal",
+                    format!(
+                        "{}: {} bytes for a read of {}",
+                        ext.describe(),
+                        bytes.len(),
+                        disk.end - disk.start
+                    ),
+                ));
+            }
+            let (me, run, base) = (self.clone(), run.clone(), disk.start);
+            tokio::task::spawn_blocking(move || {
+                let idx = &me.inner.index;
+                let mut out = Vec::with_capacity((run.end - run.start) as usize);
+                for c in run {
+                    let at = (idx.chunk_offset(c) - base) as usize;
+                    let stored = bytes.slice(at..at + idx.chunk_len(c) as usize);
+                    match me.decode(c, &stored) {
+                        Ok(b) => out.push((c, b, stored)),
+                        Err(err) => {
+                            me.inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+                            tracing::warn!(layer = %me.inner.name, chunk = c, error = %err, "external chunk failed verification; refetching");
+                            return Err(FetchError::transient(
+                                "corrupt",
+                                format!("{}: {err}", me.inner.name),
+                            ));
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| FetchError::permanent("internal", format!("verify task: {e}")))?
+        })
+        .await
+        .map_err(|e| e.message)?;
+        Ok(self.store_fetched(res))
+    }
+
     /// Marks verified chunks cached and writes their stored bytes to the disk cache (in the
     /// background); returns the decoded chunks.
     fn store_fetched(&self, res: Vec<(u64, Bytes, Bytes)>) -> Vec<(u64, Bytes)> {
@@ -923,7 +1030,7 @@ impl Engine {
             .enumerate()
             .filter_map(|(c, e)| {
                 let r = e.blob_range();
-                (e.kind != ChunkKind::Zero && r.start >= start && r.end <= end).then_some(c as u64)
+                (e.is_stored() && r.start >= start && r.end <= end).then_some(c as u64)
             });
         let lead = self.claim(in_region);
         if lead.is_empty() {
@@ -1059,6 +1166,22 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Splits sorted external chunk numbers into runs of consecutive chunks of at most
+/// `plan.max_request` bytes of disk each (one read of the external source per run).
+fn external_runs(chunks: &[u64], index: &Index, plan: PlanOptions) -> Vec<std::ops::Range<u64>> {
+    let per_run = (plan.max_request / index.chunk_size()).max(1);
+    let mut out = Vec::new();
+    for run in contiguous_runs(chunks) {
+        let mut c = run.start;
+        while c < run.end {
+            let end = (c + per_run).min(run.end);
+            out.push(c..end);
+            c = end;
+        }
+    }
+    out
 }
 
 /// Splits sorted chunk numbers into runs of consecutive numbers.

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod credentials;
 pub mod diskcache;
 pub mod engine;
+pub mod external;
 pub mod fill;
 pub mod hosts;
 pub mod keychain;
@@ -24,6 +25,7 @@ pub mod source;
 pub mod tls;
 
 pub use engine::{Engine, EngineOptions};
+pub use external::ExternalData;
 pub use fill::FillGate;
 pub use memcache::MemCache;
 pub use metrics::Metrics;

@@ -31,6 +31,9 @@ pub struct ImageConvertOptions {
     pub registry: RegistryOptions,
     /// Progress bars on stderr (only on a terminal).
     pub progress: bool,
+    /// Original-image index mode (`lazyblk index`, implies `referrer`): each layer gets an index
+    /// (metadata blob + span blob with spans of this many compressed bytes) instead of a copy.
+    pub index_spans: Option<u64>,
 }
 
 /// One converted layer.
@@ -108,6 +111,11 @@ pub async fn convert_image(
     opts: &ImageConvertOptions,
 ) -> Result<ImageSummary, ImageError> {
     let started = Instant::now();
+    if opts.index_spans.is_some() && !opts.referrer {
+        return Err(ImageError(
+            "an original-image index is pushed as a referrer artifact".into(),
+        ));
+    }
     let src_store = src.store(&opts.registry, false)?;
     let target = match (dst, opts.referrer) {
         (Some(d), _) => d.clone(),
@@ -232,7 +240,11 @@ pub async fn convert_image(
     Ok(ImageSummary {
         source: src.to_string(),
         target: target.to_string(),
-        mode: if opts.referrer { "referrer" } else { "tag" },
+        mode: match (opts.index_spans, opts.referrer) {
+            (Some(_), _) => "index",
+            (None, true) => "referrer",
+            (None, false) => "tag",
+        },
         target_digest,
         manifests,
         source_bytes,
@@ -297,7 +309,7 @@ async fn convert_manifest(
             m.layers.len()
         )));
     }
-    let results: Vec<Result<(Descriptor, LayerSummary), ImageError>> =
+    let results: Vec<Result<(Vec<Descriptor>, LayerSummary), ImageError>> =
         futures::stream::iter(m.layers.iter().zip(&diff_ids).enumerate())
             .map(|(i, (l, diff_id))| convert_one(ctx, i, l, diff_id))
             .buffered(ctx.opts.parallel_layers.max(1))
@@ -307,7 +319,7 @@ async fn convert_manifest(
     let mut summaries = Vec::new();
     for r in results {
         let (d, s) = r?;
-        layers.push(d);
+        layers.extend(d);
         summaries.push(s);
     }
     let config_type = if m.config.media_type == DOCKER_CONFIG {
@@ -446,7 +458,10 @@ async fn convert_one(
     i: usize,
     l: &Descriptor,
     diff_id: &str,
-) -> Result<(Descriptor, LayerSummary), ImageError> {
+) -> Result<(Vec<Descriptor>, LayerSummary), ImageError> {
+    if let Some(span_size) = ctx.opts.index_spans {
+        return index_one(ctx, i, l, diff_id, span_size).await;
+    }
     let started = Instant::now();
     let bar = ctx.bar(i, &l.digest);
     let say = |m: &str| {
@@ -490,12 +505,95 @@ async fn convert_one(
     let mut desc = Descriptor::new(MEDIA_TYPE, &summary.blob.digest, summary.blob.size);
     desc.annotations = summary.annotations.clone();
     Ok((
-        desc,
+        vec![desc],
         LayerSummary {
             source_digest: l.digest.clone(),
             source_size: l.size,
             target_digest: summary.blob.digest,
             target_size: summary.blob.size,
+            disk_digest: summary.blob.disk_digest.clone(),
+            uploaded_bytes: uploaded,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+/// Indexes one original layer (`lazyblk index`): pushes its metadata blob and span blob; the layer
+/// itself is neither copied nor changed.
+async fn index_one(
+    ctx: &Ctx<'_>,
+    i: usize,
+    l: &Descriptor,
+    diff_id: &str,
+    span_size: u64,
+) -> Result<(Vec<Descriptor>, LayerSummary), ImageError> {
+    let started = Instant::now();
+    let bar = ctx.bar(i, &l.digest);
+    let say = |m: &str| {
+        if let Some(b) = &bar {
+            b.set_message(m.to_string());
+        }
+    };
+    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
+    let src_path = dir.path().join("layer");
+    say("downloading");
+    ctx.src
+        .blob_to_file(l, &src_path)
+        .await
+        .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    say("indexing");
+    let (blob_path, spans_path) = (dir.path().join("meta.lazyblk"), dir.path().join("spans"));
+    let opts = crate::original::IndexOptions {
+        chunk_shift: ctx.opts.layer.chunk_shift,
+        span_size,
+        threads: ctx.opts.layer.threads,
+        max_entries: ctx.opts.layer.max_entries,
+    };
+    let (sp, bp, pp) = (src_path.clone(), blob_path.clone(), spans_path.clone());
+    let summary = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&sp)?;
+        crate::original::index_layer(f, &bp, &pp, &opts)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .await
+    .map_err(|e| ImageError(e.to_string()))?
+    .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    if summary.input.diff_id != diff_id || summary.input.digest != l.digest {
+        return Err(ImageError(format!(
+            "layer {i} ({}): the blob read has digest {} and diff_id {}; the manifest and config say {} and {diff_id}",
+            l.digest, summary.input.digest, summary.input.diff_id, l.digest
+        )));
+    }
+    std::fs::remove_file(&src_path)?;
+    say("uploading");
+    let mut uploaded = ctx
+        .dst
+        .put_blob(&blob_path, &summary.blob.digest, summary.blob.size, None)
+        .await?;
+    uploaded += ctx
+        .dst
+        .put_blob(&spans_path, &summary.spans.digest, summary.spans.size, None)
+        .await?;
+    if let Some(b) = &bar {
+        b.finish_with_message(format!(
+            "done ({} -> {} + {} bytes of index)",
+            l.size, summary.blob.size, summary.spans.size
+        ));
+    }
+    let mut desc = Descriptor::new(MEDIA_TYPE, &summary.blob.digest, summary.blob.size);
+    desc.annotations = summary.annotations.clone();
+    let spans = Descriptor::new(
+        crate::original::SPANS_MEDIA_TYPE,
+        &summary.spans.digest,
+        summary.spans.size,
+    );
+    Ok((
+        vec![desc, spans],
+        LayerSummary {
+            source_digest: l.digest.clone(),
+            source_size: l.size,
+            target_digest: summary.blob.digest,
+            target_size: summary.blob.size + summary.spans.size,
             disk_digest: summary.blob.disk_digest.clone(),
             uploaded_bytes: uploaded,
             seconds: started.elapsed().as_secs_f64(),

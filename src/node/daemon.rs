@@ -266,13 +266,19 @@ impl Node {
             .map(parse_digest)
             .transpose()
             .map_err(|e| NodeError::Invalid(format!("index digest: {e}")))?;
-        Ok(SourceOptions {
+        let mut opts = SourceOptions {
             registry: spec.registry.options(),
             trusted_index_digest: trusted.or(index.map(|i| i.2)),
             index,
             startup_offset: spec.startup_offset,
             engine: self.engine_options(spec, health),
-        })
+        };
+        if let Some(o) = &spec.original {
+            let ext = crate::original::external_source(o, &opts, Some(&self.inner.sessions))
+                .map_err(|e| NodeError::Invalid(format!("original layer: {e}")))?;
+            opts.engine.external = Some(ext);
+        }
+        Ok(opts)
     }
 
     /// The single-flight gate of a spec key (attach and detach of one layer never overlap).
@@ -848,7 +854,13 @@ fn status_of(device: &str, s: &Served) -> LayerStatus {
         fill,
         reads: m.reads.load(Relaxed),
         read_errors: m.read_errors.load(Relaxed),
-        fetched_bytes: m.fetched_bytes.load(Relaxed),
+        fetched_bytes: m.fetched_bytes.load(Relaxed) + s.engine.external_fetched_bytes(),
+        original_source: s
+            .spec
+            .original
+            .as_ref()
+            .map(|o| o.source.clone())
+            .unwrap_or_default(),
         trace_prefetched: m.trace_prefetched.load(Relaxed),
         startup_region: m.startup_region_chunks.load(Relaxed),
         last_error: s

@@ -90,6 +90,9 @@ pub struct LayerSpec {
     /// ublk: queue depth (0: default).
     #[serde(default)]
     pub ublk_depth: u16,
+    /// An original-image index: where its external chunks (file data) come from.
+    #[serde(default)]
+    pub original: Option<crate::original::OriginalRef>,
 }
 
 impl LayerSpec {
@@ -110,6 +113,7 @@ impl LayerSpec {
             readahead_chunks: None,
             ublk_queues: 0,
             ublk_depth: 0,
+            original: None,
         }
     }
 

@@ -189,6 +189,7 @@ impl Layers {
             readahead_chunks: None,
             ublk_queues: 0,
             ublk_depth: 0,
+            original: remote.original.clone(),
         };
         let st = self.rt.block_on(async {
             let mut c = self.client().await?;

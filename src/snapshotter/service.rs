@@ -353,6 +353,28 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
         ))
     })?;
     lazyblk_image_format::parse_digest(digest).map_err(|e| bad(&e.to_string()))?;
+    // An original-image index (`lazyblk index`): file data comes from the original layer blob, in
+    // the same repository, through the span table.
+    let original = match get("spans-digest") {
+        None => None,
+        Some(spans) => {
+            let source = get("source-digest")
+                .ok_or_else(|| bad(&format!("{LAZYBLK_PREFIX}source-digest missing")))?;
+            for d in [spans, source] {
+                lazyblk_image_format::parse_digest(d).map_err(|e| bad(&e.to_string()))?;
+            }
+            let table_digest = get("spans-table-digest")
+                .ok_or_else(|| bad(&format!("{LAZYBLK_PREFIX}spans-table-digest missing")))?;
+            lazyblk_image_format::parse_digest(table_digest).map_err(|e| bad(&e.to_string()))?;
+            Some(crate::original::OriginalRef {
+                source: format!("{registry}/{repository}@{source}"),
+                spans: format!("{registry}/{repository}@{spans}"),
+                table_offset: num("spans-table-offset")?,
+                table_length: num("spans-table-length")?,
+                table_digest: table_digest.clone(),
+            })
+        }
+    };
     Ok(Some(Remote {
         source: format!("{registry}/{repository}@{digest}"),
         index_offset: num("index-offset")?,
@@ -364,6 +386,7 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
             None => None,
         },
         trace: None,
+        original,
     }))
 }
 

@@ -72,6 +72,9 @@ pub struct Remote {
     /// The image's startup trace, replayed when the layer is attached (if one was shipped).
     #[serde(default)]
     pub trace: Option<std::path::PathBuf>,
+    /// An original-image index: the original layer and span table its file data is read through.
+    #[serde(default)]
+    pub original: Option<crate::original::OriginalRef>,
 }
 
 /// One snapshot.

@@ -1,0 +1,260 @@
+//! Building the index of one original layer: the layer is read once; its tar goes through the
+//! converter with file data recorded as a map instead of stored (so the blob holds only the ext4
+//! metadata), while the compressed stream is cut into verified, resumable spans.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use lazyblk_image_format::{digest_string, sha256, Codec, DEFAULT_CHUNK_SHIFT};
+
+use super::spans::SpanRecorder;
+use super::table::{SpanCodec, SpanTable};
+use crate::convert::input::{detect, Compression};
+use crate::convert::{
+    annotations, apply_tar, finish_options_for, BlobInfo, ChunkingSink, ConvertError, InputSummary,
+    TarStats, ANNOTATION_PREFIX, DEFAULT_MAX_ENTRIES,
+};
+use crate::ext4::{Ext4Builder, Ext4Summary, BLOCK_SIZE, DATA_START_BLOCK};
+
+/// Default span: a checkpoint every this many compressed bytes.
+pub const DEFAULT_SPAN_SIZE: u64 = 1 << 20;
+/// Smallest and largest `--span-size`.
+pub const SPAN_SIZE_RANGE: std::ops::RangeInclusive<u64> = (256 << 10)..=(16 << 20);
+
+/// How to index.
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    /// Chunk size exponent of the disk.
+    pub chunk_shift: u8,
+    /// Compressed bytes per span.
+    pub span_size: u64,
+    /// Compression threads for the metadata chunks.
+    pub threads: usize,
+    /// Most tar entries accepted.
+    pub max_entries: u64,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        IndexOptions {
+            chunk_shift: DEFAULT_CHUNK_SHIFT,
+            span_size: DEFAULT_SPAN_SIZE,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            max_entries: DEFAULT_MAX_ENTRIES,
+        }
+    }
+}
+
+/// The span blob: the stored windows, then the stored span table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpanBlobInfo {
+    /// `sha256:` digest of the span blob.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// Offset of the stored table in it.
+    pub table_offset: u64,
+    /// Length of the stored table.
+    pub table_length: u64,
+    /// `sha256:` of the stored table.
+    pub table_digest: String,
+    /// Spans.
+    pub spans: u64,
+    /// Runs of file data in the map.
+    pub data_runs: u64,
+    /// How the layer is compressed.
+    pub codec: SpanCodec,
+}
+
+/// What indexing one layer produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IndexedLayer {
+    /// The original layer.
+    pub input: InputSummary,
+    /// The tar's contents.
+    pub tar: TarStats,
+    /// The filesystem described.
+    pub ext4: Ext4Summary,
+    /// The metadata blob (a lazyblk blob whose file-data chunks are external).
+    pub blob: BlobInfo,
+    /// The span blob.
+    pub spans: SpanBlobInfo,
+    /// Annotations for the metadata blob's descriptor.
+    pub annotations: BTreeMap<String, String>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Media type of the span blob.
+pub const SPANS_MEDIA_TYPE: &str = "application/vnd.lazyblk.spans.v1";
+
+/// Indexes the layer read from `input`, writing the metadata blob to `blob_out` and the span blob to
+/// `spans_out` (both appear only when everything succeeded).
+pub fn index_layer<R: Read>(
+    input: R,
+    blob_out: &Path,
+    spans_out: &Path,
+    opts: &IndexOptions,
+) -> Result<IndexedLayer, ConvertError> {
+    let started = Instant::now();
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source: std::io::Error| ConvertError::Io {
+            context: what,
+            source,
+        }
+    };
+    let dir = blob_out.parent().unwrap_or(Path::new("."));
+    let blob_tmp = tempfile::Builder::new()
+        .prefix(".lazyblk-index-")
+        .tempfile_in(dir)
+        .map_err(io("creating a temporary file"))?;
+    let spans_tmp = tempfile::Builder::new()
+        .prefix(".lazyblk-spans-")
+        .tempfile_in(dir)
+        .map_err(io("creating a temporary file"))?;
+
+    let mut buffered = BufReader::with_capacity(1 << 20, input);
+    let compression = detect(&mut buffered)?;
+    let codec = match compression {
+        Compression::Gzip => SpanCodec::Gzip,
+        Compression::Zstd => SpanCodec::Zstd,
+        Compression::None => SpanCodec::None,
+    };
+    let windows = BufWriter::new(
+        spans_tmp
+            .as_file()
+            .try_clone()
+            .map_err(io("cloning a handle"))?,
+    );
+    let mut rec = SpanRecorder::new(buffered, codec, opts.span_size, windows)
+        .map_err(io("starting the decoder"))?;
+    let out = BufWriter::with_capacity(
+        1 << 20,
+        blob_tmp
+            .as_file()
+            .try_clone()
+            .map_err(io("cloning a handle"))?,
+    );
+    let sink = ChunkingSink::new(
+        out,
+        opts.chunk_shift,
+        Codec::default(),
+        opts.threads,
+        DATA_START_BLOCK * BLOCK_SIZE as u64,
+    )
+    .map_err(io("starting the compressors"))?
+    .external_file_data();
+    let mut builder = Ext4Builder::new(sink);
+    let (tar_stats, _) = apply_tar(&mut rec, &mut builder, opts.max_entries)?;
+    let seen = rec.finish().map_err(io("reading the end of the layer"))?;
+    if codec == SpanCodec::Zstd && seen.frames <= 1 {
+        tracing::warn!(
+            "the layer is a single zstd frame: it cannot be read from the middle, so the first read \
+             of its file data fetches the whole layer (recompress it with frames, e.g. zstd --block-size / \
+             the zstd:chunked or seekable format, to read it lazily)"
+        );
+    }
+    let (layer_digest, layer_size) = seen.source;
+    let (diff_id, tar_size) = seen.tar;
+    let (mut sink, ext4) = builder.finish(&finish_options_for(&diff_id))?;
+    let map = sink.take_data_map();
+    let (mut out, blob) = sink.finish().map_err(io("writing the blob"))?;
+    out.flush().map_err(io("writing the blob"))?;
+    drop(out);
+    let (mut windows, windows_len) = seen.windows;
+    let table = SpanTable {
+        codec,
+        source_size: layer_size,
+        tar_size,
+        source_digest: layer_digest,
+        diff_id,
+        spans: seen.spans,
+        map,
+    };
+    table.validate().map_err(|e| ConvertError::Io {
+        context: "building the span table".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let stored = table.to_stored();
+    windows
+        .write_all(&stored)
+        .map_err(io("writing the span blob"))?;
+    windows.flush().map_err(io("writing the span blob"))?;
+    drop(windows);
+    blob_tmp
+        .as_file()
+        .sync_all()
+        .map_err(io("syncing the blob"))?;
+    spans_tmp
+        .as_file()
+        .sync_all()
+        .map_err(io("syncing the span blob"))?;
+    let spans_digest = digest_string(&file_sha256(spans_tmp.path()).map_err(io("hashing"))?);
+    let spans_size = windows_len + stored.len() as u64;
+    blob_tmp.persist(blob_out).map_err(|e| ConvertError::Io {
+        context: format!("renaming to {}", blob_out.display()),
+        source: e.error,
+    })?;
+    spans_tmp.persist(spans_out).map_err(|e| ConvertError::Io {
+        context: format!("renaming to {}", spans_out.display()),
+        source: e.error,
+    })?;
+    let input = InputSummary {
+        compression,
+        bytes: layer_size,
+        digest: digest_string(&layer_digest),
+        tar_bytes: tar_size,
+        diff_id: digest_string(&diff_id),
+    };
+    let blob = BlobInfo::from(&blob);
+    let spans = SpanBlobInfo {
+        digest: spans_digest,
+        size: spans_size,
+        table_offset: windows_len,
+        table_length: stored.len() as u64,
+        table_digest: digest_string(&sha256(&stored)),
+        spans: table.spans.len() as u64,
+        data_runs: table.map.len() as u64,
+        codec,
+    };
+    let mut ann = annotations(&input, &blob);
+    for (k, v) in span_annotations(&spans, layer_size) {
+        ann.insert(k, v);
+    }
+    Ok(IndexedLayer {
+        input,
+        tar: tar_stats,
+        ext4,
+        blob,
+        spans,
+        annotations: ann,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The descriptor annotations that make a lazyblk blob an original-image index (docs/format.md).
+pub fn span_annotations(spans: &SpanBlobInfo, source_size: u64) -> BTreeMap<String, String> {
+    [
+        ("spans-digest", spans.digest.clone()),
+        ("spans-table-offset", spans.table_offset.to_string()),
+        ("spans-table-length", spans.table_length.to_string()),
+        ("spans-table-digest", spans.table_digest.clone()),
+        ("source-size", source_size.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), v))
+    .collect()
+}
+
+fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().into())
+}
