@@ -952,6 +952,39 @@ disabled_plugins = ["io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime
     for ns in ["default", "mixed"] {
         remove_all(&env, ns);
     }
+    // An original image with a `lazyblk index` artifact (no layer converted or copied): containerd
+    // 2's own pull takes every layer remotely and the container serves.
+    run_ok(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{r}/test/app:web"),
+        &format!("docker://{r}/test/orig2:web"),
+    ]));
+    run_ok(lazyblk().args(["index", &format!("{r}/test/orig2:web"), "--plain-http"]));
+    let recorded = |log: &str| log.matches("remote layer recorded").count();
+    let before = recorded(&std::fs::read_to_string(dir.join("snapshotter.log")).unwrap());
+    let indexed = format!("{r}/test/orig2:web");
+    run_ok(env.ctr("default").args([
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazyblk",
+        &indexed,
+    ]));
+    let log = std::fs::read_to_string(dir.join("snapshotter.log")).unwrap();
+    assert_eq!(
+        recorded(&log) - before,
+        3,
+        "the index's layers were not used: {log}"
+    );
+    let idxweb = format!("idx-{id}");
+    let _idx_cleanup = env.cleanup(vec![("default".into(), idxweb.clone())]);
+    let port = start_httpd(&env, &indexed, &idxweb);
+    assert_eq!(http_ready(port).0.trim(), "<h1>lazyblk</h1>");
+    remove_all(&env, "default");
     cross_repository_referrer(&env, &r, &format!("evil-{id}"), &format!("victim-{id}"));
     drop(snapd);
 }

@@ -81,6 +81,13 @@ impl OriginalLayer {
                     self.spans_blob.distrust();
                     FetchError::transient("corrupt", format!("{}: {e}", self.spans_blob.describe()))
                 })?;
+                if t.spans.len() == 1 && t.codec != SpanCodec::None && t.source_size > 4 << 20 {
+                    tracing::warn!(
+                        layer = %self.source.describe(),
+                        bytes = t.source_size,
+                        "this layer has one span (a single zstd frame, or gzip without block boundaries): the first file-data read fetches the whole layer"
+                    );
+                }
                 Ok(Arc::new(t))
             })
             .await
