@@ -1608,6 +1608,20 @@ fn original_images_run_lazily_from_an_index() {
         let only_b: Vec<_> = lb.difference(&la).take(20).collect();
         panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n index only: {only_b:#?}");
     }
+    // The snapshotter fills layers in the background: for an index, by streaming each original
+    // layer once, which proves the index against it (layer digest, diff ID, derived disk).
+    let daemon_log = env.root.join("run").join("daemon.log");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        assert!(!log.contains("verification failed"), "{log}");
+        // (Each attach verifies again: the layers were attached twice.)
+        if log.matches("original layer verified").count() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "layers never verified: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     remove_all(&env, "default");
     drop(snapd);
 }

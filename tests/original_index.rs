@@ -371,3 +371,86 @@ fn the_disk_passes_e2fsck_and_mounts() {
         9_000_000
     );
 }
+
+fn original_layer(ix: &Indexed, source: &std::path::Path) -> OriginalLayer {
+    OriginalLayer::new(
+        Arc::new(FileRange::open(source).unwrap()),
+        Arc::new(FileRange::open(&ix.spans).unwrap()),
+        location(ix),
+    )
+}
+
+#[test]
+fn streaming_the_whole_layer_fills_it_and_proves_the_index() {
+    let layer = gzip(&layer_tar(), 6);
+    let ix = index(&layer, 256 << 10);
+    let want = converted_disk(&layer);
+    rt().block_on(async {
+        let e = engine(&ix, Arc::new(FileRange::open(&ix.original).unwrap())).await;
+        let ext = original_layer(&ix, &ix.original);
+        let v = lazyblk::original::fill_and_verify(&e, &ext, Some(&ix.info.input.digest))
+            .await
+            .unwrap();
+        assert_eq!(v.layer_digest, ix.info.input.digest);
+        assert_eq!(v.diff_id, ix.info.input.diff_id);
+        assert_eq!(v.disk_digest, ix.info.blob.disk_digest);
+        let external = e
+            .index()
+            .entries()
+            .iter()
+            .filter(|x| x.kind == lazyblk::format::ChunkKind::External)
+            .count() as u64;
+        assert_eq!(v.chunks_filled, external);
+        // Every file-data chunk is local now: reading the disk needs nothing from the original.
+        let before = e.external_fetched_bytes();
+        let got = read_all(&e).await.unwrap();
+        assert!(got == want);
+        assert_eq!(
+            e.external_fetched_bytes(),
+            before,
+            "file data fetched again"
+        );
+        // The manifest naming another layer digest: refused.
+        let e = engine(&ix, Arc::new(FileRange::open(&ix.original).unwrap())).await;
+        let err = lazyblk::original::fill_and_verify(
+            &e,
+            &ext,
+            Some(&format!("sha256:{}", "0".repeat(64))),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("the manifest"), "{err}");
+    });
+}
+
+#[test]
+fn verification_refuses_an_index_of_another_layer() {
+    let tar = layer_tar();
+    let ix = index(&gzip(&tar, 6), 256 << 10);
+    // The same files compressed otherwise: another layer (digest), though the same disk.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), gzip(&tar, 9)).unwrap();
+    // Different files (one byte of one file changed), same compression: another disk.
+    let mut tar2 = tar.clone();
+    let at = tar2.windows(12).position(|w| w == b"setting_17 =").unwrap();
+    tar2[at + 9] = b'8';
+    let ix2 = index(&gzip(&tar2, 6), 256 << 10);
+    rt().block_on(async {
+        let e = engine(&ix, Arc::new(FileRange::open(&ix.original).unwrap())).await;
+        let err = lazyblk::original::fill_and_verify(&e, &original_layer(&ix, other.path()), None)
+            .await
+            .unwrap_err();
+        assert!(err.contains("the index says"), "{err}");
+        // A span table and layer that agree with each other, under another layer's disk index: the
+        // layer converts to another disk, so the served index is refused.
+        let e = engine(&ix, Arc::new(FileRange::open(&ix.original).unwrap())).await;
+        let err =
+            lazyblk::original::fill_and_verify(&e, &original_layer(&ix2, &ix2.original), None)
+                .await
+                .unwrap_err();
+        assert!(
+            err.contains("the index does not describe this layer"),
+            "{err}"
+        );
+    });
+}

@@ -34,7 +34,12 @@ pub struct ChunkingSink<W: Write + Send + 'static> {
     data_map: Option<Vec<DataRun>>,
     /// Chunks (not flushed yet) written by anything but file data with an origin.
     stored_chunks: HashSet<u64>,
+    /// Sees every external chunk's bytes (an original layer's fill).
+    tap: Option<ExternalTap>,
 }
+
+/// Called with each external chunk's number and bytes.
+pub type ExternalTap = Box<dyn FnMut(u64, &[u8]) + Send>;
 
 /// A run of file data on the disk and where it lies in the layer's tar stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +104,7 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
             size_tx: Some(size_tx),
             data_map: None,
             stored_chunks: HashSet::new(),
+            tap: None,
         })
     }
 
@@ -107,6 +113,12 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
     /// their bytes are in the tar.
     pub fn external_file_data(mut self) -> Self {
         self.data_map = Some(Vec::new());
+        self
+    }
+
+    /// Hands every external chunk's bytes to `tap` as it is completed.
+    pub fn tap_external(mut self, tap: ExternalTap) -> Self {
+        self.tap = Some(tap);
         self
     }
 
@@ -122,6 +134,9 @@ impl<W: Write + Send + 'static> ChunkingSink<W> {
         let seq = self.seq;
         self.seq += 1;
         let external = self.data_map.is_some() && !self.stored_chunks.remove(&chunk);
+        if let (true, Some(tap)) = (external, self.tap.as_mut()) {
+            tap(chunk, &data);
+        }
         let jobs = self.jobs.as_ref().expect("sink already finished");
         if jobs.send((seq, chunk, data, external)).is_err() {
             return Err(self.writer_error());

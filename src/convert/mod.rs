@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use lazyblk_image_format::{digest_string, sha256, BlobSummary, Codec, DEFAULT_CHUNK_SHIFT};
 
-pub use blob_sink::{ChunkingSink, DataRun};
+pub use blob_sink::{ChunkingSink, DataRun, ExternalTap};
 pub use input::{Compression, InputError, LayerStream};
 pub use tar_layer::{apply_tar, TarError, TarStats};
 

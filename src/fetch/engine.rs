@@ -466,6 +466,35 @@ impl Engine {
         &self.inner.index
     }
 
+    /// Foreground (workload) reads running now; background work yields to them.
+    pub fn foreground_reads(&self) -> usize {
+        self.inner.foreground.load(Relaxed)
+    }
+
+    /// Takes the bytes of external chunk `c` from elsewhere (an original layer streamed whole):
+    /// checked against the index like a fetched chunk, then stored like one (disk cache, or memory
+    /// without one). `Ok(false)` if the chunk was local already.
+    pub fn offer_chunk(&self, c: u64, bytes: Bytes) -> Result<bool, String> {
+        let inner = &self.inner;
+        if c >= inner.index.chunk_count() || inner.index.entry(c).kind != ChunkKind::External {
+            return Err(format!("chunk {c} is not an external chunk of this layer"));
+        }
+        if inner.cached.lock().expect("cached lock")[c as usize] {
+            return Ok(false);
+        }
+        let decoded = self.decode(c, &bytes).map_err(|e| {
+            inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+            e.to_string()
+        })?;
+        let to_memory = inner.opts.disk_cache.is_none();
+        for (c, b) in self.store_fetched(vec![(c, decoded, bytes)]) {
+            if to_memory {
+                inner.mem.put(inner.mem_id, c, b);
+            }
+        }
+        Ok(true)
+    }
+
     /// Bytes the external-chunk source (an original layer) fetched.
     pub fn external_fetched_bytes(&self) -> u64 {
         self.inner

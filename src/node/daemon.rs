@@ -449,6 +449,24 @@ impl Node {
             Arc::downgrade(&self.inner),
             device.to_string(),
         );
+        // An original-image index fills its file data by streaming the original layer once, which
+        // also proves the index against it.
+        let original = match (&spec.original, spec.fill) {
+            (Some(o), true) => {
+                let opts = SourceOptions {
+                    registry: spec.registry.options(),
+                    ..SourceOptions::default()
+                };
+                match crate::original::original_layer(o, &opts, Some(&self.inner.sessions)) {
+                    Ok(l) => Some((l, o.layer_digest().map(str::to_string))),
+                    Err(err) => {
+                        tracing::warn!(layer = %engine.name(), error = %err, "cannot stream the original layer; filling span by span");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         Some(self.inner.rt.spawn(async move {
             if let Some(chunks) = chunks {
                 let s = e.replay(&chunks).await;
@@ -456,6 +474,27 @@ impl Node {
             }
             if !fill {
                 return;
+            }
+            if let Some((layer, digest)) = original {
+                let r = crate::original::fill_and_verify(&e, &layer, digest.as_deref()).await;
+                let Some(node) = node.upgrade() else { return };
+                match r {
+                    Ok(v) => {
+                        tracing::info!(layer = %e.name(), layer_digest = %v.layer_digest, diff_id = %v.diff_id, disk = %v.disk_digest, chunks = v.chunks_filled, seconds = v.seconds, "original layer verified: the index is this layer's disk");
+                        node.events.emit(
+                            kind::VERIFIED,
+                            &device,
+                            e.name(),
+                            0,
+                            format!("{} (diff ID {})", v.layer_digest, v.diff_id),
+                        );
+                    }
+                    Err(err) => {
+                        tracing::error!(layer = %e.name(), error = %err, "original layer verification failed");
+                        node.events
+                            .emit(kind::VERIFY_FAILED, &device, e.name(), 0, err);
+                    }
+                }
             }
             let r = e.background_fill(None).await;
             let Some(node) = node.upgrade() else { return };

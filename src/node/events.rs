@@ -29,6 +29,10 @@ pub mod kind {
     pub const FILL_COMPLETE: &str = "fill_complete";
     /// The background fill stopped on an error.
     pub const FILL_FAILED: &str = "fill_failed";
+    /// An original-image index was proved against its whole layer (digest, diff ID, disk).
+    pub const VERIFIED: &str = "verified";
+    /// An original-image index does not describe its layer (or the layer is not the manifest's).
+    pub const VERIFY_FAILED: &str = "verify_failed";
 }
 
 /// Ring + broadcast.

@@ -74,6 +74,8 @@ pub fn families(node: &Node) -> Vec<MetricFamily> {
             kind::RECOVERY_FAILED,
             kind::FILL_COMPLETE,
             kind::FILL_FAILED,
+            kind::VERIFIED,
+            kind::VERIFY_FAILED,
         ]
         .iter()
         .map(|k| counter(&[("kind", k.to_string())], node.events().total(k)))

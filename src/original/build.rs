@@ -13,8 +13,8 @@ use super::spans::SpanRecorder;
 use super::table::{SpanCodec, SpanTable};
 use crate::convert::input::{detect, Compression};
 use crate::convert::{
-    annotations, apply_tar, finish_options_for, BlobInfo, ChunkingSink, ConvertError, InputSummary,
-    TarStats, ANNOTATION_PREFIX, DEFAULT_MAX_ENTRIES,
+    annotations, apply_tar, finish_options_for, BlobInfo, ChunkingSink, ConvertError, ExternalTap,
+    InputSummary, TarStats, ANNOTATION_PREFIX, DEFAULT_MAX_ENTRIES,
 };
 use crate::ext4::{Ext4Builder, Ext4Summary, BLOCK_SIZE, DATA_START_BLOCK};
 
@@ -100,6 +100,18 @@ pub fn index_layer<R: Read>(
     spans_out: &Path,
     opts: &IndexOptions,
 ) -> Result<IndexedLayer, ConvertError> {
+    index_layer_with(input, blob_out, spans_out, opts, None)
+}
+
+/// [`index_layer`], handing each external chunk's bytes to `tap` (re-deriving a served layer's
+/// index fills its chunks on the way: `super::verify`).
+pub fn index_layer_with<R: Read>(
+    input: R,
+    blob_out: &Path,
+    spans_out: &Path,
+    opts: &IndexOptions,
+    tap: Option<ExternalTap>,
+) -> Result<IndexedLayer, ConvertError> {
     let started = Instant::now();
     let io = |what: &str| {
         let what = what.to_string();
@@ -149,6 +161,10 @@ pub fn index_layer<R: Read>(
     )
     .map_err(io("starting the compressors"))?
     .external_file_data();
+    let sink = match tap {
+        Some(t) => sink.tap_external(t),
+        None => sink,
+    };
     let mut builder = Ext4Builder::new(sink);
     let (tar_stats, _) = apply_tar(&mut rec, &mut builder, opts.max_entries)?;
     let seen = rec.finish().map_err(io("reading the end of the layer"))?;

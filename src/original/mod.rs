@@ -12,9 +12,11 @@ pub mod inflate;
 pub mod reader;
 pub mod spans;
 pub mod table;
+pub mod verify;
 
 pub use build::{index_layer, IndexOptions, IndexedLayer, SPANS_MEDIA_TYPE};
 pub use reader::{OriginalLayer, TableLocation};
+pub use verify::{fill_and_verify, Verified};
 
 use std::sync::Arc;
 
@@ -44,6 +46,15 @@ pub fn external_source(
     opts: &SourceOptions,
     sessions: Option<&Sessions>,
 ) -> Result<Arc<dyn ExternalData>, FetchError> {
+    Ok(original_layer(original, opts, sessions)?)
+}
+
+/// The reader of `original` ([`external_source`] before type erasure).
+pub fn original_layer(
+    original: &OriginalRef,
+    opts: &SourceOptions,
+    sessions: Option<&Sessions>,
+) -> Result<Arc<OriginalLayer>, FetchError> {
     let digest = lazyblk_image_format::parse_digest(&original.table_digest)
         .map_err(|e| FetchError::permanent("config", format!("span table digest: {e}")))?;
     let source = range_reader_in(&original.source, opts, sessions)?;
@@ -57,4 +68,12 @@ pub fn external_source(
             digest,
         },
     )))
+}
+
+impl OriginalRef {
+    /// The layer digest the source names (`…@sha256:…`), if it is a registry blob.
+    pub fn layer_digest(&self) -> Option<&str> {
+        let (_, d) = self.source.rsplit_once('@')?;
+        d.starts_with("sha256:").then_some(d)
+    }
 }

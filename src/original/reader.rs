@@ -65,6 +65,11 @@ impl OriginalLayer {
         }
     }
 
+    /// The original layer blob.
+    pub fn source(&self) -> Arc<dyn RangeReader> {
+        self.source.clone()
+    }
+
     /// The span table: fetched (one range request) and verified on first use.
     pub async fn table(&self) -> Result<Arc<SpanTable>, FetchError> {
         self.table
