@@ -1622,6 +1622,56 @@ fn original_images_run_lazily_from_an_index() {
         assert!(Instant::now() < deadline, "layers never verified: {log}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The bound form: a new tag whose manifest lists the same layer blobs, annotated with their
+    // index, under a config whose diff IDs are the disks' digests (Prepare checks the chain IDs
+    // against them, as for a converted image). Nothing is copied.
+    let out = stdout(run_ok(lazyblk().args([
+        "index",
+        &image,
+        &format!("{r}/test/orig:web-bound"),
+        "--plain-http",
+        "--json",
+    ])));
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["mode"], "index+bound", "{out}");
+    let bound: serde_json::Value = serde_json::from_slice(
+        &run_ok(Command::new("curl").args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{r}/v2/test/orig/manifests/web-bound"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    let orig: serde_json::Value = serde_json::from_slice(
+        &run_ok(Command::new("curl").args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("http://{r}/v2/test/orig/manifests/web"),
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    let digests = |m: &serde_json::Value| -> Vec<String> {
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        digests(&bound),
+        digests(&orig),
+        "the bound form copies no layer"
+    );
+    let bimage = format!("{r}/test/orig:web-bound");
+    let out = stdout(run_ok(&mut env.lazyblk_pull(&bimage, "default")));
+    assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    let seen = cat_index(&env, "default", &bimage, &format!("bound-{id}"));
+    assert_eq!(seen.trim(), "<h1>lazyblk</h1>");
     remove_all(&env, "default");
     drop(snapd);
 }

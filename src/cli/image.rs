@@ -61,6 +61,7 @@ pub fn convert(a: ConvertImageArgs) -> Result<()> {
         registry: a.registry.options(),
         progress: !a.json,
         index_spans: None,
+        bound: false,
     };
     run_convert(&src, dst.as_ref(), &opts, a.json)
 }
@@ -104,6 +105,10 @@ pub struct IndexImageArgs {
     /// The image: `host[:port]/repo[:tag|@digest]` or `oci:PATH[:tag]`. It is not changed; the
     /// index artifacts are pushed next to it (Referrers API, or the `sha256-<hex>` tag fallback).
     src: String,
+    /// Also push the *bound form* as this tag (same repository): the image's own layer blobs,
+    /// annotated with their index, under a config whose diff IDs commit to the disks — immutable,
+    /// like a converted image, with no layer data copied.
+    dst: Option<String>,
     /// Compressed bytes between inflate checkpoints: smaller spans fetch less per cold read, larger
     /// ones make a smaller index.
     #[arg(long, default_value = "1M", value_parser = parse_span_size)]
@@ -151,8 +156,10 @@ fn parse_span_size(s: &str) -> Result<u64, String> {
 /// Runs `lazyblk index`.
 pub fn index(a: IndexImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
+    let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
     let opts = ImageConvertOptions {
         platforms: a.platforms.clone(),
+        bound: dst.is_some(),
         referrer: true,
         layer: ConvertOptions {
             chunk_shift: a.chunk_size,
@@ -166,7 +173,7 @@ pub fn index(a: IndexImageArgs) -> Result<()> {
         progress: !a.json,
         index_spans: Some(a.span_size),
     };
-    run_convert(&src, None, &opts, a.json)
+    run_convert(&src, dst.as_ref(), &opts, a.json)
 }
 
 /// Arguments of `lazyblk referrers`.

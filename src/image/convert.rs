@@ -34,6 +34,10 @@ pub struct ImageConvertOptions {
     /// Original-image index mode (`lazyblk index`, implies `referrer`): each layer gets an index
     /// (metadata blob + span blob with spans of this many compressed bytes) instead of a copy.
     pub index_spans: Option<u64>,
+    /// Index mode with a destination: also push the *bound form* there — the original manifest's
+    /// layers (the same blobs) annotated with their index, under a config whose diff IDs are the
+    /// disks' digests (immutable, and its chain IDs commit to the disks like a converted image's).
+    pub bound: bool,
 }
 
 /// One converted layer.
@@ -116,6 +120,29 @@ pub async fn convert_image(
             "an original-image index is pushed as a referrer artifact".into(),
         ));
     }
+    if opts.bound {
+        let same_repo = match (src, dst) {
+            (
+                ImageRef::Registry {
+                    registry: r1,
+                    repository: p1,
+                    ..
+                },
+                Some(ImageRef::Registry {
+                    registry: r2,
+                    repository: p2,
+                    ..
+                }),
+            ) => r1 == r2 && p1 == p2,
+            _ => false,
+        };
+        if opts.index_spans.is_none() || !same_repo {
+            return Err(ImageError(
+                "the bound form of an index is a new tag in the image's own repository (it reuses the image's layer blobs)".into(),
+            ));
+        }
+    }
+    let push_manifest = !opts.referrer || opts.bound;
     let src_store = src.store(&opts.registry, false)?;
     let target = match (dst, opts.referrer) {
         (Some(d), _) => d.clone(),
@@ -150,7 +177,7 @@ pub async fn convert_image(
                 top.bytes.len() as u64,
             );
             let (summary, bytes) = convert_manifest(&ctx, *m, subject, None).await?;
-            if !opts.referrer {
+            if push_manifest {
                 ctx.dst
                     .put_manifest(target.reference(), &bytes, OCI_MANIFEST)
                     .await?;
@@ -198,7 +225,7 @@ pub async fn convert_image(
                 );
                 let (summary, bytes) =
                     convert_manifest(&ctx, *man, subject, d.platform.clone()).await?;
-                if !opts.referrer {
+                if push_manifest {
                     // Push each platform manifest by digest; the index (last) makes them reachable.
                     ctx.dst
                         .put_manifest(&summary.target_digest, &bytes, OCI_MANIFEST)
@@ -216,7 +243,7 @@ pub async fn convert_image(
                     opts.platforms.join(",")
                 )));
             }
-            if !opts.referrer {
+            if push_manifest {
                 let mut annotations = BTreeMap::new();
                 annotations.insert(SOURCE_MANIFEST_ANNOTATION.to_string(), top.digest.clone());
                 let index = ImageIndex {
@@ -241,6 +268,7 @@ pub async fn convert_image(
         source: src.to_string(),
         target: target.to_string(),
         mode: match (opts.index_spans, opts.referrer) {
+            (Some(_), _) if opts.bound => "index+bound",
             (Some(_), _) => "index",
             (None, true) => "referrer",
             (None, false) => "tag",
@@ -364,9 +392,21 @@ async fn convert_manifest(
         man.config = Descriptor::new(OCI_EMPTY, &empty, EMPTY_JSON.len() as u64);
         man.subject = Some(subject.clone());
     }
-    let bytes = serde_json::to_vec(&man).expect("manifest serialises");
+    let mut bytes = serde_json::to_vec(&man).expect("manifest serialises");
     if ctx.opts.referrer {
         push_referrer(ctx.dst, &man).await?;
+    }
+    if ctx.opts.bound {
+        bytes = bound_manifest(
+            ctx,
+            &m,
+            &cfg,
+            config_type,
+            &man.layers,
+            &summaries,
+            &subject,
+        )
+        .await?;
     }
     Ok((
         ManifestSummary {
@@ -377,6 +417,50 @@ async fn convert_manifest(
         },
         bytes,
     ))
+}
+
+/// The bound form of an original-image index (docs/format.md, "Original-image indexes"): `m`'s
+/// layer descriptors (the same blobs), each with its index's annotations and `index-blob` (the
+/// metadata blob), under `cfg` with each diff ID replaced by the layer's disk digest.
+async fn bound_manifest(
+    ctx: &Ctx<'_>,
+    m: &Manifest,
+    cfg: &serde_json::Value,
+    config_type: &str,
+    index_layers: &[Descriptor],
+    summaries: &[LayerSummary],
+    subject: &Descriptor,
+) -> Result<Vec<u8>, ImageError> {
+    let disks: Vec<String> = summaries.iter().map(|s| s.disk_digest.clone()).collect();
+    let config = Bytes::from(converted_config(cfg, &disks)?);
+    let digest = sha256_str(&config);
+    ctx.dst.put_blob_bytes(config.clone(), &digest).await?;
+    let metas = index_layers.iter().filter(|d| d.media_type == MEDIA_TYPE);
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for (l, meta) in m.layers.iter().zip(metas) {
+        let mut d = l.clone();
+        d.annotations.extend(meta.annotations.clone());
+        d.annotations.insert(
+            format!("{}index-blob", crate::convert::ANNOTATION_PREFIX),
+            meta.digest.clone(),
+        );
+        layers.push(d);
+    }
+    let mut annotations = BTreeMap::new();
+    annotations.insert(
+        SOURCE_MANIFEST_ANNOTATION.to_string(),
+        subject.digest.clone(),
+    );
+    let man = Manifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        artifact_type: None,
+        config: Descriptor::new(config_type, &digest, config.len() as u64),
+        layers,
+        subject: None,
+        annotations,
+    };
+    Ok(serde_json::to_vec(&man).expect("manifest serialises"))
 }
 
 /// Image config `cfg` with its `rootfs.diff_ids` replaced by `disk_digests` (one per layer); every

@@ -375,8 +375,20 @@ pub fn remote_from_labels(labels: &BTreeMap<String, String>) -> Result<Option<Re
             })
         }
     };
+    // The bound form of an index: the layer descriptor is the original blob; `index-blob` names
+    // the metadata blob.
+    let blob = match get("index-blob") {
+        Some(b) => {
+            lazyblk_image_format::parse_digest(b).map_err(|e| bad(&e.to_string()))?;
+            if original.is_none() {
+                return Err(bad("index-blob without spans-digest"));
+            }
+            b
+        }
+        None => digest,
+    };
     Ok(Some(Remote {
-        source: format!("{registry}/{repository}@{digest}"),
+        source: format!("{registry}/{repository}@{blob}"),
         index_offset: num("index-offset")?,
         index_length: num("index-length")?,
         index_digest: index_digest.clone(),

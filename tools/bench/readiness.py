@@ -90,15 +90,34 @@ def build_image(name, work, reg):
     sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
     sh("skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk", "--plain-http")
+    # The original image in its own repository with a `lazyblk index` artifact (mode lazyblk+index);
+    # the index build is timed against a plain `skopeo copy` of the same image (it reads every layer
+    # once too).
+    t = time.monotonic()
+    sh("skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+       f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-orig:v1")
+    t_copy = time.monotonic() - t
+    t = time.monotonic()
+    out = sh(BIN, "index", f"{reg}/bench/{name}-orig:v1", "--plain-http", "--json")
+    t_index = time.monotonic() - t
+    s = json.loads(out.stdout)
+    INDEX_STATS[name] = {"layers_bytes": s["source_bytes"], "index_bytes": s["target_bytes"],
+                         "index_pct": 100.0 * s["target_bytes"] / s["source_bytes"],
+                         "index_s": t_index, "skopeo_copy_s": t_copy}
+    print(f"index of {name}: {INDEX_STATS[name]}", file=sys.stderr)
     # The same image in another repository: the trace is pushed there only.
     sh("skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
        f"docker://{reg}/bench/{name}:v1-lazyblk", f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
 
 
+INDEX_STATS = {}
+
+
 def repo_tag(name, mode):
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
-            "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk")}[mode]
+            "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk"),
+            "lazyblk+index": (f"{name}-orig", "v1")}[mode]
 
 
 def record_trace(env, reg, name):
@@ -331,7 +350,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--images", default="nginx,numpy,large")
-    ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace,lazyblk+relayout")
+    ap.add_argument("--modes", default="overlayfs,lazyblk,lazyblk+trace,lazyblk+relayout,lazyblk+index")
     ap.add_argument("--out", default=os.path.join(ROOT, ".cache/bench/readiness"))
     ap.add_argument("--show-ls", action="store_true", help="print `lazyblk ls` while each lazyblk container runs")
     ap.add_argument("--profile", default="loopback",
@@ -375,6 +394,11 @@ def main():
         env.cold()
         json.dump(rows, open(os.path.join(a.out, "results.json"), "w"), indent=1)
         md = table(rows)
+        if INDEX_STATS:
+            md += "\n\n| image | layers MB | index MB | index / layers | index build s | skopeo copy s |\n|---|---|---|---|---|---|\n"
+            for n, v in INDEX_STATS.items():
+                md += (f"| {n} | {v['layers_bytes'] / 1e6:.1f} | {v['index_bytes'] / 1e6:.2f} | {v['index_pct']:.2f}% "
+                       f"| {v['index_s']:.2f} | {v['skopeo_copy_s']:.2f} |\n")
         open(os.path.join(a.out, "results.md"), "w").write(md + "\n")
         svg(rows, os.path.join(a.out, "readiness.svg"))
         print(md)
