@@ -311,6 +311,33 @@ fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> Stri
     ])))
 }
 
+/// containerd 1.6 (no CRI) with the lazyblk proxy plugin, everything under `dir`.
+fn containerd_16_config(dir: &Path) -> String {
+    format!(
+        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
+        d = dir.display()
+    )
+}
+
+/// The root filesystem of `lazy` (on the lazyblk snapshotter) equals that of `full` pulled and
+/// unpacked by containerd's own overlayfs snapshotter (the same image content).
+fn assert_rootfs_of_full_pull(env: &Env, full: &str, lazy: &str, name: &str) {
+    run_ok(
+        env.ctr("default")
+            .args(["images", "pull", "--plain-http", full]),
+    );
+    let a = rootfs_listing(env, "overlayfs", full, &format!("{name}-o"));
+    let b = rootfs_listing(env, "lazyblk", lazy, &format!("{name}-l"));
+    assert!(a.lines().count() > 1000, "{a}");
+    if a != b {
+        let (la, lb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
+            (a.lines().collect(), b.lines().collect());
+        let only_a: Vec<_> = la.difference(&lb).take(20).collect();
+        let only_b: Vec<_> = lb.difference(&la).take(20).collect();
+        panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n lazyblk only: {only_b:#?}");
+    }
+}
+
 /// The recorded trace names layers of `image` only, each with chunks; shipped with a copy of the
 /// image (`test/traced`), it is found by `trace show` and replayed when that copy's layers are attached
 /// (no layer may be attached before: the device stats count the prefetched chunks), and the
@@ -630,10 +657,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
 
     // containerd 1.6 with the lazyblk proxy plugin.
     let mut snapd = Some(env.start_snapshotter());
-    let _containerd = env.start_containerd(&format!(
-        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&containerd_16_config(&dir));
     let image = format!("{r}/test/app:web-lazyblk");
     let id = std::process::id();
     let (web1, web2) = (format!("web1-{id}"), format!("web2-{id}"));
@@ -714,27 +738,12 @@ fn containerd_runs_images_from_lazyblk_layers() {
     );
 
     // The rootfs equals the same image unpacked by containerd's own overlayfs snapshotter.
-    run_ok(env.ctr("default").args([
-        "images",
-        "pull",
-        "--plain-http",
-        &format!("{r}/test/app:web"),
-    ]));
-    let a = rootfs_listing(
+    assert_rootfs_of_full_pull(
         &env,
-        "overlayfs",
         &format!("{r}/test/app:web"),
-        &format!("list-o-{id}"),
+        &image,
+        &format!("list-{id}"),
     );
-    let b = rootfs_listing(&env, "lazyblk", &image, &format!("list-l-{id}"));
-    assert!(a.lines().count() > 1000, "{a}");
-    if a != b {
-        let (la, lb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
-            (a.lines().collect(), b.lines().collect());
-        let only_a: Vec<_> = la.difference(&lb).take(20).collect();
-        let only_b: Vec<_> = lb.difference(&la).take(20).collect();
-        panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n lazyblk only: {only_b:#?}");
-    }
 
     // Restart the snapshotter under the running container: it keeps serving, new containers start.
     drop(snapd.take());
@@ -1361,10 +1370,7 @@ fn snapshotter_reads_layers_from_a_tls_token_auth_registry() {
         cfg.to_str().unwrap(),
     ];
     let snapd = env.start_snapshotter_with(&registry_args);
-    let _containerd = env.start_containerd(&format!(
-        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&containerd_16_config(&dir));
     let _cleanup = env.cleanup(vec![]);
     let image = format!("{p}/test/app:web-lazyblk");
     let out = stdout(run_ok(
@@ -1409,10 +1415,7 @@ fn snapshotter_reads_through_a_pull_through_cache_mirror() {
     .unwrap();
     let args = ["--hosts-dir", hosts.to_str().unwrap()];
     let snapd = env.start_snapshotter_with(&args);
-    let _containerd = env.start_containerd(&format!(
-        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&containerd_16_config(&dir));
     let _cleanup = env.cleanup(vec![]);
     let image = format!("{r}/test/app:web-lazyblk");
     let out = stdout(run_ok(env.lazyblk_pull(&image, "default").args(args)));
@@ -1565,10 +1568,7 @@ fn original_images_run_lazily_from_an_index() {
     assert_eq!(digest_of("web"), before, "indexing changed the image");
 
     let snapd = env.start_snapshotter();
-    let _containerd = env.start_containerd(&format!(
-        "version = 2\nroot = \"{d}/croot\"\nstate = \"{d}/cstate\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/containerd.sock\"\n[proxy_plugins.lazyblk]\n  type = \"snapshot\"\n  address = \"{d}/lazyblk.sock\"\n",
-        d = dir.display()
-    ));
+    let _containerd = env.start_containerd(&containerd_16_config(&dir));
     let id = std::process::id();
     let _cleanup = env.cleanup(vec![]);
     let image = format!("{r}/test/orig:web");
@@ -1587,27 +1587,12 @@ fn original_images_run_lazily_from_an_index() {
             "{dev}"
         );
     }
-    run_ok(env.ctr("default").args([
-        "images",
-        "pull",
-        "--plain-http",
-        &format!("{r}/test/app:web"),
-    ]));
-    let a = rootfs_listing(
+    assert_rootfs_of_full_pull(
         &env,
-        "overlayfs",
         &format!("{r}/test/app:web"),
-        &format!("olist-o-{id}"),
+        &image,
+        &format!("olist-{id}"),
     );
-    let b = rootfs_listing(&env, "lazyblk", &image, &format!("olist-l-{id}"));
-    assert!(a.lines().count() > 1000, "{a}");
-    if a != b {
-        let (la, lb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
-            (a.lines().collect(), b.lines().collect());
-        let only_a: Vec<_> = la.difference(&lb).take(20).collect();
-        let only_b: Vec<_> = lb.difference(&la).take(20).collect();
-        panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n index only: {only_b:#?}");
-    }
     // The snapshotter fills layers in the background: for an index, by streaming each original
     // layer once, which proves the index against it (layer digest, diff ID, derived disk).
     let daemon_log = env.root.join("run").join("daemon.log");

@@ -23,13 +23,20 @@ pub struct ConvertImageArgs {
     /// Push lazyblk layers as OCI referrer artifacts of the original (left untouched) instead of a new tag.
     #[arg(long)]
     referrer: bool,
-    /// Convert only this platform (`linux/amd64`); repeatable. Default: every platform.
+    #[command(flatten)]
+    job: ImageJobArgs,
+}
+
+/// What `lazyblk convert` and `lazyblk index` share.
+#[derive(Debug, Args)]
+struct ImageJobArgs {
+    /// Only this platform (`linux/amd64`); repeatable. Default: every platform.
     #[arg(long = "platform")]
     platforms: Vec<String>,
-    /// Layers converted in parallel.
+    /// Layers processed in parallel.
     #[arg(long, default_value_t = 2)]
     parallel_layers: usize,
-    /// Chunk size exponent source: same as `layer convert --chunk-size`.
+    /// Chunk size of the disks: same as `layer convert --chunk-size`.
     #[arg(long, default_value = "256K", value_parser = super::layer::parse_chunk_size)]
     chunk_size: u8,
     /// Scratch directory for layers in flight (default: under $TMPDIR).
@@ -42,28 +49,39 @@ pub struct ConvertImageArgs {
     registry: RegistryArgs,
 }
 
+impl ImageJobArgs {
+    /// The options of an image job in `mode` (index spans, bound form, referrer).
+    fn options(
+        &self,
+        referrer: bool,
+        index_spans: Option<u64>,
+        bound: bool,
+    ) -> ImageConvertOptions {
+        ImageConvertOptions {
+            platforms: self.platforms.clone(),
+            referrer,
+            layer: ConvertOptions {
+                chunk_shift: self.chunk_size,
+                codec: Codec::default(),
+                progress: false,
+                ..ConvertOptions::default()
+            },
+            parallel_layers: self.parallel_layers,
+            work_dir: self.work_dir.clone().unwrap_or_else(default_work_dir),
+            registry: self.registry.options(),
+            progress: !self.json,
+            index_spans,
+            bound,
+        }
+    }
+}
+
 /// Runs `lazyblk convert`.
 pub fn convert(a: ConvertImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
-    let work_dir = a.work_dir.clone().unwrap_or_else(default_work_dir);
-    let opts = ImageConvertOptions {
-        platforms: a.platforms.clone(),
-        referrer: a.referrer,
-        layer: ConvertOptions {
-            chunk_shift: a.chunk_size,
-            codec: Codec::default(),
-            progress: false,
-            ..ConvertOptions::default()
-        },
-        parallel_layers: a.parallel_layers,
-        work_dir: work_dir.clone(),
-        registry: a.registry.options(),
-        progress: !a.json,
-        index_spans: None,
-        bound: false,
-    };
-    run_convert(&src, dst.as_ref(), &opts, a.json)
+    let opts = a.job.options(a.referrer, None, false);
+    run_convert(&src, dst.as_ref(), &opts, a.job.json)
 }
 
 fn run_convert(
@@ -113,23 +131,8 @@ pub struct IndexImageArgs {
     /// ones make a smaller index.
     #[arg(long, default_value = "1M", value_parser = parse_span_size)]
     span_size: u64,
-    /// Index only this platform (`linux/amd64`); repeatable. Default: every platform.
-    #[arg(long = "platform")]
-    platforms: Vec<String>,
-    /// Layers indexed in parallel.
-    #[arg(long, default_value_t = 2)]
-    parallel_layers: usize,
-    /// Chunk size of the disks: same as `layer convert --chunk-size`.
-    #[arg(long, default_value = "256K", value_parser = super::layer::parse_chunk_size)]
-    chunk_size: u8,
-    /// Scratch directory for layers in flight (default: under $TMPDIR).
-    #[arg(long)]
-    work_dir: Option<PathBuf>,
-    /// Print a JSON summary.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    registry: RegistryArgs,
+    job: ImageJobArgs,
 }
 
 fn parse_span_size(s: &str) -> Result<u64, String> {
@@ -157,23 +160,8 @@ fn parse_span_size(s: &str) -> Result<u64, String> {
 pub fn index(a: IndexImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
-    let opts = ImageConvertOptions {
-        platforms: a.platforms.clone(),
-        bound: dst.is_some(),
-        referrer: true,
-        layer: ConvertOptions {
-            chunk_shift: a.chunk_size,
-            codec: Codec::default(),
-            progress: false,
-            ..ConvertOptions::default()
-        },
-        parallel_layers: a.parallel_layers,
-        work_dir: a.work_dir.clone().unwrap_or_else(default_work_dir),
-        registry: a.registry.options(),
-        progress: !a.json,
-        index_spans: Some(a.span_size),
-    };
-    run_convert(&src, dst.as_ref(), &opts, a.json)
+    let opts = a.job.options(true, Some(a.span_size), dst.is_some());
+    run_convert(&src, dst.as_ref(), &opts, a.job.json)
 }
 
 /// Arguments of `lazyblk referrers`.

@@ -811,7 +811,11 @@ impl Engine {
             futures::future::join_all(fetches),
         )
         .await;
-        for (run, res) in ext_results {
+        let outcomes = ext_results
+            .into_iter()
+            .map(|(run, res)| (run.collect::<Vec<_>>(), res))
+            .chain(results.into_iter().map(|(f, res)| (f.chunks, res)));
+        for (chunks, res) in outcomes {
             match res {
                 Ok(decoded) => {
                     for (c, b) in decoded {
@@ -819,22 +823,8 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    for c in run {
+                    for c in chunks {
                         self.finish(c, Err(e.clone()), senders.remove(&c), to_memory);
-                    }
-                }
-            }
-        }
-        for (f, res) in results {
-            match res {
-                Ok(decoded) => {
-                    for (c, b) in decoded {
-                        self.finish(c, Ok(b), senders.remove(&c), to_memory);
-                    }
-                }
-                Err(e) => {
-                    for c in &f.chunks {
-                        self.finish(*c, Err(e.clone()), senders.remove(c), to_memory);
                     }
                 }
             }

@@ -547,19 +547,12 @@ async fn convert_one(
         return index_one(ctx, i, l, diff_id, span_size).await;
     }
     let started = Instant::now();
-    let bar = ctx.bar(i, &l.digest);
+    let (dir, src_path, bar) = download_layer(ctx, i, l).await?;
     let say = |m: &str| {
         if let Some(b) = &bar {
             b.set_message(m.to_string());
         }
     };
-    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
-    let src_path = dir.path().join("layer");
-    say("downloading");
-    ctx.src
-        .blob_to_file(l, &src_path)
-        .await
-        .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
     say("converting");
     let out_path = dir.path().join("layer.lazyblk");
     let layer_opts = ctx.opts.layer.clone();
@@ -602,6 +595,26 @@ async fn convert_one(
     ))
 }
 
+/// Downloads layer `i` into a new scratch directory (verified against its digest by the store);
+/// returns the directory, the file and the layer's progress bar.
+async fn download_layer(
+    ctx: &Ctx<'_>,
+    i: usize,
+    l: &Descriptor,
+) -> Result<(tempfile::TempDir, PathBuf, Option<indicatif::ProgressBar>), ImageError> {
+    let bar = ctx.bar(i, &l.digest);
+    if let Some(b) = &bar {
+        b.set_message("downloading");
+    }
+    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
+    let src_path = dir.path().join("layer");
+    ctx.src
+        .blob_to_file(l, &src_path)
+        .await
+        .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    Ok((dir, src_path, bar))
+}
+
 /// Indexes one original layer (`lazyblk index`): pushes its metadata blob and span blob; the layer
 /// itself is neither copied nor changed.
 async fn index_one(
@@ -612,19 +625,12 @@ async fn index_one(
     span_size: u64,
 ) -> Result<(Vec<Descriptor>, LayerSummary), ImageError> {
     let started = Instant::now();
-    let bar = ctx.bar(i, &l.digest);
+    let (dir, src_path, bar) = download_layer(ctx, i, l).await?;
     let say = |m: &str| {
         if let Some(b) = &bar {
             b.set_message(m.to_string());
         }
     };
-    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
-    let src_path = dir.path().join("layer");
-    say("downloading");
-    ctx.src
-        .blob_to_file(l, &src_path)
-        .await
-        .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
     say("indexing");
     let (blob_path, spans_path) = (dir.path().join("meta.lazyblk"), dir.path().join("spans"));
     let opts = crate::original::IndexOptions {

@@ -16,8 +16,12 @@ use super::table::{SpanCodec, SpanTable, MAX_WINDOW_STORED, WINDOW_LEN};
 use crate::fetch::remote::{FetchError, RangeReader};
 use crate::fetch::{BoxFuture, ExternalData};
 
-/// Decoded spans kept in memory (readers of neighbouring chunks share a span).
+/// Decoded spans kept in memory per layer (readers of neighbouring chunks share a span).
 const SPAN_CACHE_BYTES: u64 = 64 << 20;
+/// Decoded spans kept in memory by all layers of the process together.
+const SPAN_CACHE_NODE_BYTES: u64 = 256 << 20;
+/// Bytes of decoded spans cached by every layer of the process.
+static SPAN_CACHE_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Where an original-image index's span table is (from the descriptor annotations).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,14 +113,22 @@ impl OriginalLayer {
             .get_or_try_init(|| self.fetch_span(t, i))
             .await?
             .clone();
+        use std::sync::atomic::Ordering::Relaxed;
         let mut c = self.cache.lock().expect("span cache lock");
         if !c.order.contains(&i) {
             c.order.push_back(i);
             c.bytes += b.len() as u64;
-            while c.bytes > SPAN_CACHE_BYTES && c.order.len() > 1 {
+            SPAN_CACHE_TOTAL.fetch_add(b.len() as u64, Relaxed);
+            // Bounded per layer and per process: this layer gives back its oldest spans.
+            while (c.bytes > SPAN_CACHE_BYTES
+                || SPAN_CACHE_TOTAL.load(Relaxed) > SPAN_CACHE_NODE_BYTES)
+                && !c.order.is_empty()
+            {
                 let old = c.order.pop_front().expect("non-empty");
                 if let Some(cell) = c.spans.remove(&old) {
-                    c.bytes -= cell.get().map_or(0, |b| b.len() as u64);
+                    let n = cell.get().map_or(0, |b| b.len() as u64);
+                    c.bytes -= n;
+                    SPAN_CACHE_TOTAL.fetch_sub(n, Relaxed);
                 }
             }
         }
@@ -250,6 +262,13 @@ pub fn decode_span(
             }
             Ok(out)
         }
+    }
+}
+
+impl Drop for OriginalLayer {
+    fn drop(&mut self) {
+        let c = self.cache.get_mut().expect("span cache lock");
+        SPAN_CACHE_TOTAL.fetch_sub(c.bytes, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
