@@ -850,20 +850,18 @@ impl Engine {
         }
     }
 
-    /// Verifies and decodes the chunks of one fetched range (`bytes` starts at blob offset `start`).
+    /// Verifies and decodes `chunks`, each one's stored bytes cut out of a fetched answer by
+    /// `stored_of` (a blob range, or a run of external chunks).
     #[allow(clippy::type_complexity)]
     fn decode_range(
         &self,
-        chunks: &[u64],
-        start: u64,
-        bytes: &Bytes,
+        chunks: impl IntoIterator<Item = u64>,
+        stored_of: impl Fn(u64) -> Bytes,
     ) -> Result<Vec<(u64, Bytes, Bytes)>, FetchError> {
         let inner = &self.inner;
-        let mut decoded = Vec::with_capacity(chunks.len());
-        for &c in chunks {
-            let e = inner.index.entry(c);
-            let at = (e.offset - start) as usize;
-            let stored = bytes.slice(at..at + e.stored_len as usize);
+        let mut decoded = Vec::new();
+        for c in chunks {
+            let stored = stored_of(c);
             match self.decode(c, &stored) {
                 Ok(b) => decoded.push((c, b, stored)),
                 Err(err) => {
@@ -912,9 +910,14 @@ impl Engine {
             // Verify and decompress on the blocking pool: never SHA-256 + zstd of megabytes on the
             // reactor that serves every other layer.
             let (me, chunks, start) = (self.clone(), f.chunks.clone(), f.blob_range.start);
-            let r = tokio::task::spawn_blocking(move || me.decode_range(&chunks, start, &bytes))
-                .await
-                .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?;
+            let r = tokio::task::spawn_blocking(move || {
+                me.decode_range(chunks.iter().copied(), |c| {
+                    let r = me.inner.index.entry(c).blob_range();
+                    bytes.slice((r.start - start) as usize..(r.end - start) as usize)
+                })
+            })
+            .await
+            .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?;
             if r.as_ref().is_err_and(|e| e.kind == "corrupt") {
                 inner.remote.distrust();
             }
@@ -965,24 +968,11 @@ impl Engine {
             }
             let (me, run, base) = (self.clone(), run.clone(), disk.start);
             tokio::task::spawn_blocking(move || {
-                let idx = &me.inner.index;
-                let mut out = Vec::with_capacity((run.end - run.start) as usize);
-                for c in run {
+                me.decode_range(run, |c| {
+                    let idx = &me.inner.index;
                     let at = (idx.chunk_offset(c) - base) as usize;
-                    let stored = bytes.slice(at..at + idx.chunk_len(c) as usize);
-                    match me.decode(c, &stored) {
-                        Ok(b) => out.push((c, b, stored)),
-                        Err(err) => {
-                            me.inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
-                            tracing::warn!(layer = %me.inner.name, chunk = c, error = %err, "external chunk failed verification; refetching");
-                            return Err(FetchError::transient(
-                                "corrupt",
-                                format!("{}: {err}", me.inner.name),
-                            ));
-                        }
-                    }
-                }
-                Ok(out)
+                    bytes.slice(at..at + idx.chunk_len(c) as usize)
+                })
             })
             .await
             .map_err(|e| FetchError::permanent("internal", format!("verify task: {e}")))?

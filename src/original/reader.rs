@@ -194,7 +194,7 @@ impl OriginalLayer {
         let mut wanted: Vec<usize> = Vec::new();
         for &(_, tar, len) in &pieces {
             for i in t.span_of(tar)..=t.span_of(tar + len - 1) {
-                if wanted.last() != Some(&i) && !wanted.contains(&i) {
+                if !wanted.contains(&i) {
                     wanted.push(i);
                 }
             }
