@@ -399,6 +399,76 @@ async fn readahead_follows_sequential_readers_only() {
     );
 }
 
+/// The converter marks the filesystem metadata at the end of the blob as its startup region: with the
+/// descriptor's annotations, the superblock, directories and inode tables arrive with the index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_metadata_region_arrives_with_the_index() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    for d in 0..20 {
+        t.dir(&format!("d{d}"), DIR);
+        for i in 0..50 {
+            t.file(&format!("d{d}/f{i}"), DEF, &noise(3000, d * 50 + i));
+        }
+    }
+    let tar = dir.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = dir.path().join("l.blob");
+    let s = convert(&tar, &blob);
+    let raw = dir.path().join("l.img");
+    run_ok(
+        lazyblk()
+            .args(["layer", "export"])
+            .arg(&blob)
+            .arg("-o")
+            .arg(&raw),
+    );
+    let raw = std::fs::read(&raw).unwrap();
+    let b = &s["blob"];
+    let ann = &s["annotations"];
+    let startup = b["startup_offset"].as_u64().expect("a metadata region");
+    let index_offset = b["index_offset"].as_u64().unwrap();
+    assert_eq!(
+        ann["containerd.io/snapshot/lazyblk/startup-offset"],
+        startup.to_string()
+    );
+    assert!(startup < index_offset);
+    let digest = lazyblk_image_format::parse_digest(b["index_digest"].as_str().unwrap()).unwrap();
+    let srv = FaultyServer::start(std::fs::read(&blob).unwrap()).await;
+    let mut o = opts(Duration::from_secs(60));
+    o.index = Some((index_offset, b["index_length"].as_u64().unwrap(), digest));
+    o.startup_offset = Some(startup);
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let m = e.metrics();
+    // The superblock and everything after the file data (directories, inode tables): no request
+    // beyond the one that brought the index, and the right bytes.
+    let meta = (2048 + s["ext4"]["data_blocks"].as_u64().unwrap()) * 4096;
+    let size = e.index().image_size();
+    assert!(e.read(0, 4096).await.unwrap()[..] == raw[..4096]);
+    let got = e.read(meta, (size - meta) as usize).await.unwrap();
+    assert!(got[..] == raw[meta as usize..]);
+    assert_eq!(m.fetches.load(Relaxed), 1, "{:?}", srv.ranges());
+    assert!(m.startup_region_chunks.load(Relaxed) > 0);
+    // File data is not in it.
+    e.read(2048 * 4096, 4096).await.unwrap();
+    assert_eq!(m.fetches.load(Relaxed), 2);
+    // `--metadata-region 0` marks none.
+    let blob0 = dir.path().join("l0.blob");
+    let out = run_ok(
+        lazyblk()
+            .args(["layer", "convert", "--json", "--metadata-region", "0"])
+            .arg(&tar)
+            .arg("-o")
+            .arg(&blob0),
+    );
+    let s0: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(s0["blob"].get("startup_offset").is_none());
+    assert!(s0["annotations"]
+        .get("containerd.io/snapshot/lazyblk/startup-offset")
+        .is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relaid_out_blob_serves_its_startup_region_from_the_index_request() {
     use lazyblk_image_format::{Footer, Index, IndexLimits, FOOTER_LEN};

@@ -13,7 +13,8 @@ use crate::node::{api, Node, NodeConfig};
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// TOML file with any of: run_dir, cache_dir, cache_size_mib, memory_mib, metrics_addr, workers,
-    /// read_deadline_secs, parallel_fetches, readahead_chunks, fill_concurrency, fill_rate_mib.
+    /// read_deadline_secs, parallel_fetches, readahead_chunks, fill_concurrency,
+    /// fill_busy_concurrency, fill_rate_mib.
     #[arg(long)]
     config: Option<PathBuf>,
     /// State directory: device state, the control socket `daemon.sock` [default: /run/lazyblk].
@@ -41,6 +42,10 @@ pub struct DaemonArgs {
     /// Fill batches in flight on the node [default: 4].
     #[arg(long)]
     fill_concurrency: Option<usize>,
+    /// Fill batches in flight on the node while a workload's read waits (0 = fills pause until
+    /// no demand read runs) [default: 1].
+    #[arg(long)]
+    fill_busy_concurrency: Option<usize>,
     /// Node-wide background fill bandwidth, MiB/s (0 = unlimited) [default: 0].
     #[arg(long)]
     fill_rate_mib: Option<u64>,
@@ -60,6 +65,7 @@ struct ConfigFile {
     parallel_fetches: Option<usize>,
     readahead_chunks: Option<u64>,
     fill_concurrency: Option<usize>,
+    fill_busy_concurrency: Option<usize>,
     fill_rate_mib: Option<u64>,
 }
 
@@ -107,6 +113,10 @@ fn settings(a: DaemonArgs) -> Result<Settings> {
                 .fill_concurrency
                 .or(c.fill_concurrency)
                 .unwrap_or(d.fill_concurrency),
+            fill_busy_concurrency: a
+                .fill_busy_concurrency
+                .or(c.fill_busy_concurrency)
+                .unwrap_or(d.fill_busy_concurrency),
             fill_rate_mib: a.fill_rate_mib.or(c.fill_rate_mib).unwrap_or(0),
         },
         metrics_addr,

@@ -39,6 +39,10 @@ struct ImageJobArgs {
     /// Chunk size of the disks: same as `layer convert --chunk-size`.
     #[arg(long, default_value = "256K", value_parser = super::layer::parse_chunk_size)]
     chunk_size: u8,
+    /// Largest metadata startup region per layer, bytes (`0` = none): the filesystem metadata at the
+    /// end of each blob is marked (`startup-offset`) to arrive with the index in one request.
+    #[arg(long, default_value = "8M", value_parser = super::layer::parse_size)]
+    metadata_region: u64,
     /// Scratch directory for layers in flight (default: under $TMPDIR).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -64,6 +68,7 @@ impl ImageJobArgs {
                 chunk_shift: self.chunk_size,
                 codec: Codec::default(),
                 progress: false,
+                metadata_region_bytes: self.metadata_region,
                 ..ConvertOptions::default()
             },
             parallel_layers: self.parallel_layers,
@@ -136,15 +141,7 @@ pub struct IndexImageArgs {
 }
 
 fn parse_span_size(s: &str) -> Result<u64, String> {
-    let (n, mul) = match s.as_bytes().last() {
-        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
-        _ => (s, 1),
-    };
-    let v = n
-        .parse::<u64>()
-        .map_err(|_| format!("{s:?} is not a size (like 1M)"))?
-        .saturating_mul(mul);
+    let v = super::layer::parse_size(s)?;
     let r = crate::original::build::SPAN_SIZE_RANGE;
     if !r.contains(&v) {
         return Err(format!(

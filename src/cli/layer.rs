@@ -47,6 +47,9 @@ pub struct ConvertArgs {
     /// Refuse layers with more tar entries than this (each costs about 0.6 KiB of memory).
     #[arg(long, default_value_t = crate::convert::DEFAULT_MAX_ENTRIES)]
     max_entries: u64,
+    /// Largest metadata startup region, bytes (`0` = none): see `lazyblk convert --metadata-region`.
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    metadata_region: u64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -82,8 +85,8 @@ pub struct InspectArgs {
     json: bool,
 }
 
-/// Parses `256K`-style chunk sizes into a shift.
-pub fn parse_chunk_size(s: &str) -> Result<u8, String> {
+/// Parses `256K`, `1M` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.strip_suffix(['K', 'k']) {
         Some(n) => (n, 1u64 << 10),
         None => match s.strip_suffix(['M', 'm']) {
@@ -91,8 +94,15 @@ pub fn parse_chunk_size(s: &str) -> Result<u8, String> {
             None => (s, 1),
         },
     };
-    let v: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let bytes = v * mult;
+    num.parse::<u64>()
+        .ok()
+        .and_then(|v| v.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (like 256K or 1M)"))
+}
+
+/// Parses `256K`-style chunk sizes into a shift.
+pub fn parse_chunk_size(s: &str) -> Result<u8, String> {
+    let bytes = parse_size(s)?;
     if !bytes.is_power_of_two() {
         return Err(format!("chunk size {bytes} is not a power of two"));
     }
@@ -131,6 +141,7 @@ fn convert(a: ConvertArgs) -> Result<()> {
         threads: threads(a.threads),
         progress: !a.json,
         max_entries: a.max_entries,
+        metadata_region_bytes: a.metadata_region,
     };
     let summary = if a.input == "-" {
         convert_layer(std::io::stdin(), None, &a.output, &opts)

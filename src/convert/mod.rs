@@ -37,7 +37,16 @@ pub struct ConvertOptions {
     /// Most tar entries accepted (each costs about 0.6 KiB of memory until the image is written:
     /// 1M entries peaked at 569 MiB).
     pub max_entries: u64,
+    /// Largest *metadata startup region*, in stored bytes (0: none): the filesystem metadata at the
+    /// end of the blob (directories, inode tables, the superblock's chunk), marked with the
+    /// `startup-offset` annotation so a reader fetches it in the same request as the index.
+    pub metadata_region_bytes: u64,
 }
+
+/// Default [`ConvertOptions::metadata_region_bytes`].
+pub const DEFAULT_METADATA_REGION: u64 = 8 << 20;
+/// Most decoded bytes a metadata startup region may hold (a reader decodes it at once).
+pub const MAX_METADATA_REGION_DECODED: u64 = 32 << 20;
 
 /// Default [`ConvertOptions::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: u64 = 4_000_000;
@@ -52,6 +61,7 @@ impl Default for ConvertOptions {
                 .unwrap_or(1),
             progress: false,
             max_entries: DEFAULT_MAX_ENTRIES,
+            metadata_region_bytes: DEFAULT_METADATA_REGION,
         }
     }
 }
@@ -124,6 +134,10 @@ pub struct BlobInfo {
     pub zero_chunks: u64,
     /// Bytes of stored chunk data.
     pub stored_bytes: u64,
+    /// Start of the blob's startup region (`[startup_offset, index_offset)`, fetched with the index):
+    /// the filesystem metadata at the end of the blob, if the converter marked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub startup_offset: Option<u64>,
 }
 
 impl From<&BlobSummary> for BlobInfo {
@@ -140,8 +154,71 @@ impl From<&BlobSummary> for BlobInfo {
             chunk_count: s.chunk_count,
             zero_chunks: s.zero_chunks,
             stored_bytes: s.stored_bytes,
+            startup_offset: None,
         }
     }
+}
+
+/// The blob offset from which every stored chunk up to the index is filesystem metadata — a chunk
+/// at or after disk byte `metadata_start` (lazyblk's ext4 puts all metadata after the file data) or
+/// in the head below `head_end` (the superblock's chunk, written last) — taking chunks from the end
+/// while the region stays within `max_stored` stored and [`MAX_METADATA_REGION_DECODED`] decoded
+/// bytes. `None` when not even the last chunk qualifies.
+pub fn metadata_region(
+    index: &lazyblk_image_format::Index,
+    index_offset: u64,
+    head_end: u64,
+    metadata_start: u64,
+    max_stored: u64,
+) -> Option<u64> {
+    let cs = index.chunk_size();
+    let mut stored: Vec<u64> = (0..index.chunk_count())
+        .filter(|&c| index.entry(c).is_stored())
+        .collect();
+    stored.sort_by_key(|&c| std::cmp::Reverse(index.entry(c).offset));
+    let (mut start, mut decoded) = (index_offset, 0u64);
+    for c in stored {
+        let e = index.entry(c);
+        let metadata = (c + 1) * cs > metadata_start || (c + 1) * cs <= head_end;
+        decoded += index.chunk_len(c) as u64;
+        if !metadata
+            || e.blob_range().end != start
+            || index_offset - e.offset > max_stored
+            || decoded > MAX_METADATA_REGION_DECODED
+        {
+            break;
+        }
+        start = e.offset;
+    }
+    (start < index_offset).then_some(start)
+}
+
+/// Sets `blob.startup_offset` to the metadata region of the blob at `path` (see
+/// [`metadata_region`]); file data ends at disk block `data_end_block`.
+pub(crate) fn mark_metadata_region(
+    path: &Path,
+    blob: &mut BlobInfo,
+    index_digest: &lazyblk_image_format::Digest,
+    data_end_block: u64,
+    max_stored: u64,
+) -> Result<(), ConvertError> {
+    if max_stored == 0 {
+        return Ok(());
+    }
+    let f = crate::blobfile::BlobFile::open(path, Some(index_digest)).map_err(|e| {
+        ConvertError::Io {
+            context: "reading back the index".into(),
+            source: std::io::Error::other(e),
+        }
+    })?;
+    blob.startup_offset = metadata_region(
+        f.index(),
+        blob.index_offset,
+        DATA_START_BLOCK * BLOCK_SIZE as u64,
+        data_end_block * BLOCK_SIZE as u64,
+        max_stored,
+    );
+    Ok(())
 }
 
 /// Media type of a lazyblk layer blob.
@@ -166,6 +243,10 @@ pub fn annotations(
         ("diff-id", input.diff_id.clone()),
     ]
     .into_iter()
+    .chain(
+        blob.startup_offset
+            .map(|o| ("startup-offset", o.to_string())),
+    )
     .map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), v))
     .collect()
 }
@@ -277,7 +358,15 @@ pub fn convert_layer<R: Read + Send + 'static>(
         tar_bytes,
         diff_id: digest_string(&diff_id),
     };
-    let blob = BlobInfo::from(&blob);
+    let mut info = BlobInfo::from(&blob);
+    mark_metadata_region(
+        output,
+        &mut info,
+        &blob.index_digest,
+        DATA_START_BLOCK + ext4.data_blocks,
+        opts.metadata_region_bytes,
+    )?;
+    let blob = info;
     Ok(ConvertSummary {
         annotations: annotations(&input, &blob),
         media_type: MEDIA_TYPE,
@@ -326,5 +415,45 @@ impl Progress {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.thread.join();
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazyblk_image_format::{ChunkEntry, ChunkKind, Index};
+
+    /// 4 KiB chunks: 0 the head (written last), 1 zero, 2..=6 file data, 7..=9 metadata (from disk
+    /// byte 7 * 4096 + 100), each stored as 100 bytes in that order.
+    fn index() -> (Index, u64) {
+        let order = [2u64, 3, 4, 5, 6, 7, 8, 9, 0];
+        let mut entries = vec![ChunkEntry::ZERO; 10];
+        for (i, &c) in order.iter().enumerate() {
+            entries[c as usize] = ChunkEntry {
+                offset: i as u64 * 100,
+                stored_len: 100,
+                kind: ChunkKind::Zstd,
+                digest: [0; 32],
+            };
+        }
+        let end = order.len() as u64 * 100;
+        (Index::new(12, 10 * 4096, entries, end).unwrap(), end)
+    }
+
+    #[test]
+    fn the_metadata_region_is_the_metadata_and_head_chunks_at_the_end() {
+        let (idx, end) = index();
+        let meta = 7 * 4096 + 100;
+        // Chunks 7, 8, 9 and the head: from chunk 7's offset.
+        assert_eq!(metadata_region(&idx, end, 8192, meta, 1 << 20), Some(500));
+        // Bounded by stored bytes: the head and chunk 9 only.
+        assert_eq!(metadata_region(&idx, end, 8192, meta, 250), Some(700));
+        // Metadata starting later leaves chunk 7 out (it is file data then).
+        assert_eq!(
+            metadata_region(&idx, end, 8192, 8 * 4096, 1 << 20),
+            Some(600)
+        );
+        // Nothing fits.
+        assert_eq!(metadata_region(&idx, end, 8192, meta, 50), None);
     }
 }

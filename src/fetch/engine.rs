@@ -112,6 +112,10 @@ pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
 /// Most decoded bytes one fill batch or replay window holds (whatever they compress to).
 pub const MAX_BATCH_DECODED: u64 = 16 << 20;
+/// Stored bytes a fill batch asks for.
+const FILL_BATCH_BYTES: u64 = 4 << 20;
+/// Fill batches of one layer in flight at once (the node's fill gate bounds all layers together).
+const FILL_DEPTH: usize = 2;
 
 /// What a trace replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1096,8 +1100,9 @@ impl Engine {
     }
 
     /// Fetches every stored chunk not cached yet, in blob order, a few MiB at a time, at most
-    /// `bytes_per_sec` (if set), pausing whenever a foreground read is running. Returns when the layer
-    /// is fully cached (or a fetch fails for good).
+    /// `bytes_per_sec` (if set). Demand reads come first: the node's fill gate limits fills while
+    /// they run; without a gate the fill pauses while this layer has a foreground read. Returns when
+    /// the layer is fully cached (or a fetch fails for good).
     pub async fn background_fill(&self, bytes_per_sec: Option<u64>) -> Result<(), String> {
         let inner = &self.inner;
         let mut order: Vec<u64> = (0..inner.index.chunk_count())
@@ -1128,49 +1133,81 @@ impl Engine {
     }
 
     async fn fill_pass(&self, order: &[u64], bytes_per_sec: Option<u64>) -> Result<(), String> {
-        let inner = &self.inner;
-        let batch_bytes: u64 = 4 << 20;
+        use futures::StreamExt;
+        // Two batches of a layer in flight hide a round trip between them (the node's gate bounds
+        // the total); one when the layer has its own rate, which is kept batch by batch.
+        let depth = if bytes_per_sec.is_some_and(|r| r > 0) {
+            1
+        } else {
+            FILL_DEPTH
+        };
+        let mut running = futures::stream::FuturesUnordered::new();
         let mut i = 0;
-        while i < order.len() {
-            // Foreground reads always win.
-            while inner.foreground.load(Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let mut batch = Vec::new();
-            let (mut bytes, mut decoded) = (0u64, 0u64);
-            // Bounded by stored and by decoded bytes: chunks of one repeated byte compress to
-            // almost nothing, and a batch is held decoded until it is cached.
-            while i < order.len() && bytes < batch_bytes && decoded < MAX_BATCH_DECODED {
-                let c = order[i];
-                i += 1;
-                if inner.cached.lock().expect("cached lock")[c as usize] {
-                    continue;
+        loop {
+            while running.len() < depth && i < order.len() {
+                let batch = self.next_fill_batch(order, &mut i);
+                if !batch.is_empty() {
+                    running.push(self.fill_batch(batch, bytes_per_sec));
                 }
-                bytes += inner.index.entry(c).stored_len as u64;
-                decoded += inner.index.chunk_len(c) as u64;
-                batch.push(c);
             }
-            if batch.is_empty() {
+            match running.next().await {
+                Some(r) => r?,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next chunks of `order` from `*i` not cached yet, at most a batch (by stored and by
+    /// decoded bytes: chunks of one repeated byte compress to almost nothing, and a batch is held
+    /// decoded until it is cached).
+    fn next_fill_batch(&self, order: &[u64], i: &mut usize) -> Vec<u64> {
+        let inner = &self.inner;
+        let mut batch = Vec::new();
+        let (mut bytes, mut decoded) = (0u64, 0u64);
+        let cached = inner.cached.lock().expect("cached lock");
+        while *i < order.len() && bytes < FILL_BATCH_BYTES && decoded < MAX_BATCH_DECODED {
+            let c = order[*i];
+            *i += 1;
+            if cached[c as usize] {
                 continue;
             }
-            let _permit = match &inner.opts.fill_gate {
-                Some(g) => Some(g.admit(bytes).await),
-                None => None,
-            };
-            let started = Instant::now();
-            let deadline = Instant::now() + inner.opts.read_deadline;
-            // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks).
-            let to_memory = inner.opts.disk_cache.is_none();
-            for run in contiguous_runs(&batch) {
-                self.get_chunks(run, deadline, to_memory)
-                    .await
-                    .map_err(|(c, e)| format!("chunk {c}: {e}"))?;
-            }
-            if let Some(rate) = bytes_per_sec.filter(|&r| r > 0) {
-                let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
-                if let Some(rest) = budget.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(rest).await;
+            bytes += inner.index.entry(c).stored_len as u64;
+            decoded += inner.index.chunk_len(c) as u64;
+            batch.push(c);
+        }
+        batch
+    }
+
+    async fn fill_batch(&self, batch: Vec<u64>, bytes_per_sec: Option<u64>) -> Result<(), String> {
+        let inner = &self.inner;
+        let bytes: u64 = batch
+            .iter()
+            .map(|&c| inner.index.entry(c).stored_len as u64)
+            .sum();
+        let _permit = match &inner.opts.fill_gate {
+            // The node's gate decides how much fill runs beside demand reads.
+            Some(g) => Some(g.admit(bytes).await),
+            // Unscheduled (a single-layer process): this layer's reads always win.
+            None => {
+                while inner.foreground.load(Relaxed) > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
+                None
+            }
+        };
+        let started = Instant::now();
+        let deadline = Instant::now() + inner.opts.read_deadline;
+        // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks).
+        let to_memory = inner.opts.disk_cache.is_none();
+        for run in contiguous_runs(&batch) {
+            self.get_chunks(run, deadline, to_memory)
+                .await
+                .map_err(|(c, e)| format!("chunk {c}: {e}"))?;
+        }
+        if let Some(rate) = bytes_per_sec.filter(|&r| r > 0) {
+            let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);
+            if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                tokio::time::sleep(rest).await;
             }
         }
         Ok(())

@@ -4,6 +4,12 @@
 //! Priorities: a demand read (a workload waiting) > a trace replay (runs before its layer's fill and
 //! takes no fill slot) > background fill. Fairness: every fill batch (a few MiB) queues for a slot of
 //! a FIFO semaphore, so layers filling at once take turns batch by batch.
+//!
+//! Demand first does not mean fill last: a start reads most of what the fill would fetch, and on a
+//! link with round trips a paused fill leaves the link idle between the workload's dependent reads.
+//! While a demand read runs anywhere on the node, at most `busy_concurrency` fill batches run (1 by
+//! default: the demand reads get most of the link, the fill keeps it busy); with no demand read,
+//! up to `concurrency`. `busy_concurrency` 0 pauses fills entirely while demand reads run.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -14,6 +20,8 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// Shared by every engine of a node (see the module docs).
 pub struct FillGate {
     slots: Semaphore,
+    busy_concurrency: usize,
+    running: AtomicUsize,
     bytes_per_sec: Option<u64>,
     next_free: Mutex<Instant>,
     demand: AtomicUsize,
@@ -22,13 +30,28 @@ pub struct FillGate {
 /// A fill batch's right to run; dropping it frees the slot.
 pub struct FillPermit<'a> {
     _slot: SemaphorePermit<'a>,
+    gate: &'a FillGate,
+}
+
+impl Drop for FillPermit<'_> {
+    fn drop(&mut self) {
+        self.gate.running.fetch_sub(1, Relaxed);
+    }
 }
 
 impl FillGate {
-    /// At most `concurrency` fill batches at once on the node, together at most `bytes_per_sec`.
-    pub fn new(concurrency: usize, bytes_per_sec: Option<u64>) -> FillGate {
+    /// At most `concurrency` fill batches at once on the node (`busy_concurrency` while a demand
+    /// read runs), together at most `bytes_per_sec`.
+    pub fn new(
+        concurrency: usize,
+        busy_concurrency: usize,
+        bytes_per_sec: Option<u64>,
+    ) -> FillGate {
+        let concurrency = concurrency.max(1);
         FillGate {
-            slots: Semaphore::new(concurrency.max(1)),
+            slots: Semaphore::new(concurrency),
+            busy_concurrency: busy_concurrency.min(concurrency),
+            running: AtomicUsize::new(0),
             bytes_per_sec: bytes_per_sec.filter(|&r| r > 0),
             next_free: Mutex::new(Instant::now()),
             demand: AtomicUsize::new(0),
@@ -41,18 +64,35 @@ impl FillGate {
         DemandGuard(self)
     }
 
-    /// Waits until a batch of `bytes` may be fetched: no demand read running on the node, a free
-    /// slot (first come, first served), and its share of the node's bandwidth.
+    /// Fill batches running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Relaxed)
+    }
+
+    /// Takes a running place if the demand rule allows one now.
+    fn try_run(&self) -> bool {
+        self.running
+            .fetch_update(Relaxed, Relaxed, |r| {
+                (self.demand.load(Relaxed) == 0 || r < self.busy_concurrency).then_some(r + 1)
+            })
+            .is_ok()
+    }
+
+    /// Waits until a batch of `bytes` may be fetched: a free slot (first come, first served), fewer
+    /// than `busy_concurrency` batches running if a demand read runs on the node, and its share of
+    /// the node's bandwidth.
     pub async fn admit(&self, bytes: u64) -> FillPermit<'_> {
         loop {
-            while self.demand.load(Relaxed) > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
             let slot = self.slots.acquire().await.expect("fill gate never closes");
-            if self.demand.load(Relaxed) > 0 {
+            if !self.try_run() {
                 drop(slot);
+                tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
+            let permit = FillPermit {
+                _slot: slot,
+                gate: self,
+            };
             if let Some(rate) = self.bytes_per_sec {
                 let start = {
                     let mut next = self.next_free.lock().expect("fill gate lock");
@@ -62,7 +102,7 @@ impl FillGate {
                 };
                 tokio::time::sleep_until(start.into()).await;
             }
-            return FillPermit { _slot: slot };
+            return permit;
         }
     }
 }
@@ -83,7 +123,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_take_turns_within_the_concurrency_limit() {
-        let gate = Arc::new(FillGate::new(2, None));
+        let gate = Arc::new(FillGate::new(2, 2, None));
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..8)
@@ -106,7 +146,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_node_bandwidth_is_shared() {
-        let gate = FillGate::new(4, Some(1 << 20));
+        let gate = FillGate::new(4, 4, Some(1 << 20));
         let t = tokio::time::Instant::now();
         for _ in 0..4 {
             drop(gate.admit(512 << 10).await);
@@ -120,8 +160,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn demand_reads_hold_fills_back() {
-        let gate = Arc::new(FillGate::new(1, None));
+    async fn demand_reads_pause_fills_when_no_busy_slot_is_allowed() {
+        let gate = Arc::new(FillGate::new(1, 0, None));
         let guard = gate.demand();
         let g = gate.clone();
         let fill = tokio::spawn(async move {
@@ -131,5 +171,28 @@ mod tests {
         assert!(!fill.is_finished());
         drop(guard);
         fill.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn demand_reads_leave_the_busy_slots_to_fills() {
+        let gate = Arc::new(FillGate::new(4, 1, None));
+        let guard = gate.demand();
+        let first = gate.admit(1).await;
+        assert_eq!(gate.running(), 1);
+        let g = gate.clone();
+        let second = tokio::spawn(async move {
+            let _p = g.admit(1).await;
+            g.running()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "a second batch ran beside a demand read"
+        );
+        drop(guard);
+        // No demand: the second batch runs beside the first, up to the full concurrency.
+        assert_eq!(second.await.unwrap(), 2);
+        drop(first);
+        assert_eq!(gate.running(), 0);
     }
 }

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     pub readahead_chunks: u64,
     /// Fill batches in flight on the node.
     pub fill_concurrency: usize,
+    /// Fill batches in flight on the node while a demand read runs (0: fills pause).
+    pub fill_busy_concurrency: usize,
     /// Node-wide fill bandwidth, MiB/s (0: unlimited).
     pub fill_rate_mib: u64,
 }
@@ -54,6 +56,7 @@ impl Default for NodeConfig {
             parallel_fetches: 8,
             readahead_chunks: 32,
             fill_concurrency: 4,
+            fill_busy_concurrency: 1,
             fill_rate_mib: 0,
         }
     }
@@ -150,6 +153,7 @@ impl Node {
                 memory: MemCache::new(cfg.memory_mib.max(1) << 20),
                 fill: Arc::new(FillGate::new(
                     cfg.fill_concurrency,
+                    cfg.fill_busy_concurrency,
                     (cfg.fill_rate_mib > 0).then_some(cfg.fill_rate_mib << 20),
                 )),
                 cfg,

@@ -227,7 +227,16 @@ pub fn index_layer_with<R: Read>(
         tar_bytes: tar_size,
         diff_id: digest_string(&diff_id),
     };
-    let blob = BlobInfo::from(&blob);
+    let mut info = BlobInfo::from(&blob);
+    // Every stored chunk of an index's blob is metadata: its tail is fetched with the index.
+    crate::convert::mark_metadata_region(
+        blob_out,
+        &mut info,
+        &blob.index_digest,
+        DATA_START_BLOCK + ext4.data_blocks,
+        crate::convert::DEFAULT_METADATA_REGION,
+    )?;
+    let blob = info;
     let spans = SpanBlobInfo {
         digest: spans_digest,
         size: spans_size,
