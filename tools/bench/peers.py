@@ -8,8 +8,10 @@ its index over HTTPS, and blobs of loopback addresses over plain HTTP.
 
 Peers:
   soci   AWS SOCI snapshotter (Debian sid's soci-snapshotter package, unpacked by
-         tools/bench/get-peers.sh): `soci create` + `soci push` build the index beside the unmodified
+         tools/get-sid-package.sh): `soci create` + `soci push` build the index beside the unmodified
          image, `soci image rpull` pulls, `soci-snapshotter-grpc` is a containerd proxy plugin.
+  nydus  Nydus (see the Nydus class): sid's nydus-snapshotter with nydusd/nydus-image built from
+         upstream source by the user (this repository does not build them).
 """
 import os
 import shutil
@@ -143,9 +145,12 @@ class Soci:
     def soci(self, env, *args):
         return sh(os.path.join(self.bin, "soci"), "--address", env.sock, *args)
 
-    def build(self, env, image):
-        """Pulls IMAGE into containerd, builds its SOCI index (defaults: 4 MiB spans, layers of 10 MiB
-        and more) and pushes it to the image's repository; times `soci create` + `soci push`."""
+    def build(self, env, reg, name, layout, ctx):
+        """Copies REG/bench/NAME:v1 to REG/bench/NAME-soci:v1, pulls it into containerd, builds its SOCI
+        index (defaults: 4 MiB spans, layers of 10 MiB and more) and pushes it to that repository;
+        returns the seconds `soci create` + `soci push` took."""
+        image = f"{reg}/bench/{name}-soci:v1"
+        sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{image}")
         env.ctr("images", "pull", image)
         t = time.monotonic()
         self.soci(env, "create", image)
@@ -163,3 +168,168 @@ class Soci:
         self.stop()
         if not self.cli_root_existed:
             shutil.rmtree(self.cli_root, ignore_errors=True)
+
+
+def push_blob(reg, repo, path, ctx):
+    """Uploads the file at `path` as a blob of REG/REPO (monolithic upload); returns (digest, size)."""
+    import hashlib
+    import urllib.request
+    data = open(path, "rb").read()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    req = urllib.request.Request(f"https://{reg}/v2/{repo}/blobs/uploads/", method="POST", data=b"")
+    with urllib.request.urlopen(req, context=ctx) as r:
+        loc = r.headers["Location"]
+    if loc.startswith("/"):
+        loc = f"https://{reg}{loc}"
+    sep = "&" if "?" in loc else "?"
+    req = urllib.request.Request(f"{loc}{sep}digest={digest}", method="PUT", data=data,
+                                 headers={"Content-Type": "application/octet-stream"})
+    urllib.request.urlopen(req, context=ctx).close()
+    return digest, len(data)
+
+
+def push_manifest(reg, repo, tag, manifest, ctx):
+    import json
+    import urllib.request
+    body = json.dumps(manifest).encode()
+    req = urllib.request.Request(f"https://{reg}/v2/{repo}/manifests/{tag}", method="PUT", data=body,
+                                 headers={"Content-Type": manifest["mediaType"]})
+    urllib.request.urlopen(req, context=ctx).close()
+
+
+class Nydus:
+    """Nydus: nydus-snapshotter (Debian sid's package) in FUSE mode (`fusedev`, one nydusd per image)
+    as a containerd proxy plugin named "nydus", with nydusd and nydus-image built from the upstream
+    source (dragonflyoss/nydus; not built by this repository: pass --nydus-bin). Images are converted
+    the way nydusify does it: per layer `nydus-image create --type tar-rafs` (RAFS v6, zstd chunks), the
+    layer bootstraps merged into one, pushed as nydus data layers plus a bootstrap layer. Pulled with
+    `soci image rpull --snapshotter nydus` (a pull that passes the CRI labels, as nerdctl does)."""
+
+    name = "nydus"
+
+    def __init__(self, snapshotter_bin, nydus_bin, work, bundle, soci_bin):
+        self.sbin = snapshotter_bin
+        self.nbin = nydus_bin
+        self.soci_bin = soci_bin
+        self.work = work
+        self.sock = os.path.join(work, "nydus.sock")
+        self.root = os.path.join(work, "nydus-root")
+        self.nydusd_cfg = os.path.join(work, "nydusd.json")
+        self.proc = None
+        import json
+        json.dump({
+            "device": {
+                "backend": {"type": "registry", "config": {
+                    "scheme": "https", "timeout": 10, "connect_timeout": 10, "retry_limit": 2,
+                    "skip_verify": False, "ca_cert_files": [bundle]}},
+                "cache": {"type": "blobcache", "config": {"work_dir": os.path.join(self.root, "cache")}},
+            },
+            "mode": "direct", "digest_validate": False, "iostats_files": False, "enable_xattr": True,
+            # nydus's shipped defaults (misc/configs/nydusd-config.json): prefetch the whole image.
+            "fs_prefetch": {"enable": True, "threads_count": 8, "merging_size": 1048576, "prefetch_all": True},
+        }, open(self.nydusd_cfg, "w"))
+
+    def version(self):
+        v = sh(os.path.join(self.nbin, "nydusd"), "--version").stdout.split("\n")
+        return "nydusd " + " ".join(l.strip() for l in v[:3] if l.strip())
+
+    def containerd_plugin(self):
+        return f'[proxy_plugins.nydus]\n  type = "snapshot"\n  address = "{self.sock}"\n'
+
+    def start(self):
+        log = open(os.path.join(self.work, "nydus.log"), "a")
+        os.makedirs(self.root, exist_ok=True)
+        self.proc = subprocess.Popen([
+            os.path.join(self.sbin, "containerd-nydus-grpc"), "--root", self.root, "--address", self.sock,
+            "--nydusd", os.path.join(self.nbin, "nydusd"), "--nydus-image", os.path.join(self.nbin, "nydus-image"),
+            "--nydusd-config", self.nydusd_cfg, "--daemon-mode", "dedicated", "--fs-driver", "fusedev",
+            "--log-level", "warn", "--log-to-stdout"], stdout=log, stderr=log)
+        wait_unix(self.sock, "containerd-nydus-grpc", self.proc)
+
+    def stop(self):
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        subprocess.run(["pkill", "-f", f"nydusd.*{self.root}"], capture_output=True)
+        for line in open("/proc/self/mountinfo").read().splitlines():
+            mp = line.split()[4]
+            if mp.startswith(self.root + "/"):
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+
+    def cold(self):
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.start()
+
+    def build(self, env, reg, name, layout, ctx):
+        """Converts the OCI layout's image (tag v1) and pushes it as REG/bench/NAME-nydus:v1; returns
+        the seconds the conversion and push took."""
+        repo, tag = f"bench/{name}-nydus", "v1"
+        import gzip
+        import json
+        import tarfile
+        t = time.monotonic()
+        d = os.path.join(self.work, f"nydus-conv-{repo.replace('/', '_')}")
+        shutil.rmtree(d, ignore_errors=True)
+        blobs = os.path.join(d, "blobs")
+        os.makedirs(blobs)
+        blob = lambda dg: os.path.join(layout, "blobs", *dg.split(":"))
+        idx = json.load(open(os.path.join(layout, "index.json")))
+        man = json.load(open(blob(idx["manifests"][0]["digest"])))
+        cfg = json.load(open(blob(man["config"]["digest"])))
+        boots, layers, diff_ids = [], [], []
+        for i, l in enumerate(man["layers"]):
+            tar = os.path.join(d, f"layer{i}.tar")
+            with gzip.open(blob(l["digest"])) as src, open(tar, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            boot, out = os.path.join(d, f"layer{i}.boot"), os.path.join(d, f"layer{i}.json")
+            sh(os.path.join(self.nbin, "nydus-image"), "create", "--type", "tar-rafs", "--fs-version", "6",
+               "--compressor", "zstd", "--whiteout-spec", "oci", "--blob-dir", blobs, "--bootstrap", boot,
+               "--output-json", out, tar)
+            os.unlink(tar)
+            boots.append(boot)
+            for b in json.load(open(out))["blobs"]:
+                dg, size = push_blob(reg, repo, os.path.join(blobs, b), ctx)
+                layers.append({"mediaType": "application/vnd.oci.image.layer.nydus.blob.v1", "digest": dg,
+                               "size": size, "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
+                diff_ids.append(dg)
+        final = os.path.join(d, "image.boot")
+        sh(os.path.join(self.nbin, "nydus-image"), "merge", "--bootstrap", final, *boots)
+        boot_tar = os.path.join(d, "bootstrap.tar")
+        with tarfile.open(boot_tar, "w") as tf:
+            info = tarfile.TarInfo("image")
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(info)
+            tf.add(final, arcname="image/image.boot")
+        import hashlib
+        diff_ids.append("sha256:" + hashlib.sha256(open(boot_tar, "rb").read()).hexdigest())
+        with open(boot_tar, "rb") as src, gzip.open(boot_tar + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        dg, size = push_blob(reg, repo, boot_tar + ".gz", ctx)
+        layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": dg, "size": size,
+                       "annotations": {"containerd.io/snapshot/nydus-bootstrap": "true",
+                                       "containerd.io/snapshot/nydus-fs-version": "6"}})
+        cfg["rootfs"]["diff_ids"] = diff_ids
+        cfg_path = os.path.join(d, "config.json")
+        json.dump(cfg, open(cfg_path, "w"))
+        cdg, csize = push_blob(reg, repo, cfg_path, ctx)
+        push_manifest(reg, repo, tag, {
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdg, "size": csize},
+            "layers": layers}, ctx)
+        shutil.rmtree(d, ignore_errors=True)
+        return time.monotonic() - t
+
+    def pull(self, env, image):
+        sh(os.path.join(self.soci_bin, "soci"), "--address", env.sock, "image", "rpull", "--snapshotter",
+           "nydus", image)
+
+    def cleanup(self):
+        self.stop()

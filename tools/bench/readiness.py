@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
-"""Readiness benchmark: create -> first successful request, from a cold state, per mode.
+"""Readiness benchmark: create -> first successful request, from a cold state, per mode and network.
 
-    sudo tools/bench/readiness.py [--runs 5] [--images nginx,numpy,large] [--out .cache/bench/readiness]
+    sudo tools/bench/readiness.py [--runs 5] [--images nginx,numpy,large] [--profiles loopback,internet]
+                                  [--modes ...] [--daemon-arg=--fill-busy-concurrency=0] [--out DIR]
 
-Starts its own docker-registry, containerd (Debian's 1.6) with the lazyblk proxy snapshotter, and
-builds the images from Debian packages with the project's tools (tools/make-rootfs-layer.sh, umoci):
+Starts its own docker-registry over HTTPS (a throwaway CA trusted only by the run's processes through
+SSL_CERT_FILE; a host name mapped to 127.0.0.1 in /etc/hosts for the run: see peers.py), containerd
+(Debian's 1.6) with the lazyblk proxy snapshotter and the peers' snapshotters, and builds the images from
+Debian packages with the project's tools (tools/make-rootfs-layer.sh, umoci):
   nginx  Debian + nginx-light, serving its default page
   numpy  Debian + python3-numpy, an app that imports numpy, then serves HTTP
   large  nginx + a 1 GiB layer of data the app never reads
-Modes, each run from a cold state (image, content, snapshots and lazyblk cache removed, page cache
-dropped): "overlayfs" (containerd's full pull + unpack), "lazyblk" (`lazyblk pull` + lazily
-attached layers; loop backend on hosts without ublk/nbd) and "lazyblk+trace" (the same, with a startup
-trace recorded once by `lazyblk trace record` and shipped with `lazyblk trace push` as a referrer of
-a copy of the image in its own repository, so the "lazyblk" runs never see it) and "lazyblk+relayout"
-(`lazyblk trace relayout` of the image with that trace: the traced chunks sit right before each
-layer's index and arrive with it in one request). Measures pull, start
-(ctr run returns with the task running), ready (first HTTP 200), total, bytes fetched from the
-registry by the time of the first 200 and in all. Writes results.json, results.md (medians and
-min-max) and readiness.svg (stacked bars) to --out.
+Modes, each run from a cold state (image, content, snapshots, lazyblk's cache and the peers' state
+removed, page cache dropped): "overlayfs" (containerd's full pull + unpack: the baseline), "lazyblk"
+(`lazyblk pull` + lazily attached layers, zero config; loop backend on hosts without ublk/nbd),
+"lazyblk+trace" (the same, with a startup trace recorded once by `lazyblk trace record` and shipped
+with `lazyblk trace push` as a referrer of a copy of the image in its own repository, so the
+"lazyblk" runs never see it), "lazyblk+relayout" (`lazyblk trace relayout` of the image with that
+trace: the traced chunks sit right before each layer's index and arrive with it in one request),
+"lazyblk+index" (the *original* image with a `lazyblk index` artifact), "lazyblk-nometa" (converted
+with `--metadata-region 0`: the metadata region lever's "before"), and the peers "soci" (AWS SOCI
+snapshotter 0.4.1, Debian sid's package, with `soci create` + `soci push` defaults) and "nydus"
+(nydus-snapshotter 0.13 + nydusd from upstream source, FUSE mode; needs --nydus-bin).
+Every profile (`lazyblk bench shape`: loopback, region = 2 ms RTT 1 Gbit/s, internet = 30 ms RTT
+200 Mbit/s) puts the same shaping proxy between containerd's node and the registry for every mode.
+Measures pull, start (ctr run returns with the task running), ready (first HTTP 200), total, the
+time until the whole image is local (full pull: its pull; lazyblk: every layer filled), bytes fetched
+from the registry by the first 200 and in all. Writes results.json, results.md (medians and min-max
+per profile) and readiness-PROFILE.svg (stacked bars) to --out.
 """
 import argparse
 import glob
@@ -92,12 +102,18 @@ def build_image(name, work, reg):
     sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
     sh("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk")
+    # The lever's "before": no metadata region (mode lazyblk-nometa).
+    sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-nometa", "--metadata-region", "0")
     # The original image in its own repository with a `lazyblk index` artifact (mode lazyblk+index);
     # the index build is timed against a plain `skopeo copy` of the same image (it reads every layer
     # once too).
+    # (A copy into a local OCI layout: within one registry skopeo would mount the blobs, not read them.)
+    copy_dir = os.path.join(work, f"copy-{name}")
     t = time.monotonic()
-    sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-orig:v1")
+    sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"oci:{copy_dir}:v1")
     t_copy = time.monotonic() - t
+    shutil.rmtree(copy_dir)
+    sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-orig:v1")
     t = time.monotonic()
     out = sh(BIN, "index", f"{reg}/bench/{name}-orig:v1", "--json")
     t_index = time.monotonic() - t
@@ -109,9 +125,6 @@ def build_image(name, work, reg):
     # The same image in another repository: the trace is pushed there only.
     sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
        f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
-    # The peers' copies, each in its own repository (their indexes are referrers of the same manifest).
-    for peer in PEERS:
-        sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-{peer}:v1")
 
 
 INDEX_STATS = {}
@@ -121,10 +134,11 @@ TLS_CONTEXT = None
 
 def repo_tag(name, mode):
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
+            "lazyblk-nometa": (name, "v1-lazyblk-nometa"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
             "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk"),
             "lazyblk+index": (f"{name}-orig", "v1"),
-            "soci": (f"{name}-soci", "v1")}[mode]
+            "soci": (f"{name}-soci", "v1"), "nydus": (f"{name}-nydus", "v1")}[mode]
 
 
 def record_trace(env, reg, name):
@@ -402,6 +416,7 @@ def main():
                          "every mode")
     ap.add_argument("--peers-dir", default=os.path.join(ROOT, ".cache/peers"),
                     help="where tools/get-sid-package.sh unpacks the peers' Debian packages")
+    ap.add_argument("--nydus-bin", help="directory with nydusd and nydus-image (mode nydus)")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
                          "--daemon-arg=--fill-busy-concurrency=0); repeatable")
@@ -429,6 +444,13 @@ def main():
                         "soci-snapshotter").stdout.strip()
             env.peers["soci"] = peers.Soci(bindir, work)
             print(f"peer: {env.peers['soci'].version()}", file=sys.stderr)
+        if "nydus" in modes:
+            if not a.nydus_bin:
+                sys.exit("mode nydus needs --nydus-bin DIR (nydusd and nydus-image built from dragonflyoss/nydus)")
+            sbin = sh(os.path.join(ROOT, "tools/get-sid-package.sh"), os.path.join(a.peers_dir, "nydus"),
+                      "nydus-snapshotter", "soci-snapshotter").stdout.strip()
+            env.peers["nydus"] = peers.Nydus(sbin, a.nydus_bin, work, bundle, sbin)
+            print(f"peer: {env.peers['nydus'].version()}", file=sys.stderr)
         reg = start_registry(work, procs, cert, key)
         images = a.images.split(",")
         for name in images:
@@ -437,7 +459,7 @@ def main():
         start_containerd(env, procs)
         for name in images:
             for pname, p in env.peers.items():
-                took = p.build(env, f"{reg}/bench/{name}-{pname}:v1")
+                took = p.build(env, reg, name, os.path.join(work, f"layout-{name}"), TLS_CONTEXT)
                 INDEX_STATS.setdefault(name, {})[f"{pname}_index_s"] = took
         rows = []
         unshaped = reg
@@ -474,11 +496,12 @@ def main():
             svg(prow, os.path.join(a.out, f"readiness-{profile}.svg"))
         if INDEX_STATS:
             md += ("| image | layers MB | lazyblk index MB | index / layers | lazyblk index s | skopeo copy s "
-                   "| soci create+push s |\n|---|---|---|---|---|---|---|\n")
+                   "| soci create+push s | nydus convert+push s |\n|---|---|---|---|---|---|---|---|\n")
             for n, v in INDEX_STATS.items():
                 soci_s = f"{v['soci_index_s']:.2f}" if "soci_index_s" in v else "–"
+                nydus_s = f"{v['nydus_index_s']:.2f}" if "nydus_index_s" in v else "–"
                 md += (f"| {n} | {v['layers_bytes'] / 1e6:.1f} | {v['index_bytes'] / 1e6:.2f} | {v['index_pct']:.2f}% "
-                       f"| {v['index_s']:.2f} | {v['skopeo_copy_s']:.2f} | {soci_s} |\n")
+                       f"| {v['index_s']:.2f} | {v['skopeo_copy_s']:.2f} | {soci_s} | {nydus_s} |\n")
         open(os.path.join(a.out, "results.md"), "w").write(md)
         print(md)
     finally:
