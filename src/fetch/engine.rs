@@ -1164,8 +1164,13 @@ impl Engine {
         let inner = &self.inner;
         let mut batch = Vec::new();
         let (mut bytes, mut decoded) = (0u64, 0u64);
+        let limit = inner
+            .opts
+            .fill_gate
+            .as_ref()
+            .map_or(FILL_BATCH_BYTES, |g| g.batch_bytes(FILL_BATCH_BYTES));
         let cached = inner.cached.lock().expect("cached lock");
-        while *i < order.len() && bytes < FILL_BATCH_BYTES && decoded < MAX_BATCH_DECODED {
+        while *i < order.len() && bytes < limit && decoded < MAX_BATCH_DECODED {
             let c = order[*i];
             *i += 1;
             if cached[c as usize] {

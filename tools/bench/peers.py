@@ -239,9 +239,13 @@ class Nydus:
     def start(self):
         log = open(os.path.join(self.work, "nydus.log"), "a")
         os.makedirs(self.root, exist_ok=True)
+        # nydusd raises RLIMIT_NOFILE to 1000000 by default, which a container's hard limit refuses.
+        nydusd = os.path.join(self.work, "nydusd")
+        open(nydusd, "w").write(f'#!/bin/sh\nexec {os.path.join(self.nbin, "nydusd")} "$@" --rlimit-nofile 0\n')
+        os.chmod(nydusd, 0o755)
         self.proc = subprocess.Popen([
             os.path.join(self.sbin, "containerd-nydus-grpc"), "--root", self.root, "--address", self.sock,
-            "--nydusd", os.path.join(self.nbin, "nydusd"), "--nydus-image", os.path.join(self.nbin, "nydus-image"),
+            "--nydusd", nydusd, "--nydus-image", os.path.join(self.nbin, "nydus-image"),
             "--nydusd-config", self.nydusd_cfg, "--daemon-mode", "dedicated", "--fs-driver", "fusedev",
             "--log-level", "warn", "--log-to-stdout"], stdout=log, stderr=log)
         wait_unix(self.sock, "containerd-nydus-grpc", self.proc)
@@ -284,7 +288,7 @@ class Nydus:
         idx = json.load(open(os.path.join(layout, "index.json")))
         man = json.load(open(blob(idx["manifests"][0]["digest"])))
         cfg = json.load(open(blob(man["config"]["digest"])))
-        boots, layers, diff_ids = [], [], []
+        boots, layers, diff_ids, sizes = [], [], [], []
         for i, l in enumerate(man["layers"]):
             tar = os.path.join(d, f"layer{i}.tar")
             with gzip.open(blob(l["digest"])) as src, open(tar, "wb") as dst:
@@ -300,8 +304,11 @@ class Nydus:
                 layers.append({"mediaType": "application/vnd.oci.image.layer.nydus.blob.v1", "digest": dg,
                                "size": size, "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
                 diff_ids.append(dg)
+                sizes.append(str(size))
         final = os.path.join(d, "image.boot")
-        sh(os.path.join(self.nbin, "nydus-image"), "merge", "--bootstrap", final, *boots)
+        # The merged bootstrap names each layer's blob by the digest it was pushed under.
+        sh(os.path.join(self.nbin, "nydus-image"), "merge", "--bootstrap", final,
+           "--blob-digests", ",".join(x.split(":")[1] for x in diff_ids), "--blob-sizes", ",".join(sizes), *boots)
         boot_tar = os.path.join(d, "bootstrap.tar")
         with tarfile.open(boot_tar, "w") as tf:
             info = tarfile.TarInfo("image")

@@ -10,6 +10,7 @@ SSL_CERT_FILE; a host name mapped to 127.0.0.1 in /etc/hosts for the run: see pe
 Debian packages with the project's tools (tools/make-rootfs-layer.sh, umoci):
   nginx  Debian + nginx-light, serving its default page
   numpy  Debian + python3-numpy, an app that imports numpy, then serves HTTP
+  torch  Debian + python3-torch, python3-scipy, python3-pandas, an app that imports all three, then serves
   large  nginx + a 1 GiB layer of data the app never reads
 Modes, each run from a cold state (image, content, snapshots, lazyblk's cache and the peers' state
 removed, page cache dropped): "overlayfs" (containerd's full pull + unpack: the baseline), "lazyblk"
@@ -56,9 +57,10 @@ APPS = {
     "nginx": ["sh", "-c", f"sed -i 's/listen 80 default_server;/listen {PORT} default_server;/; s/listen \\[::\\]:80 default_server;//' /etc/nginx/sites-enabled/default && exec nginx -g 'daemon off;'"],
     "numpy": ["python3", "-c", f"import numpy, http.server; http.server.HTTPServer(('127.0.0.1', {PORT}), http.server.SimpleHTTPRequestHandler).serve_forever()"],
 }
+APPS["torch"] = ["python3", "-c", f"import torch, scipy, pandas, http.server; http.server.HTTPServer(('127.0.0.1', {PORT}), http.server.SimpleHTTPRequestHandler).serve_forever()"]
 APPS["large"] = APPS["nginx"]
-BASE = {"nginx": "nginx", "numpy": "numpy", "large": "nginx"}
-PKGS = {"nginx": "nginx-light", "numpy": "python3-numpy"}
+BASE = {"nginx": "nginx", "numpy": "numpy", "torch": "torch", "large": "nginx"}
+PKGS = {"nginx": "nginx-light", "numpy": "python3-numpy", "torch": "python3-torch,python3-scipy,python3-pandas"}
 
 
 def sh(*cmd, check=True, **kw):
@@ -416,6 +418,7 @@ def main():
                          "every mode")
     ap.add_argument("--peers-dir", default=os.path.join(ROOT, ".cache/peers"),
                     help="where tools/get-sid-package.sh unpacks the peers' Debian packages")
+    ap.add_argument("--keep-work", action="store_true", help="keep the work dir (logs) for debugging")
     ap.add_argument("--nydus-bin", help="directory with nydusd and nydus-image (mode nydus)")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
@@ -512,7 +515,10 @@ def main():
             p.terminate()
             p.wait()
         hosts.__exit__(None, None, None)
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep_work:
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
