@@ -131,6 +131,7 @@ def build_image(name, work, reg):
 
 INDEX_STATS = {}
 DAEMON_ARGS = []
+SNAPSHOTTER_ARGS = []
 TLS_CONTEXT = None
 
 
@@ -207,7 +208,7 @@ class Env:
                               *DAEMON_ARGS], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
             peers.wait_unix(os.path.join(run, "daemon.sock"), "lazyblk daemon")
         self.snapd = subprocess.Popen([BIN, "snapshotter", "--address", self.snap_sock, "--root", self.lb,
-                                       "--backend", "auto", "--grace-secs", "0"], stderr=log)
+                                       "--backend", "auto", "--grace-secs", "0", *SNAPSHOTTER_ARGS], stderr=log)
         for _ in range(300):
             try:
                 s = socket.socket(socket.AF_UNIX)
@@ -256,8 +257,9 @@ class Env:
         else:
             sys.exit("lazyblk layers still attached after the images were removed")
         cache = os.path.join(self.lb, "cache")
+        # (The daemon may still be finishing a write there: empty what can be emptied, keep going.)
         shutil.rmtree(cache, ignore_errors=True)
-        os.makedirs(cache)
+        os.makedirs(cache, exist_ok=True)
         for p in self.peers.values():
             p.cold()
         sh("sync")
@@ -339,7 +341,7 @@ def one_run(env, reg, name, mode, i):
     # The whole image local (the registry no longer a runtime dependency): a full pull's pull; for
     # lazyblk, every layer filled. Peers: not measured (None).
     local = t1 - t0 if mode == "overlayfs" else None
-    if lazy:
+    if lazy and "--no-fill" not in SNAPSHOTTER_ARGS:
         while time.monotonic() - t3 < 300:
             ls = lazyblk_ls(env)
             if ls and not any(l.get("depends_on_registry", True) for l in ls):
@@ -420,15 +422,20 @@ def main():
                     help="where tools/get-sid-package.sh unpacks the peers' Debian packages")
     ap.add_argument("--keep-work", action="store_true", help="keep the work dir (logs) for debugging")
     ap.add_argument("--nydus-bin", help="directory with nydusd and nydus-image (mode nydus)")
+    ap.add_argument("--snapshotter-arg", action="append", default=[],
+                    help="an argument for the lazyblk snapshotter (e.g. --snapshotter-arg=--no-fill); repeatable")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
                          "--daemon-arg=--fill-busy-concurrency=0); repeatable")
     a = ap.parse_args()
-    global SHOW_LS, DAEMON_ARGS, TLS_CONTEXT
+    global SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT
     SHOW_LS = a.show_ls
     DAEMON_ARGS = a.daemon_arg
+    SNAPSHOTTER_ARGS = a.snapshotter_arg
     if os.geteuid() != 0:
         sys.exit("run as root")
+    # A TERM (or an INT in a background job, which ignores it) still runs the clean-up below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     modes = a.modes.split(",")
     sh("cargo", "build", "--release", "-q", cwd=ROOT)
     os.makedirs(a.out, exist_ok=True)
