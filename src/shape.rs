@@ -45,19 +45,26 @@ struct Link {
 }
 
 impl Link {
-    /// Waits until `n` bytes have crossed the link (after those queued before them).
-    async fn transmit(&self, n: usize) {
+    /// Reserves the link for `n` bytes, after those queued before them (of every connection), and
+    /// returns when they will have crossed it. Waits until that moment is at most [`LOOKAHEAD`]
+    /// chunks away, so one connection keeps only a few chunks queued on the link (connections
+    /// interleave every few chunks, as on a fairly queued path) while timer slack between one chunk
+    /// and the next never leaves the link idle (it did: one connection got about 65% of the rate).
+    async fn transmit(&self, n: usize) -> Instant {
         if self.bits_per_sec == 0 {
-            return;
+            return Instant::now();
         }
-        let wire = Duration::from_secs_f64(n as f64 * 8.0 / self.bits_per_sec as f64);
+        let wire =
+            |bytes: usize| Duration::from_secs_f64(bytes as f64 * 8.0 / self.bits_per_sec as f64);
         let done = {
             let mut free = self.free_at.lock().await;
             let start = (*free).max(Instant::now());
-            *free = start + wire;
+            *free = start + wire(n);
             *free
         };
-        tokio::time::sleep_until(done).await;
+        let ahead = wire(LOOKAHEAD * CHUNK);
+        tokio::time::sleep_until(done.checked_sub(ahead).unwrap_or(done)).await;
+        done
     }
 }
 
@@ -65,6 +72,8 @@ impl Link {
 const CHUNK: usize = 64 << 10;
 /// Chunks in flight per direction of a connection (bounds memory: 4 MiB per direction).
 const IN_FLIGHT: usize = 64;
+/// Chunks a connection may have reserved on the link ahead of it.
+const LOOKAHEAD: usize = 4;
 
 /// Copies `from` to `to` through `link`: each chunk is serialised onto the link (after the chunks
 /// before it, of every connection sharing the link), then delivered `delay` later.
@@ -92,8 +101,8 @@ async fn pump(
     });
     let wire = tokio::spawn(async move {
         while let Some(buf) = on_link.recv().await {
-            link.transmit(buf.len()).await;
-            if to_peer.send((Instant::now() + delay, buf)).await.is_err() {
+            let crossed = link.transmit(buf.len()).await;
+            if to_peer.send((crossed + delay, buf)).await.is_err() {
                 break;
             }
         }
