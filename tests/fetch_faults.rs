@@ -30,13 +30,7 @@ fn layer() -> (Vec<u8>, Vec<u8>) {
     let blob = dir.path().join("l.blob");
     convert(&tar, &blob);
     let raw = dir.path().join("l.img");
-    run_ok(
-        lazyblk()
-            .args(["layer", "export"])
-            .arg(&blob)
-            .arg("-o")
-            .arg(&raw),
-    );
+    export(&blob, &raw);
     (std::fs::read(&blob).unwrap(), std::fs::read(&raw).unwrap())
 }
 
@@ -417,13 +411,7 @@ async fn the_metadata_region_arrives_with_the_index() {
     let blob = dir.path().join("l.blob");
     let s = convert(&tar, &blob);
     let raw = dir.path().join("l.img");
-    run_ok(
-        lazyblk()
-            .args(["layer", "export"])
-            .arg(&blob)
-            .arg("-o")
-            .arg(&raw),
-    );
+    export(&blob, &raw);
     let raw = std::fs::read(&raw).unwrap();
     let b = &s["blob"];
     let ann = &s["annotations"];

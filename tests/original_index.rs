@@ -113,13 +113,7 @@ fn converted_disk(layer: &[u8]) -> Vec<u8> {
     );
     std::fs::write(&input, layer).unwrap();
     convert(&input, &blob);
-    run_ok(
-        lazyblk()
-            .args(["layer", "export"])
-            .arg(&blob)
-            .arg("-o")
-            .arg(&raw),
-    );
+    export(&blob, &raw);
     std::fs::read(&raw).unwrap()
 }
 

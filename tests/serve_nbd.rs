@@ -38,13 +38,7 @@ fn fixture() -> Fixture {
     let blob = dir.path().join("l.blob");
     let summary = convert(&tar, &blob);
     let raw = dir.path().join("l.img");
-    run_ok(
-        lazyblk()
-            .args(["layer", "export"])
-            .arg(&blob)
-            .arg("-o")
-            .arg(&raw),
-    );
+    export(&blob, &raw);
     Fixture {
         dir,
         blob,

@@ -86,8 +86,8 @@ pub fn convert(input: &Path, blob: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("convert --json output")
 }
 
-/// Exports `blob` to a raw image and checks it with `e2fsck -fn`.
-pub fn export_and_fsck(blob: &Path, image: &Path) {
+/// Exports `blob` to the raw disk image `image` (`lazyblk layer export`).
+pub fn export(blob: &Path, image: &Path) {
     run_ok(
         lazyblk()
             .args(["layer", "export"])
@@ -95,6 +95,11 @@ pub fn export_and_fsck(blob: &Path, image: &Path) {
             .arg("-o")
             .arg(image),
     );
+}
+
+/// Exports `blob` to a raw image and checks it with `e2fsck -fn`.
+pub fn export_and_fsck(blob: &Path, image: &Path) {
+    export(blob, image);
     e2fsck(image);
 }
 

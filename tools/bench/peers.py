@@ -88,36 +88,29 @@ def wait_unix(path, what, proc=None):
     sys.exit(f"{what} did not start")
 
 
-class Soci:
-    """The AWS SOCI snapshotter as a containerd proxy plugin named "soci"."""
+class Peer:
+    """A peer snapshotter run as a containerd proxy plugin named `name`, with its socket and root in
+    the run's work dir; `command()` is its command line."""
 
-    name = "soci"
+    name = ""
 
-    def __init__(self, bindir, work):
-        self.bin = bindir
+    def __init__(self, work):
         self.work = work
-        self.sock = os.path.join(work, "soci.sock")
-        self.root = os.path.join(work, "soci-root")
-        self.cfg = os.path.join(work, "soci.toml")
+        self.sock = os.path.join(work, f"{self.name}.sock")
+        self.root = os.path.join(work, f"{self.name}-root")
         self.proc = None
-        # The soci CLI keeps its artifacts database and content under this fixed path.
-        self.cli_root = "/var/lib/soci-snapshotter-grpc"
-        self.cli_root_existed = os.path.exists(self.cli_root)
-        open(self.cfg, "w").write("")
 
-    def version(self):
-        return sh(os.path.join(self.bin, "soci"), "--version").stdout.strip()
+    def command(self):
+        raise NotImplementedError
 
     def containerd_plugin(self):
-        return f'[proxy_plugins.soci]\n  type = "snapshot"\n  address = "{self.sock}"\n'
+        return f'[proxy_plugins.{self.name}]\n  type = "snapshot"\n  address = "{self.sock}"\n'
 
     def start(self):
-        log = open(os.path.join(self.work, "soci.log"), "a")
+        log = open(os.path.join(self.work, f"{self.name}.log"), "a")
         os.makedirs(self.root, exist_ok=True)
-        self.proc = subprocess.Popen([os.path.join(self.bin, "soci-snapshotter-grpc"), "-address", self.sock,
-                                      "-root", self.root, "-config", self.cfg, "-log-level", "warn"],
-                                     stdout=log, stderr=log)
-        wait_unix(self.sock, "soci-snapshotter-grpc", self.proc)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log)
+        wait_unix(self.sock, self.name, self.proc)
 
     def stop(self):
         if self.proc:
@@ -128,19 +121,45 @@ class Soci:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-        # Its FUSE mounts go with it; lazily detach any the exit left.
+        # Daemons it started (their command lines name its root), then any FUSE mount left.
+        subprocess.run(["pkill", "-f", self.root], capture_output=True)
         for line in open("/proc/self/mountinfo").read().splitlines():
             mp = line.split()[4]
             if mp.startswith(self.root + "/"):
                 subprocess.run(["umount", "-l", mp], capture_output=True)
 
     def cold(self):
-        """A fresh snapshotter with an empty root (its span cache and metadata go with it)."""
+        """A fresh snapshotter with an empty root (its caches and metadata go with it)."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.start()
+
+    def cleanup(self):
+        self.stop()
+
+
+class Soci(Peer):
+    """The AWS SOCI snapshotter as a containerd proxy plugin named "soci"."""
+
+    name = "soci"
+
+    def __init__(self, bindir, work):
+        super().__init__(work)
+        self.bin = bindir
+        self.cfg = os.path.join(work, "soci.toml")
+        # The soci CLI keeps its artifacts database and content under this fixed path.
+        self.cli_root = "/var/lib/soci-snapshotter-grpc"
+        self.cli_root_existed = os.path.exists(self.cli_root)
+        open(self.cfg, "w").write("")
+
+    def version(self):
+        return sh(os.path.join(self.bin, "soci"), "--version").stdout.strip()
+
+    def command(self):
+        return [os.path.join(self.bin, "soci-snapshotter-grpc"), "-address", self.sock, "-root", self.root,
+                "-config", self.cfg, "-log-level", "warn"]
 
     def soci(self, env, *args):
         return sh(os.path.join(self.bin, "soci"), "--address", env.sock, *args)
@@ -165,7 +184,7 @@ class Soci:
         self.soci(env, "image", "rpull", image)
 
     def cleanup(self):
-        self.stop()
+        super().cleanup()
         if not self.cli_root_existed:
             shutil.rmtree(self.cli_root, ignore_errors=True)
 
@@ -197,7 +216,7 @@ def push_manifest(reg, repo, tag, manifest, ctx):
     urllib.request.urlopen(req, context=ctx).close()
 
 
-class Nydus:
+class Nydus(Peer):
     """Nydus: nydus-snapshotter (Debian sid's package) in FUSE mode (`fusedev`, one nydusd per image)
     as a containerd proxy plugin named "nydus", with nydusd and nydus-image built from the upstream
     source (dragonflyoss/nydus; not built by this repository: pass --nydus-bin). Images are converted
@@ -208,14 +227,11 @@ class Nydus:
     name = "nydus"
 
     def __init__(self, snapshotter_bin, nydus_bin, work, bundle, soci_bin):
+        super().__init__(work)
         self.sbin = snapshotter_bin
         self.nbin = nydus_bin
         self.soci_bin = soci_bin
-        self.work = work
-        self.sock = os.path.join(work, "nydus.sock")
-        self.root = os.path.join(work, "nydus-root")
         self.nydusd_cfg = os.path.join(work, "nydusd.json")
-        self.proc = None
         import json
         json.dump({
             "device": {
@@ -233,44 +249,16 @@ class Nydus:
         v = sh(os.path.join(self.nbin, "nydusd"), "--version").stdout.split("\n")
         return "nydusd " + " ".join(l.strip() for l in v[:3] if l.strip())
 
-    def containerd_plugin(self):
-        return f'[proxy_plugins.nydus]\n  type = "snapshot"\n  address = "{self.sock}"\n'
-
-    def start(self):
-        log = open(os.path.join(self.work, "nydus.log"), "a")
-        os.makedirs(self.root, exist_ok=True)
+    def command(self):
         # nydusd raises RLIMIT_NOFILE to 1000000 by default, which a container's hard limit refuses.
         nydusd = os.path.join(self.work, "nydusd")
         open(nydusd, "w").write(f'#!/bin/sh\nexec {os.path.join(self.nbin, "nydusd")} "$@" --rlimit-nofile 0\n')
         os.chmod(nydusd, 0o755)
-        self.proc = subprocess.Popen([
-            os.path.join(self.sbin, "containerd-nydus-grpc"), "--root", self.root, "--address", self.sock,
-            "--nydusd", nydusd, "--nydus-image", os.path.join(self.nbin, "nydus-image"),
-            "--nydusd-config", self.nydusd_cfg, "--daemon-mode", "dedicated", "--fs-driver", "fusedev",
-            "--log-level", "warn", "--log-to-stdout"], stdout=log, stderr=log)
-        wait_unix(self.sock, "containerd-nydus-grpc", self.proc)
+        return [os.path.join(self.sbin, "containerd-nydus-grpc"), "--root", self.root, "--address", self.sock,
+                "--nydusd", nydusd, "--nydus-image", os.path.join(self.nbin, "nydus-image"),
+                "--nydusd-config", self.nydusd_cfg, "--daemon-mode", "dedicated", "--fs-driver", "fusedev",
+                "--log-level", "warn", "--log-to-stdout"]
 
-    def stop(self):
-        if self.proc:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-        subprocess.run(["pkill", "-f", f"nydusd.*{self.root}"], capture_output=True)
-        for line in open("/proc/self/mountinfo").read().splitlines():
-            mp = line.split()[4]
-            if mp.startswith(self.root + "/"):
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-
-    def cold(self):
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.start()
 
     def build(self, env, reg, name, layout, ctx):
         """Converts the OCI layout's image (tag v1) and pushes it as REG/bench/NAME-nydus:v1; returns
@@ -337,6 +325,3 @@ class Nydus:
     def pull(self, env, image):
         sh(os.path.join(self.soci_bin, "soci"), "--address", env.sock, "image", "rpull", "--snapshotter",
            "nydus", image)
-
-    def cleanup(self):
-        self.stop()
