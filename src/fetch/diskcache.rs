@@ -95,9 +95,18 @@ impl DiskCache {
         self.state.lock().expect("cache lock").total
     }
 
-    /// True if `d` is cached (without reading it).
+    /// True if `d` is cached (without reading it): known here and its file still there. A file
+    /// removed behind the cache's back (a cleanup, an operator) is forgotten, so a layer is never
+    /// called complete — and the registry never called unneeded — on chunks that are gone.
     pub fn contains(&self, d: &Digest) -> bool {
-        self.state.lock().expect("cache lock").lru.contains(d)
+        if !self.state.lock().expect("cache lock").lru.contains(d) {
+            return false;
+        }
+        if self.path(d).exists() {
+            return true;
+        }
+        self.forget(d);
+        false
     }
 
     /// The stored bytes with digest `d`, verified; `None` if absent or damaged (damaged files are removed).
@@ -281,6 +290,18 @@ mod tests {
             "unpinned: evicted like any other entry"
         );
         assert!(c.total_bytes() <= 250);
+    }
+
+    #[test]
+    fn a_file_removed_behind_its_back_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let a = vec![7u8; 100];
+        c.put(&sha256(&a), &a).unwrap();
+        assert!(c.contains(&sha256(&a)));
+        std::fs::remove_file(c.path(&sha256(&a))).unwrap();
+        assert!(!c.contains(&sha256(&a)));
+        assert_eq!(c.total_bytes(), 0);
     }
 
     #[test]
