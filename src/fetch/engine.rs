@@ -1145,9 +1145,9 @@ impl Engine {
         let mut i = 0;
         loop {
             while running.len() < depth && i < order.len() {
-                let batch = self.next_fill_batch(order, &mut i);
+                let (batch, bytes) = self.next_fill_batch(order, &mut i);
                 if !batch.is_empty() {
-                    running.push(self.fill_batch(batch, bytes_per_sec));
+                    running.push(self.fill_batch(batch, bytes, bytes_per_sec));
                 }
             }
             match running.next().await {
@@ -1159,8 +1159,8 @@ impl Engine {
 
     /// The next chunks of `order` from `*i` not cached yet, at most a batch (by stored and by
     /// decoded bytes: chunks of one repeated byte compress to almost nothing, and a batch is held
-    /// decoded until it is cached).
-    fn next_fill_batch(&self, order: &[u64], i: &mut usize) -> Vec<u64> {
+    /// decoded until it is cached), and their stored bytes.
+    fn next_fill_batch(&self, order: &[u64], i: &mut usize) -> (Vec<u64>, u64) {
         let inner = &self.inner;
         let mut batch = Vec::new();
         let (mut bytes, mut decoded) = (0u64, 0u64);
@@ -1180,15 +1180,16 @@ impl Engine {
             decoded += inner.index.chunk_len(c) as u64;
             batch.push(c);
         }
-        batch
+        (batch, bytes)
     }
 
-    async fn fill_batch(&self, batch: Vec<u64>, bytes_per_sec: Option<u64>) -> Result<(), String> {
+    async fn fill_batch(
+        &self,
+        batch: Vec<u64>,
+        bytes: u64,
+        bytes_per_sec: Option<u64>,
+    ) -> Result<(), String> {
         let inner = &self.inner;
-        let bytes: u64 = batch
-            .iter()
-            .map(|&c| inner.index.entry(c).stored_len as u64)
-            .sum();
         let _permit = match &inner.opts.fill_gate {
             // The node's gate decides how much fill runs beside demand reads.
             Some(g) => Some(g.admit(bytes).await),

@@ -638,6 +638,7 @@ async fn index_one(
         span_size,
         threads: ctx.opts.layer.threads,
         max_entries: ctx.opts.layer.max_entries,
+        metadata_region_bytes: ctx.opts.layer.metadata_region_bytes,
     };
     let (sp, bp, pp) = (src_path.clone(), blob_path.clone(), spans_path.clone());
     let summary = tokio::task::spawn_blocking(move || {

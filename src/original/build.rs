@@ -34,6 +34,9 @@ pub struct IndexOptions {
     pub threads: usize,
     /// Most tar entries accepted.
     pub max_entries: u64,
+    /// Largest metadata startup region of the metadata blob, stored bytes (0: none; see
+    /// [`crate::convert::ConvertOptions::metadata_region_bytes`]).
+    pub metadata_region_bytes: u64,
 }
 
 impl Default for IndexOptions {
@@ -45,6 +48,7 @@ impl Default for IndexOptions {
                 .map(|n| n.get())
                 .unwrap_or(1),
             max_entries: DEFAULT_MAX_ENTRIES,
+            metadata_region_bytes: crate::convert::DEFAULT_METADATA_REGION,
         }
     }
 }
@@ -234,7 +238,7 @@ pub fn index_layer_with<R: Read>(
         &mut info,
         &blob.index_digest,
         DATA_START_BLOCK + ext4.data_blocks,
-        crate::convert::DEFAULT_METADATA_REGION,
+        opts.metadata_region_bytes,
     )?;
     let blob = info;
     let spans = SpanBlobInfo {

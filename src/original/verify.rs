@@ -115,6 +115,8 @@ pub async fn fill_and_verify(
     let opts = IndexOptions {
         chunk_shift: engine.index().chunk_shift(),
         threads: 1,
+        // Only the disk's digest is compared: no startup region to mark (nor its index to re-read).
+        metadata_region_bytes: 0,
         ..IndexOptions::default()
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(8);
