@@ -456,3 +456,56 @@ fn verification_refuses_an_index_of_another_layer() {
         );
     });
 }
+
+/// A read near the start of a span fetches and inflates only the pieces it needs, not the span;
+/// reading on through the span fetches each piece once (the decoder resumes where it stopped).
+#[test]
+fn a_read_fetches_the_prefix_of_a_span_it_needs() {
+    use lazyblk::fetch::ExternalData;
+    let layer = gzip(&layer_tar(), 6);
+    let ix = index(&layer, 1 << 20);
+    let want = converted_disk(&layer);
+    rt().block_on(async {
+        let ext = original_layer(&ix, &ix.original);
+        let t = ext.table().await.unwrap();
+        assert!(t.piece_size > 0, "a gzip layer's spans have pieces");
+        // A data run starting in the first eighth of a span of many pieces.
+        let (run, i) = t
+            .map
+            .iter()
+            .find_map(|r| {
+                let i = t.span_of(r.tar);
+                let tar = t.span_tar(i);
+                let s = &t.spans[i];
+                (s.pieces.len() >= 8 && r.tar - tar.start < (tar.end - tar.start) / 8)
+                    .then_some((*r, i))
+            })
+            .expect("a run near a span's start");
+        let span = &t.spans[i];
+        let comp = span.comp.end - span.comp.start;
+        let window = span.window.end - span.window.start;
+        let disk = run.disk & !4095..(run.disk & !4095) + 4096;
+        let got = ext.read_disk(disk.clone()).await.unwrap();
+        assert!(got[..] == want[disk.start as usize..disk.end as usize]);
+        let first = ext.fetched_bytes();
+        assert!(
+            first < comp / 2 + window,
+            "one block fetched {first} bytes of a {comp}-byte span"
+        );
+        // Every run of the same span, in disk order: each piece is fetched once.
+        for r in t
+            .map
+            .iter()
+            .filter(|r| t.span_of(r.tar) == i && t.span_of(r.tar + r.len - 1) == i)
+        {
+            let d = r.disk & !4095..(r.disk + r.len).div_ceil(4096) * 4096;
+            let got = ext.read_disk(d.clone()).await.unwrap();
+            assert!(got[..] == want[d.start as usize..d.end as usize]);
+        }
+        let all = ext.fetched_bytes();
+        assert!(
+            all <= comp + window,
+            "the span's {comp} bytes (+{window} window) took {all} bytes of fetches"
+        );
+    });
+}

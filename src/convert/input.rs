@@ -210,15 +210,45 @@ impl Read for LayerStream {
 /// Reads `inner` on its own thread, one buffer ahead, so decompression (and the compressed-stream
 /// digest) overlaps with tar parsing and the diff-ID digest on the caller's thread.
 pub struct ReadAhead {
-    rx: Option<crossbeam_channel::Receiver<io::Result<Vec<u8>>>>,
-    cur: Vec<u8>,
-    pos: usize,
-    done: bool,
+    pipe: PipeReader,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 const READ_AHEAD_BUF: usize = 1 << 20;
 const READ_AHEAD_DEPTH: usize = 4;
+
+type PipeMessage = io::Result<Vec<u8>>;
+
+/// Reads `inner` to its end (or its first error) in buffers sent to `tx`; stops early when the
+/// reading side has gone.
+fn pump<R: Read>(inner: &mut R, tx: &crossbeam_channel::Sender<PipeMessage>) {
+    loop {
+        let mut buf = vec![0u8; READ_AHEAD_BUF];
+        let mut n = 0;
+        let res = loop {
+            match inner.read(&mut buf[n..]) {
+                Ok(0) => break Ok(()),
+                Ok(k) => {
+                    n += k;
+                    if n == buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(n);
+        let last = n == 0 || res.is_err();
+        let msg = match res {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(e),
+        };
+        if tx.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
 
 impl ReadAhead {
     /// Starts the reading thread.
@@ -226,43 +256,51 @@ impl ReadAhead {
         let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_DEPTH);
         let thread = std::thread::Builder::new()
             .name("lazyblk-decode".into())
-            .spawn(move || loop {
-                let mut buf = vec![0u8; READ_AHEAD_BUF];
-                let mut n = 0;
-                let res = loop {
-                    match inner.read(&mut buf[n..]) {
-                        Ok(0) => break Ok(()),
-                        Ok(k) => {
-                            n += k;
-                            if n == buf.len() {
-                                break Ok(());
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => break Err(e),
-                    }
-                };
-                buf.truncate(n);
-                let last = n == 0 || res.is_err();
-                let msg = match res {
-                    Ok(()) => Ok(buf),
-                    Err(e) => Err(e),
-                };
-                if tx.send(msg).is_err() || last {
-                    return;
-                }
-            })?;
+            .spawn(move || pump(&mut inner, &tx))?;
         Ok(ReadAhead {
-            rx: Some(rx),
-            cur: Vec::new(),
-            pos: 0,
-            done: false,
+            pipe: PipeReader::new(rx),
             thread: Some(thread),
         })
     }
 }
 
-impl Read for ReadAhead {
+/// Reads `inner` on a thread of `scope`, a few buffers ahead of the returned reader; the handle gives
+/// `inner` back once it has been read to its end, failed, or the reader was dropped. Drop the reader
+/// before joining (a full pipe holds the thread until then).
+pub fn read_ahead_scoped<'scope, R: Read + Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    mut inner: R,
+) -> io::Result<(PipeReader, std::thread::ScopedJoinHandle<'scope, R>)> {
+    let (tx, rx) = crossbeam_channel::bounded(READ_AHEAD_DEPTH);
+    let thread = std::thread::Builder::new()
+        .name("lazyblk-decode".into())
+        .spawn_scoped(scope, move || {
+            pump(&mut inner, &tx);
+            inner
+        })?;
+    Ok((PipeReader::new(rx), thread))
+}
+
+/// The reading side of a read-ahead thread.
+pub struct PipeReader {
+    rx: Option<crossbeam_channel::Receiver<PipeMessage>>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl PipeReader {
+    fn new(rx: crossbeam_channel::Receiver<PipeMessage>) -> PipeReader {
+        PipeReader {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for PipeReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.cur.len() {
             if self.done {
@@ -292,10 +330,16 @@ impl Read for ReadAhead {
     }
 }
 
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.pipe.read(out)
+    }
+}
+
 impl Drop for ReadAhead {
     fn drop(&mut self) {
         // Closing the channel first makes a thread blocked on a full channel give up.
-        self.rx = None;
+        self.pipe.rx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

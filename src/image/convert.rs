@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::oci::*;
-use super::store::ImageStore;
+use super::store::{BlobSink, ImageStore, READER_STOPPED};
 use super::{ImageError, ImageRef};
 use crate::convert::{convert_layer, ConvertOptions, MEDIA_TYPE};
 use crate::fetch::registry::RegistryOptions;
@@ -625,13 +625,14 @@ async fn index_one(
     span_size: u64,
 ) -> Result<(Vec<Descriptor>, LayerSummary), ImageError> {
     let started = Instant::now();
-    let (dir, src_path, bar) = download_layer(ctx, i, l).await?;
+    let bar = ctx.bar(i, &l.digest);
     let say = |m: &str| {
         if let Some(b) = &bar {
             b.set_message(m.to_string());
         }
     };
-    say("indexing");
+    say("downloading and indexing");
+    let dir = tempfile::tempdir_in(&ctx.opts.work_dir)?;
     let (blob_path, spans_path) = (dir.path().join("meta.lazyblk"), dir.path().join("spans"));
     let opts = crate::original::IndexOptions {
         chunk_shift: ctx.opts.layer.chunk_shift,
@@ -640,22 +641,31 @@ async fn index_one(
         max_entries: ctx.opts.layer.max_entries,
         metadata_region_bytes: ctx.opts.layer.metadata_region_bytes,
     };
-    let (sp, bp, pp) = (src_path.clone(), blob_path.clone(), spans_path.clone());
-    let summary = tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&sp)?;
-        crate::original::index_layer(f, &bp, &pp, &opts)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    })
-    .await
-    .map_err(|e| ImageError(e.to_string()))?
-    .map_err(|e| ImageError(format!("layer {i} ({}): {e}", l.digest)))?;
+    // The layer is indexed as it arrives (never stored): the download, the decoder and the tar
+    // parser run at once. Nothing built is used unless the download then proves the blob's digest.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let download = ctx.src.copy_blob(l, BlobSink::Channel(tx));
+    let (bp, pp) = (blob_path.clone(), spans_path.clone());
+    let index = tokio::task::spawn_blocking(move || {
+        crate::original::index_layer(ChannelReader::new(rx), &bp, &pp, &opts)
+            .map_err(|e| e.to_string())
+    });
+    let (downloaded, indexed) = futures::join!(download, index);
+    let indexed = indexed.map_err(|e| ImageError(e.to_string()))?;
+    let layer_err = |e: String| ImageError(format!("layer {i} ({}): {e}", l.digest));
+    let summary = match (downloaded, indexed) {
+        (Ok(()), Ok(s)) => s,
+        (Ok(()), Err(e)) => return Err(layer_err(e)),
+        // The indexer stopped reading: its reason is the one to tell.
+        (Err(d), Err(e)) if d.0.contains(READER_STOPPED) => return Err(layer_err(e)),
+        (Err(d), _) => return Err(layer_err(d.0)),
+    };
     if summary.input.diff_id != diff_id || summary.input.digest != l.digest {
         return Err(ImageError(format!(
             "layer {i} ({}): the blob read has digest {} and diff_id {}; the manifest and config say {} and {diff_id}",
             l.digest, summary.input.digest, summary.input.diff_id, l.digest
         )));
     }
-    std::fs::remove_file(&src_path)?;
     say("uploading");
     let mut uploaded = ctx
         .dst
@@ -788,4 +798,34 @@ pub async fn push_referrer(dst: &dyn ImageStore, man: &Manifest) -> Result<Strin
 /// Scratch directory default: under the system temp dir.
 pub fn default_work_dir() -> PathBuf {
     std::env::temp_dir().join(format!("lazyblk-convert-{}", std::process::id()))
+}
+
+/// A blocking reader over the chunks a [`BlobSink::Channel`] receives (end of stream when the
+/// sender is dropped).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl ChannelReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            cur: Bytes::new(),
+        }
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
 }

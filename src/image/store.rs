@@ -46,12 +46,21 @@ pub trait ImageStore: Send + Sync {
         &'a self,
         desc: &'a Descriptor,
     ) -> BoxFuture<'a, Result<Bytes, ImageError>>;
+    /// Streams a blob into `sink`, checking size and digest (the digest after the last bytes went
+    /// out: a consumer of a [`BlobSink::Channel`] must not trust what it read before this is `Ok`).
+    fn copy_blob<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        sink: BlobSink,
+    ) -> BoxFuture<'a, Result<(), ImageError>>;
     /// Streams a blob into `path`, checking size and digest.
     fn blob_to_file<'a>(
         &'a self,
         desc: &'a Descriptor,
         path: &'a Path,
-    ) -> BoxFuture<'a, Result<(), ImageError>>;
+    ) -> BoxFuture<'a, Result<(), ImageError>> {
+        self.copy_blob(desc, BlobSink::File(path.to_path_buf()))
+    }
     /// Stores the blob in `path` unless present (trying a cross-repository mount from `mount_from`
     /// first); returns the bytes uploaded.
     fn put_blob<'a>(
@@ -93,27 +102,47 @@ fn check_digest(digest: &str) -> Result<&str, ImageError> {
 
 const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Writes a blob to a file while checking it against its descriptor: never more bytes than the size,
-/// and the SHA-256 at the end.
-struct VerifyingFile<'d> {
-    file: std::fs::File,
+/// Where [`ImageStore::copy_blob`] puts a blob's bytes.
+pub enum BlobSink {
+    /// A new file.
+    File(PathBuf),
+    /// A bounded channel, in order (a reader on another thread consumes the blob as it arrives).
+    Channel(tokio::sync::mpsc::Sender<Bytes>),
+}
+
+/// What [`ImageStore::copy_blob`] says when the reader of its channel went away.
+pub const READER_STOPPED: &str = "its reader stopped before the end";
+
+/// Writes a blob to its sink while checking it against its descriptor: never more bytes than the
+/// size, and the SHA-256 at the end.
+struct Verifying<'d> {
+    out: Out,
     hasher: Sha256,
     written: u64,
     desc: &'d Descriptor,
 }
 
-impl<'d> VerifyingFile<'d> {
-    fn create(path: &Path, desc: &'d Descriptor) -> Result<Self, ImageError> {
+enum Out {
+    File(std::fs::File),
+    Channel(tokio::sync::mpsc::Sender<Bytes>),
+}
+
+impl<'d> Verifying<'d> {
+    fn create(sink: BlobSink, desc: &'d Descriptor) -> Result<Self, ImageError> {
         check_digest(&desc.digest)?;
-        Ok(VerifyingFile {
-            file: std::fs::File::create(path)?,
+        let out = match sink {
+            BlobSink::File(path) => Out::File(std::fs::File::create(path)?),
+            BlobSink::Channel(tx) => Out::Channel(tx),
+        };
+        Ok(Verifying {
+            out,
             hasher: Sha256::new(),
             written: 0,
             desc,
         })
     }
 
-    fn write(&mut self, data: &[u8]) -> Result<(), ImageError> {
+    async fn write(&mut self, data: Bytes) -> Result<(), ImageError> {
         self.written += data.len() as u64;
         if self.written > self.desc.size {
             return Err(ImageError(format!(
@@ -121,8 +150,14 @@ impl<'d> VerifyingFile<'d> {
                 self.desc.digest, self.desc.size
             )));
         }
-        self.hasher.update(data);
-        self.file.write_all(data)?;
+        self.hasher.update(&data);
+        match &mut self.out {
+            Out::File(f) => f.write_all(&data)?,
+            Out::Channel(tx) => tx
+                .send(data)
+                .await
+                .map_err(|_| ImageError(format!("blob {}: {READER_STOPPED}", self.desc.digest)))?,
+        }
         Ok(())
     }
 
@@ -279,10 +314,10 @@ impl ImageStore for RegistryStore {
         })
     }
 
-    fn blob_to_file<'a>(
+    fn copy_blob<'a>(
         &'a self,
         desc: &'a Descriptor,
-        path: &'a Path,
+        sink: BlobSink,
     ) -> BoxFuture<'a, Result<(), ImageError>> {
         Box::pin(async move {
             check_digest(&desc.digest)?;
@@ -290,7 +325,7 @@ impl ImageStore for RegistryStore {
             if !resp.status().is_success() {
                 return Err(Self::status_error(&format!("GET blob {}", desc.digest), resp).await);
             }
-            let mut out = VerifyingFile::create(path, desc)?;
+            let mut out = Verifying::create(sink, desc)?;
             let mut pace = BodyPace::default();
             let what = format!("blob {}", desc.digest);
             while let Some(chunk) = pace
@@ -298,7 +333,7 @@ impl ImageStore for RegistryStore {
                 .await
                 .map_err(|e| ImageError(e.message))?
             {
-                out.write(&chunk)?;
+                out.write(chunk).await?;
             }
             out.finish()
         })
@@ -614,22 +649,23 @@ impl ImageStore for LayoutStore {
         })
     }
 
-    fn blob_to_file<'a>(
+    fn copy_blob<'a>(
         &'a self,
         desc: &'a Descriptor,
-        path: &'a Path,
+        sink: BlobSink,
     ) -> BoxFuture<'a, Result<(), ImageError>> {
         Box::pin(async move {
             let mut input = std::fs::File::open(self.blob_path(&desc.digest)?)?;
-            let mut out = VerifyingFile::create(path, desc)?;
-            let mut buf = vec![0u8; 1 << 20];
+            let mut out = Verifying::create(sink, desc)?;
             loop {
                 use std::io::Read;
+                let mut buf = vec![0u8; 1 << 20];
                 let k = input.read(&mut buf)?;
                 if k == 0 {
                     break;
                 }
-                out.write(&buf[..k])?;
+                buf.truncate(k);
+                out.write(Bytes::from(buf)).await?;
             }
             out.finish()
         })

@@ -11,7 +11,7 @@ use lazyblk_image_format::{digest_string, sha256, Codec, DEFAULT_CHUNK_SHIFT};
 
 use super::spans::SpanRecorder;
 use super::table::{SpanCodec, SpanTable};
-use crate::convert::input::{detect, Compression};
+use crate::convert::input::{detect, read_ahead_scoped, Compression, DigestReader};
 use crate::convert::{
     annotations, apply_tar, finish_options_for, BlobInfo, ChunkingSink, ConvertError, ExternalTap,
     InputSummary, TarStats, ANNOTATION_PREFIX, DEFAULT_MAX_ENTRIES,
@@ -98,7 +98,7 @@ pub const SPANS_MEDIA_TYPE: &str = "application/vnd.lazyblk.spans.v1";
 
 /// Indexes the layer read from `input`, writing the metadata blob to `blob_out` and the span blob to
 /// `spans_out` (both appear only when everything succeeded).
-pub fn index_layer<R: Read>(
+pub fn index_layer<R: Read + Send>(
     input: R,
     blob_out: &Path,
     spans_out: &Path,
@@ -109,7 +109,7 @@ pub fn index_layer<R: Read>(
 
 /// [`index_layer`], handing each external chunk's bytes to `tap` (re-deriving a served layer's
 /// index fills its chunks on the way: `super::verify`).
-pub fn index_layer_with<R: Read>(
+pub fn index_layer_with<R: Read + Send>(
     input: R,
     blob_out: &Path,
     spans_out: &Path,
@@ -147,7 +147,7 @@ pub fn index_layer_with<R: Read>(
             .try_clone()
             .map_err(io("cloning a handle"))?,
     );
-    let mut rec = SpanRecorder::new(buffered, codec, opts.span_size, windows)
+    let rec = SpanRecorder::new(buffered, codec, opts.span_size, windows)
         .map_err(io("starting the decoder"))?;
     let out = BufWriter::with_capacity(
         1 << 20,
@@ -170,8 +170,33 @@ pub fn index_layer_with<R: Read>(
         None => sink,
     };
     let mut builder = Ext4Builder::new(sink);
-    let (tar_stats, _) = apply_tar(&mut rec, &mut builder, opts.max_entries)?;
-    let seen = rec.finish().map_err(io("reading the end of the layer"))?;
+    // Two stages on two threads: decoding (and the compressed stream's digests and checkpoints) on a
+    // thread of its own, a few MiB ahead of the tar parser and the diff_id digest on this one.
+    let (tar_stats, seen, (diff_id, tar_size)) = std::thread::scope(|scope| {
+        let (pipe, recorder) =
+            read_ahead_scoped(scope, rec).map_err(io("starting the decoder thread"))?;
+        let mut tar = DigestReader::new(pipe);
+        let parsed = apply_tar(&mut tar, &mut builder, opts.max_entries)
+            .map_err(ConvertError::from)
+            .and_then(|(stats, rest)| {
+                drain_after_end(rest).map_err(io("reading the end of the layer"))?;
+                Ok(stats)
+            });
+        // Dropping the reader first lets a decoder blocked on a full pipe stop.
+        let tar_digest = tar.finish();
+        let rec = recorder
+            .join()
+            .map_err(|_| io("decoding the layer")(std::io::Error::other("decoder panicked")))?;
+        let stats = parsed?;
+        let seen = rec.finish().map_err(io("reading the end of the layer"))?;
+        Ok::<_, ConvertError>((stats, seen, tar_digest))
+    })?;
+    if tar_size != seen.tar_size {
+        return Err(io("decoding the layer")(std::io::Error::other(format!(
+            "the decoder produced {} tar bytes, the parser read {tar_size}",
+            seen.tar_size
+        ))));
+    }
     if codec == SpanCodec::Zstd && seen.frames <= 1 {
         tracing::warn!(
             "the layer is a single zstd frame: it cannot be read from the middle, so the first read \
@@ -180,7 +205,6 @@ pub fn index_layer_with<R: Read>(
         );
     }
     let (layer_digest, layer_size) = seen.source;
-    let (diff_id, tar_size) = seen.tar;
     let (mut sink, ext4) = builder.finish(&finish_options_for(&diff_id))?;
     let map = sink.take_data_map();
     let (mut out, blob) = sink.finish().map_err(io("writing the blob"))?;
@@ -195,6 +219,11 @@ pub fn index_layer_with<R: Read>(
         diff_id,
         spans: seen.spans,
         map,
+        piece_size: if codec == SpanCodec::Gzip {
+            super::table::PIECE_SIZE
+        } else {
+            0
+        },
     };
     table.validate().map_err(|e| ConvertError::Io {
         context: "building the span table".into(),
@@ -278,6 +307,28 @@ pub fn span_annotations(spans: &SpanBlobInfo, source_size: u64) -> BTreeMap<Stri
     .into_iter()
     .map(|(k, v)| (format!("{ANNOTATION_PREFIX}{k}"), v))
     .collect()
+}
+
+/// Most bytes accepted after the tar's end-of-archive marker (zero padding, usually a few KiB).
+const MAX_AFTER_END: u64 = 16 << 20;
+
+/// Reads what follows the end-of-archive marker (it is part of the diff_id), at most
+/// [`MAX_AFTER_END`] bytes.
+fn drain_after_end<R: Read>(tar: &mut R) -> std::io::Result<()> {
+    let n = std::io::copy(
+        &mut tar.by_ref().take(MAX_AFTER_END + 1),
+        &mut std::io::sink(),
+    )?;
+    if n > MAX_AFTER_END {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "more than {} MiB follow the tar's end-of-archive marker",
+                MAX_AFTER_END >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use lazyblk_image_format::{sha256, Digest};
 use tokio::sync::OnceCell;
 
-use super::inflate::inflate_span;
+use super::inflate::{inflate_span, Inflater};
 use super::table::{SpanCodec, SpanTable, MAX_WINDOW_STORED, WINDOW_LEN};
 use crate::fetch::remote::{FetchError, RangeReader};
 use crate::fetch::{BoxFuture, ExternalData};
@@ -46,9 +46,22 @@ pub struct OriginalLayer {
 
 #[derive(Default)]
 struct SpanCache {
-    spans: HashMap<usize, Arc<OnceCell<Bytes>>>,
-    order: VecDeque<usize>,
+    spans: HashMap<usize, Arc<tokio::sync::Mutex<SpanState>>>,
+    /// Spans holding memory, oldest first, with the bytes each holds.
+    order: VecDeque<(usize, u64)>,
     bytes: u64,
+}
+
+/// A span as far as it has been read: the verified compressed prefix went through `inflater`
+/// (kept, so a later read resumes where this one stopped instead of decoding the span again), and
+/// `out[..decoded]` is its tar.
+#[derive(Default)]
+struct SpanState {
+    /// Pieces fetched, verified and decoded (for a span without pieces: 0, or 1 when complete).
+    pieces: usize,
+    inflater: Option<Inflater>,
+    out: Vec<u8>,
+    decoded: usize,
 }
 
 impl OriginalLayer {
@@ -103,38 +116,175 @@ impl OriginalLayer {
             .cloned()
     }
 
-    /// The decoded tar bytes of span `i` (cached; one fetch and decode however many readers wait).
-    async fn span(&self, t: &SpanTable, i: usize) -> Result<Bytes, FetchError> {
+    /// The tar bytes `need` of span `i` (within its tar range): decoded from the span's prefix that
+    /// holds them, fetched and verified piece by piece; readers of one span share its fetches.
+    async fn span_bytes(
+        &self,
+        t: &Arc<SpanTable>,
+        i: usize,
+        need: Range<u64>,
+    ) -> Result<Bytes, FetchError> {
         let cell = {
             let mut c = self.cache.lock().expect("span cache lock");
             c.spans.entry(i).or_default().clone()
         };
-        let b = cell
-            .get_or_try_init(|| self.fetch_span(t, i))
-            .await?
-            .clone();
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut c = self.cache.lock().expect("span cache lock");
-        if !c.order.contains(&i) {
-            c.order.push_back(i);
-            c.bytes += b.len() as u64;
-            SPAN_CACHE_TOTAL.fetch_add(b.len() as u64, Relaxed);
-            // Bounded per layer and per process: this layer gives back its oldest spans.
-            while (c.bytes > SPAN_CACHE_BYTES
-                || SPAN_CACHE_TOTAL.load(Relaxed) > SPAN_CACHE_NODE_BYTES)
-                && !c.order.is_empty()
-            {
-                let old = c.order.pop_front().expect("non-empty");
-                if let Some(cell) = c.spans.remove(&old) {
-                    let n = cell.get().map_or(0, |b| b.len() as u64);
-                    c.bytes -= n;
-                    SPAN_CACHE_TOTAL.fetch_sub(n, Relaxed);
-                }
+        let mut st = cell.lock().await;
+        let tar = t.span_tar(i);
+        let (from, to) = (
+            (need.start - tar.start) as usize,
+            (need.end - tar.start) as usize,
+        );
+        if st.decoded < to {
+            let held = st.out.len();
+            let res = self.advance(t, i, &mut st, need.end).await;
+            if res.is_err() {
+                // Start this span afresh next time (a refetch replaces whatever was corrupt).
+                *st = SpanState::default();
+            }
+            res?;
+            if held == 0 {
+                self.account(i, st.out.len() as u64);
             }
         }
-        Ok(b)
+        Ok(Bytes::copy_from_slice(&st.out[from..to]))
     }
 
+    /// Counts span `i`'s memory; the oldest spans of this layer give theirs back beyond the bounds.
+    fn account(&self, i: usize, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut c = self.cache.lock().expect("span cache lock");
+        if c.order.iter().any(|&(j, _)| j == i) {
+            return;
+        }
+        c.order.push_back((i, bytes));
+        c.bytes += bytes;
+        SPAN_CACHE_TOTAL.fetch_add(bytes, Relaxed);
+        // Bounded per layer and per process: this layer gives back its oldest spans.
+        while (c.bytes > SPAN_CACHE_BYTES || SPAN_CACHE_TOTAL.load(Relaxed) > SPAN_CACHE_NODE_BYTES)
+            && c.order.len() > 1
+        {
+            let (old, n) = c.order.pop_front().expect("non-empty");
+            c.spans.remove(&old);
+            c.bytes -= n;
+            SPAN_CACHE_TOTAL.fetch_sub(n, Relaxed);
+        }
+    }
+
+    /// Decodes span `i` at least up to tar offset `need_end`: the next pieces are fetched (at least
+    /// as many as were before, so reading a span in order costs a few requests, not one per piece),
+    /// each checked against its digest, then fed to the span's inflater where it stopped.
+    async fn advance(
+        &self,
+        t: &Arc<SpanTable>,
+        i: usize,
+        st: &mut SpanState,
+        need_end: u64,
+    ) -> Result<(), FetchError> {
+        let s = &t.spans[i];
+        let tar = t.span_tar(i);
+        if s.pieces.is_empty() {
+            let b = self.fetch_span(t, i).await?;
+            st.out = b.to_vec();
+            st.decoded = st.out.len();
+            st.pieces = 1;
+            return Ok(());
+        }
+        let n = s.pieces.len();
+        let reach = s.pieces.partition_point(|p| p.tar_end < need_end) + 1;
+        let upto = reach.max(2 * st.pieces).min(n);
+        let first = st.pieces;
+        let comp = t.piece_range(i, first).start..t.piece_range(i, upto - 1).end;
+        let window = async {
+            if first > 0 || s.window.is_empty() {
+                return Ok(Bytes::new());
+            }
+            self.window(i, s).await
+        };
+        let (window, bytes) =
+            futures::future::join(window, self.source.read_range(comp.clone())).await;
+        let (window, bytes) = (window?, bytes?);
+        self.fetched.fetch_add(
+            (window.len() + bytes.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if bytes.len() as u64 != comp.end - comp.start {
+            self.source.distrust();
+            return Err(FetchError::transient(
+                "short",
+                format!(
+                    "{}: {} bytes for span {i}'s bytes {}..{}",
+                    self.source.describe(),
+                    bytes.len(),
+                    comp.start,
+                    comp.end
+                ),
+            ));
+        }
+        for k in first..upto {
+            let r = t.piece_range(i, k);
+            let piece = &bytes[(r.start - comp.start) as usize..(r.end - comp.start) as usize];
+            if sha256(piece) != s.pieces[k].digest {
+                self.source.distrust();
+                return Err(FetchError::transient(
+                    "corrupt",
+                    format!(
+                        "{}: span {i} piece {k} (bytes {}..{}) does not match its digest",
+                        self.source.describe(),
+                        r.start,
+                        r.end
+                    ),
+                ));
+            }
+        }
+        let mut state = std::mem::take(st);
+        let (bits, len) = (s.bits, (tar.end - tar.start) as usize);
+        let at_least = (s.pieces[upto - 1].tar_end - tar.start) as usize;
+        let complete = upto == n;
+        let what = format!("{} span {i}", self.source.describe());
+        let state = tokio::task::spawn_blocking(move || {
+            resume_span(&mut state, &bytes, first == 0, bits, &window, len)?;
+            if state.decoded < at_least || (complete && state.decoded != len) {
+                return Err(format!(
+                    "{} pieces inflated to {} bytes, the table says {}",
+                    upto,
+                    state.decoded,
+                    if complete { len } else { at_least }
+                ));
+            }
+            if complete {
+                state.inflater = None;
+            }
+            state.pieces = upto;
+            Ok(state)
+        })
+        .await
+        .map_err(|e| FetchError::permanent("internal", format!("decode task: {e}")))?
+        // Verified bytes that do not decode as the table says: the index is wrong, not the wire.
+        .map_err(|e| FetchError::permanent("format", format!("{what}: {e}")))?;
+        *st = state;
+        Ok(())
+    }
+
+    /// The stored window of span `i`, checked against its digest.
+    async fn window(&self, i: usize, s: &super::table::Span) -> Result<Bytes, FetchError> {
+        if s.window.end - s.window.start > MAX_WINDOW_STORED {
+            return Err(FetchError::permanent("format", "window too large"));
+        }
+        let w = self.spans_blob.read_range(s.window.clone()).await?;
+        if sha256(&w) != s.window_digest {
+            self.spans_blob.distrust();
+            return Err(FetchError::transient(
+                "corrupt",
+                format!(
+                    "{}: the window of span {i} does not match its digest",
+                    self.spans_blob.describe()
+                ),
+            ));
+        }
+        Ok(w)
+    }
+
+    /// A span without pieces, whole: fetched, checked against its digest, decoded.
     async fn fetch_span(&self, t: &SpanTable, i: usize) -> Result<Bytes, FetchError> {
         let s = &t.spans[i];
         let tar = t.span_tar(i);
@@ -142,21 +292,7 @@ impl OriginalLayer {
             if s.window.is_empty() {
                 return Ok(Bytes::new());
             }
-            if s.window.end - s.window.start > MAX_WINDOW_STORED {
-                return Err(FetchError::permanent("format", "window too large"));
-            }
-            let w = self.spans_blob.read_range(s.window.clone()).await?;
-            if sha256(&w) != s.window_digest {
-                self.spans_blob.distrust();
-                return Err(FetchError::transient(
-                    "corrupt",
-                    format!(
-                        "{}: the window of span {i} does not match its digest",
-                        self.spans_blob.describe()
-                    ),
-                ));
-            }
-            Ok(w)
+            self.window(i, s).await
         };
         let comp = self.source.read_range(s.comp.clone());
         let (window, comp) = futures::future::join(window, comp).await;
@@ -190,36 +326,103 @@ impl OriginalLayer {
     async fn read(&self, range: Range<u64>) -> Result<Bytes, FetchError> {
         let t = self.table().await?;
         let mut out = vec![0u8; (range.end - range.start) as usize];
-        let pieces = t.pieces(range.clone());
-        let mut wanted: Vec<usize> = Vec::new();
-        for &(_, tar, len) in &pieces {
-            for i in t.span_of(tar)..=t.span_of(tar + len - 1) {
-                if !wanted.contains(&i) {
-                    wanted.push(i);
-                }
-            }
-        }
-        let spans = futures::future::try_join_all(wanted.iter().map(|&i| {
-            let t = t.clone();
-            async move { self.span(&t, i).await.map(|b| (i, b)) }
-        }))
-        .await?;
-        let spans: HashMap<usize, Bytes> = spans.into_iter().collect();
-        for (at, tar, len) in pieces {
+        // Each (span, tar range) the disk range needs, in order; the spans are read concurrently.
+        let mut parts: Vec<(usize, usize, Range<u64>)> = Vec::new();
+        for (at, tar, len) in t.pieces(range.clone()) {
             let (mut at, mut tar, mut left) = (at as usize, tar, len);
             while left > 0 {
                 let i = t.span_of(tar);
-                let r = t.span_tar(i);
-                let from = (tar - r.start) as usize;
-                let n = left.min(r.end - tar) as usize;
-                out[at..at + n].copy_from_slice(&spans[&i][from..from + n]);
-                at += n;
-                tar += n as u64;
-                left -= n as u64;
+                let n = left.min(t.span_tar(i).end - tar);
+                parts.push((at, i, tar..tar + n));
+                at += n as usize;
+                tar += n;
+                left -= n;
             }
+        }
+        // One read per span (the furthest byte it needs), then copied out.
+        let mut spans: Vec<(usize, Range<u64>)> = Vec::new();
+        for (_, i, r) in &parts {
+            match spans.iter_mut().find(|(j, _)| j == i) {
+                Some((_, have)) => {
+                    have.start = have.start.min(r.start);
+                    have.end = have.end.max(r.end);
+                }
+                None => spans.push((*i, r.clone())),
+            }
+        }
+        let got = futures::future::try_join_all(spans.iter().map(|(i, r)| {
+            let t = t.clone();
+            async move {
+                self.span_bytes(&t, *i, r.clone())
+                    .await
+                    .map(|b| (*i, r.start, b))
+            }
+        }))
+        .await?;
+        for (at, i, r) in parts {
+            let (_, base, b) = got
+                .iter()
+                .find(|(j, _, _)| *j == i)
+                .expect("every span read");
+            let from = (r.start - base) as usize;
+            let n = (r.end - r.start) as usize;
+            out[at..at + n].copy_from_slice(&b[from..from + n]);
         }
         Ok(Bytes::from(out))
     }
+}
+
+/// Feeds `comp` (the span's next verified pieces) to the span's inflater, creating it at the
+/// checkpoint (`bits`, `window`) when `fresh`, and decodes into `state.out` (the span's `len` bytes).
+fn resume_span(
+    state: &mut SpanState,
+    comp: &[u8],
+    fresh: bool,
+    bits: u8,
+    window: &[u8],
+    len: usize,
+) -> Result<(), String> {
+    let mut input = comp;
+    if fresh {
+        let mut inf = Inflater::raw()?;
+        if bits > 0 {
+            let (&first, rest) = comp
+                .split_first()
+                .ok_or("a span starting mid-byte has no bytes")?;
+            inf.prime(bits, first >> (8 - bits))?;
+            input = rest;
+        }
+        if !window.is_empty() {
+            inf.set_dictionary(&stored_window(window)?)?;
+        }
+        state.inflater = Some(inf);
+        state.out = vec![0u8; len];
+        state.decoded = 0;
+    }
+    let inf = state
+        .inflater
+        .as_mut()
+        .ok_or("the span's decoder is gone")?;
+    while !input.is_empty() && state.decoded < len {
+        let st = inf.step(input, &mut state.out[state.decoded..], false)?;
+        input = &input[st.consumed..];
+        state.decoded += st.produced;
+        if st.end || (st.consumed == 0 && st.produced == 0) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A stored (zstd) window, decompressed and checked for size.
+fn stored_window(window: &[u8]) -> Result<Vec<u8>, String> {
+    let mut d = Vec::with_capacity(WINDOW_LEN);
+    zstd::stream::copy_decode(std::io::Read::take(window, MAX_WINDOW_STORED), &mut d)
+        .map_err(|e| format!("window: zstd: {e}"))?;
+    if d.len() > WINDOW_LEN {
+        return Err(format!("window of {} bytes", d.len()));
+    }
+    Ok(d)
 }
 
 /// Decodes one verified span into exactly `len` tar bytes.
@@ -241,13 +444,7 @@ pub fn decode_span(
             let dict = if window.is_empty() {
                 Vec::new()
             } else {
-                let mut d = Vec::with_capacity(WINDOW_LEN);
-                zstd::stream::copy_decode(std::io::Read::take(window, MAX_WINDOW_STORED), &mut d)
-                    .map_err(|e| format!("window: zstd: {e}"))?;
-                if d.len() > WINDOW_LEN {
-                    return Err(format!("window of {} bytes", d.len()));
-                }
-                d
+                stored_window(window)?
             };
             inflate_span(comp, bits, &dict, len)
         }

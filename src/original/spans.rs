@@ -9,7 +9,7 @@ use std::ops::Range;
 use sha2::{Digest as _, Sha256};
 
 use super::inflate::Inflater;
-use super::table::{Span, SpanCodec, MAX_SPAN_TAR, WINDOW_LEN};
+use super::table::{Piece, Span, SpanCodec, MAX_SPAN_TAR, PIECE_SIZE, WINDOW_LEN};
 
 /// Reads an original layer and yields its tar, recording spans; windows are written to `windows`.
 pub struct SpanRecorder<R, W> {
@@ -28,7 +28,6 @@ pub struct SpanRecorder<R, W> {
     tar_pos: u64,
     source: Sha256,
     source_len: u64,
-    tar: Sha256,
     span: Option<Open>,
     spans: Vec<Span>,
     window: Vec<u8>,
@@ -51,6 +50,10 @@ struct Open {
     hasher: Sha256,
     window: Range<u64>,
     window_digest: [u8; 32],
+    /// gzip: the span's closed pieces and the open one (its hasher; it ends at `piece_end`).
+    pieces: Vec<Piece>,
+    piece: Sha256,
+    piece_end: u64,
 }
 
 /// What a recorder saw, when the layer has been read to its end.
@@ -59,8 +62,8 @@ pub struct Recorded<W> {
     pub spans: Vec<Span>,
     /// SHA-256 and size of the layer blob.
     pub source: ([u8; 32], u64),
-    /// SHA-256 and size of the tar.
-    pub tar: ([u8; 32], u64),
+    /// Size of the tar (its digest is the reader's: the recorder only yields it).
+    pub tar_size: u64,
     /// Where the windows were written (and how many bytes).
     pub windows: (W, u64),
     /// zstd frames seen.
@@ -92,7 +95,6 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
             tar_pos: 0,
             source: Sha256::new(),
             source_len: 0,
-            tar: Sha256::new(),
             span: None,
             spans: Vec::new(),
             window: Vec::with_capacity(2 * WINDOW_LEN),
@@ -138,6 +140,9 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         let bytes = &self.inbuf[self.in_pos..self.in_pos + n];
         if let Some(s) = &mut self.span {
             s.hasher.update(bytes);
+            if self.codec == SpanCodec::Gzip {
+                s.piece.update(bytes);
+            }
         }
         self.last_byte = bytes[n - 1];
         self.in_pos += n;
@@ -145,7 +150,6 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
     }
 
     fn produced(&mut self, out: &[u8]) {
-        self.tar.update(out);
         self.tar_pos += out.len() as u64;
         if self.codec == SpanCodec::Gzip {
             self.window.extend_from_slice(out);
@@ -156,8 +160,38 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         }
     }
 
+    /// gzip: input the decoder may take before the open piece ends (a step never crosses a piece
+    /// boundary, so each piece's `tar_end` is what its prefix is sure to decode to).
+    fn piece_room(&self, avail: usize) -> usize {
+        match (&self.span, self.codec) {
+            (Some(s), SpanCodec::Gzip) => avail.min((s.piece_end - self.comp_pos) as usize),
+            _ => avail,
+        }
+    }
+
+    /// gzip: closes the open piece if the input has reached its end (after the step's output was
+    /// counted), and opens the next.
+    fn piece_done(&mut self) {
+        let (pos, tar) = (self.comp_pos, self.tar_pos);
+        if let (Some(s), SpanCodec::Gzip) = (&mut self.span, self.codec) {
+            if pos == s.piece_end {
+                s.pieces.push(Piece {
+                    tar_end: tar,
+                    digest: std::mem::take(&mut s.piece).finalize().into(),
+                });
+                s.piece_end = pos + PIECE_SIZE as u64;
+            }
+        }
+    }
+
     fn close_span(&mut self) {
-        if let Some(s) = self.span.take() {
+        if let Some(mut s) = self.span.take() {
+            if self.codec == SpanCodec::Gzip && self.comp_pos > s.piece_end - PIECE_SIZE as u64 {
+                s.pieces.push(Piece {
+                    tar_end: self.tar_pos,
+                    digest: s.piece.finalize().into(),
+                });
+            }
             self.spans.push(Span {
                 comp: s.start..self.comp_pos,
                 tar_start: s.tar_start,
@@ -165,6 +199,7 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
                 digest: s.hasher.finalize().into(),
                 window: s.window,
                 window_digest: s.window_digest,
+                pieces: s.pieces,
             });
         }
     }
@@ -186,13 +221,17 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         if bits > 0 {
             hasher.update([self.last_byte]);
         }
+        let start = self.comp_pos - (bits > 0) as u64;
         self.span = Some(Open {
-            start: self.comp_pos - (bits > 0) as u64,
+            start,
             tar_start: self.tar_pos,
             bits,
+            piece: hasher.clone(),
             hasher,
             window,
             window_digest,
+            pieces: Vec::new(),
+            piece_end: start + PIECE_SIZE as u64,
         });
         Ok(())
     }
@@ -230,7 +269,8 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
                     format!("gzip stream truncated at byte {}", self.comp_pos),
                 ));
             }
-            let input = &self.inbuf[self.in_pos..self.in_len];
+            let take = self.piece_room(self.in_len - self.in_pos);
+            let input = &self.inbuf[self.in_pos..self.in_pos + take];
             let st = self
                 .gz
                 .as_mut()
@@ -244,6 +284,7 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
                 })?;
             self.consume(st.consumed);
             self.produced(&buf[..st.produced]);
+            self.piece_done();
             self.too_long()?;
             if st.end {
                 self.refill()?;
@@ -358,7 +399,7 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         Ok(Recorded {
             spans: self.spans,
             source: (self.source.finalize().into(), self.source_len),
-            tar: (self.tar.finalize().into(), self.tar_pos),
+            tar_size: self.tar_pos,
             windows: (self.windows, self.windows_pos),
             frames: self.frames,
         })

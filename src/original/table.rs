@@ -10,14 +10,18 @@ use crate::convert::DataRun;
 
 /// Magic of a span table (`"LZBLKST\x01"`).
 pub const TABLE_MAGIC: [u8; 8] = *b"LZBLKST\x01";
-/// Table version written and read.
-pub const TABLE_VERSION: u16 = 1;
+/// Table version written (version 1, without pieces, is read too).
+pub const TABLE_VERSION: u16 = 2;
 /// Bytes of the table header.
 pub const HEADER_LEN: usize = 112;
 /// Bytes of one span entry.
 pub const SPAN_LEN: usize = 112;
 /// Bytes of one data-map entry.
 pub const RUN_LEN: usize = 24;
+/// Bytes of one piece entry.
+pub const PIECE_LEN: usize = 40;
+/// Compressed bytes per piece this build writes (gzip spans).
+pub const PIECE_SIZE: u32 = 64 << 10;
 /// Largest decompressed table a reader accepts.
 pub const MAX_TABLE_LEN: u64 = 256 << 20;
 /// Largest stored (compressed) window a reader accepts.
@@ -68,6 +72,19 @@ pub struct Span {
     pub window: Range<u64>,
     /// SHA-256 of the stored window bytes.
     pub window_digest: Digest,
+    /// The span's compressed bytes cut every [`SpanTable::piece_size`] bytes, each verifiable on its
+    /// own, so a read fetches and inflates only the span's prefix it needs (empty: the whole span).
+    pub pieces: Vec<Piece>,
+}
+
+/// A piece of a span: its compressed bytes (`SpanTable::piece_range`) and how far into the tar
+/// decoding the span from its checkpoint through this piece's end is sure to reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Tar offset every byte before which the span's prefix through this piece decodes.
+    pub tar_end: u64,
+    /// SHA-256 of the piece's compressed bytes.
+    pub digest: Digest,
 }
 
 /// A parsed, validated span table.
@@ -87,6 +104,8 @@ pub struct SpanTable {
     pub spans: Vec<Span>,
     /// Runs of file data on the disk, in disk order.
     pub map: Vec<DataRun>,
+    /// Compressed bytes per piece (0: no span has pieces).
+    pub piece_size: u32,
 }
 
 fn le64(b: &[u8]) -> u64 {
@@ -108,7 +127,8 @@ impl SpanTable {
         b.extend_from_slice(&self.tar_size.to_le_bytes());
         b.extend_from_slice(&self.source_digest);
         b.extend_from_slice(&self.diff_id);
-        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&self.piece_size.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
         debug_assert_eq!(b.len(), HEADER_LEN);
         for s in &self.spans {
             b.extend_from_slice(&s.comp.start.to_le_bytes());
@@ -127,7 +147,28 @@ impl SpanTable {
             b.extend_from_slice(&r.tar.to_le_bytes());
             b.extend_from_slice(&r.len.to_le_bytes());
         }
+        for p in self.spans.iter().flat_map(|s| &s.pieces) {
+            b.extend_from_slice(&p.tar_end.to_le_bytes());
+            b.extend_from_slice(&p.digest);
+        }
         b
+    }
+
+    /// Pieces span `s` has when the table's piece size is `piece_size` (0: none).
+    fn pieces_of(comp: &Range<u64>, piece_size: u32) -> u64 {
+        if piece_size == 0 {
+            0
+        } else {
+            (comp.end - comp.start).div_ceil(piece_size as u64)
+        }
+    }
+
+    /// The compressed bytes of piece `k` of span `i`.
+    pub fn piece_range(&self, i: usize, k: usize) -> Range<u64> {
+        let c = &self.spans[i].comp;
+        let p = self.piece_size as u64;
+        let start = c.start + k as u64 * p;
+        start..(start + p).min(c.end)
     }
 
     /// The stored form: one zstd frame of [`SpanTable::to_bytes`].
@@ -164,24 +205,33 @@ impl SpanTable {
             return Err(bad("bad magic or short header"));
         }
         let version = u16::from_le_bytes([b[8], b[9]]);
-        if version != TABLE_VERSION {
-            return Err(bad(&format!("version {version} (this reader knows 1)")));
+        if version != 1 && version != TABLE_VERSION {
+            return Err(bad(&format!(
+                "version {version} (this reader knows 1 and {TABLE_VERSION})"
+            )));
         }
         let codec = SpanCodec::from_u8(b[10]).ok_or_else(|| bad(&format!("codec {}", b[10])))?;
-        if b[11] != 0 || b[104..112] != [0; 8] {
+        let piece_size = u32::from_le_bytes(b[104..108].try_into().expect("4 bytes"));
+        if b[11] != 0 || b[108..112] != [0; 4] || (version == 1 && piece_size != 0) {
             return Err(bad("reserved header bytes are not zero"));
+        }
+        if piece_size != 0 && (piece_size < 4096 || codec != SpanCodec::Gzip) {
+            return Err(bad(&format!(
+                "piece size {piece_size} for a {codec:?} layer"
+            )));
         }
         let n_spans = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) as u64;
         let n_runs = le64(&b[16..]);
-        let expected = (HEADER_LEN as u64)
+        let spans_end = (HEADER_LEN as u64)
             .checked_add(n_spans * SPAN_LEN as u64)
-            .and_then(|v| v.checked_add(n_runs.checked_mul(RUN_LEN as u64)?));
-        if expected != Some(b.len() as u64) {
-            return Err(bad(&format!(
-                "{} bytes for {n_spans} spans and {n_runs} data runs",
-                b.len()
-            )));
-        }
+            .and_then(|v| v.checked_add(n_runs.checked_mul(RUN_LEN as u64)?))
+            .filter(|&v| v <= b.len() as u64)
+            .ok_or_else(|| {
+                bad(&format!(
+                    "{} bytes for {n_spans} spans and {n_runs} data runs",
+                    b.len()
+                ))
+            })?;
         let source_size = le64(&b[24..]);
         let tar_size = le64(&b[32..]);
         let mut source_digest = [0u8; 32];
@@ -212,10 +262,43 @@ impl SpanTable {
                         .checked_add(wlen)
                         .ok_or_else(|| bad("window overflows"))?,
                 window_digest,
+                pieces: Vec::new(),
             });
         }
+        // The pieces section's length follows from the spans (checked before anything is allocated).
+        let mut n_pieces = 0u64;
+        for s in &spans {
+            if s.comp.start > s.comp.end {
+                return Err(bad("a span's compressed range is reversed"));
+            }
+            n_pieces = n_pieces.saturating_add(Self::pieces_of(&s.comp, piece_size));
+        }
+        if n_pieces.checked_mul(PIECE_LEN as u64) != Some(b.len() as u64 - spans_end) {
+            return Err(bad(&format!(
+                "{} bytes for {n_spans} spans, {n_runs} data runs and {n_pieces} pieces",
+                b.len()
+            )));
+        }
+        let mut at = spans_end as usize;
+        for s in &mut spans {
+            let n = Self::pieces_of(&s.comp, piece_size) as usize;
+            s.pieces = b[at..at + n * PIECE_LEN]
+                .chunks_exact(PIECE_LEN)
+                .map(|e| {
+                    let mut digest = [0u8; 32];
+                    digest.copy_from_slice(&e[8..40]);
+                    Piece {
+                        tar_end: le64(e),
+                        digest,
+                    }
+                })
+                .collect();
+            at += n * PIECE_LEN;
+        }
         let mut map = Vec::with_capacity(n_runs as usize);
-        for e in b[HEADER_LEN + n_spans as usize * SPAN_LEN..].chunks_exact(RUN_LEN) {
+        for e in
+            b[HEADER_LEN + n_spans as usize * SPAN_LEN..spans_end as usize].chunks_exact(RUN_LEN)
+        {
             map.push(DataRun {
                 disk: le64(&e[0..]),
                 tar: le64(&e[8..]),
@@ -230,6 +313,7 @@ impl SpanTable {
             diff_id,
             spans,
             map,
+            piece_size,
         };
         t.validate()?;
         Ok(t)
@@ -275,6 +359,24 @@ impl SpanTable {
             }
             if self.codec == SpanCodec::None && (s.comp.start != s.tar_start || s.comp.end != end) {
                 return bad(format!("span {i}: an uncompressed span must map 1:1"));
+            }
+            if s.pieces.len() as u64 != Self::pieces_of(&s.comp, self.piece_size) {
+                return bad(format!("span {i}: {} pieces", s.pieces.len()));
+            }
+            let mut reach = s.tar_start;
+            for (k, p) in s.pieces.iter().enumerate() {
+                if p.tar_end < reach || p.tar_end > end {
+                    return bad(format!(
+                        "span {i}: piece {k} reaches tar offset {}",
+                        p.tar_end
+                    ));
+                }
+                reach = p.tar_end;
+            }
+            if !s.pieces.is_empty() && reach != end {
+                return bad(format!(
+                    "span {i}: its last piece does not reach the span's end"
+                ));
             }
         }
         let mut prev_end = 0u64;
@@ -344,6 +446,7 @@ mod tests {
                     digest: [3; 32],
                     window: 0..0,
                     window_digest: [0; 32],
+                    pieces: vec![],
                 },
                 Span {
                     comp: 599..992,
@@ -352,6 +455,7 @@ mod tests {
                     digest: [4; 32],
                     window: 0..40,
                     window_digest: [5; 32],
+                    pieces: vec![],
                 },
             ],
             map: vec![
@@ -366,6 +470,7 @@ mod tests {
                     len: 3000,
                 },
             ],
+            piece_size: 0,
         }
     }
 
@@ -377,6 +482,70 @@ mod tests {
         assert_eq!(SpanTable::parse_stored(&stored, &d).unwrap(), t);
         let err = SpanTable::parse_stored(&stored, &[0; 32]).unwrap_err();
         assert!(err.contains("digest mismatch"), "{err}");
+    }
+
+    /// `sample` with 4 KiB pieces: span 0 has 3, span 1 has 2.
+    fn with_pieces() -> SpanTable {
+        let mut t = sample();
+        t.piece_size = 4096;
+        t.spans[0].comp = 10..10 + 3 * 4096 - 100;
+        t.spans[1].comp = t.spans[0].comp.end - 1..t.spans[0].comp.end - 1 + 5000;
+        t.source_size = t.spans[1].comp.end;
+        let p = |tar_end, d| Piece {
+            tar_end,
+            digest: [d; 32],
+        };
+        t.spans[0].pieces = vec![p(1000, 6), p(1000, 7), p(3000, 8)];
+        t.spans[1].pieces = vec![p(4000, 9), p(5000, 10)];
+        t
+    }
+
+    #[test]
+    fn pieces_round_trip_and_are_checked() {
+        let t = with_pieces();
+        let stored = t.to_stored();
+        assert_eq!(
+            SpanTable::parse_stored(&stored, &sha256(&stored)).unwrap(),
+            t
+        );
+        assert_eq!(t.piece_range(0, 2), 10 + 8192..10 + 3 * 4096 - 100);
+        assert_eq!(t.piece_range(1, 1).end, t.source_size);
+        type Break = Box<dyn Fn(&mut SpanTable)>;
+        let cases: Vec<(&str, Break)> = vec![
+            (
+                "and 5 pieces",
+                Box::new(|t| {
+                    t.spans[0].pieces.pop();
+                }),
+            ),
+            ("reaches", Box::new(|t| t.spans[0].pieces[1].tar_end = 999)),
+            ("reaches", Box::new(|t| t.spans[1].pieces[0].tar_end = 6000)),
+            (
+                "last piece",
+                Box::new(|t| t.spans[0].pieces[2].tar_end = 2999),
+            ),
+        ];
+        for (want, f) in cases {
+            let mut t = with_pieces();
+            f(&mut t);
+            let err = SpanTable::parse(&t.to_bytes()).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let mut t = with_pieces();
+        t.spans[0].pieces.pop();
+        assert!(t.validate().unwrap_err().contains("span 0: 2 pieces"));
+        // A version-1 table cannot carry pieces; zstd layers have none.
+        let mut b = with_pieces().to_bytes();
+        b[8] = 1;
+        assert!(SpanTable::parse(&b).unwrap_err().contains("reserved"));
+        let mut t = with_pieces();
+        t.codec = SpanCodec::Zstd;
+        assert!(SpanTable::parse(&t.to_bytes())
+            .unwrap_err()
+            .contains("piece size"));
+        let mut b = with_pieces().to_bytes();
+        b.truncate(b.len() - 1);
+        assert!(SpanTable::parse(&b).unwrap_err().contains("pieces"));
     }
 
     #[test]
