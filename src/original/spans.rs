@@ -139,9 +139,11 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         }
         let bytes = &self.inbuf[self.in_pos..self.in_pos + n];
         if let Some(s) = &mut self.span {
-            s.hasher.update(bytes);
+            // gzip spans are verified per piece (their span digest stays zero).
             if self.codec == SpanCodec::Gzip {
                 s.piece.update(bytes);
+            } else {
+                s.hasher.update(bytes);
             }
         }
         self.last_byte = bytes[n - 1];
@@ -192,11 +194,16 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
                     digest: s.piece.finalize().into(),
                 });
             }
+            let digest = if self.codec == SpanCodec::Gzip {
+                [0; 32]
+            } else {
+                s.hasher.finalize().into()
+            };
             self.spans.push(Span {
                 comp: s.start..self.comp_pos,
                 tar_start: s.tar_start,
                 bits: s.bits,
-                digest: s.hasher.finalize().into(),
+                digest,
                 window: s.window,
                 window_digest: s.window_digest,
                 pieces: s.pieces,

@@ -65,7 +65,7 @@ pub struct Span {
     /// gzip: bits of the first byte that belong to this span's first deflate block (0..=7; 0 means
     /// the span starts on a byte boundary).
     pub bits: u8,
-    /// SHA-256 of the `comp` bytes.
+    /// SHA-256 of the `comp` bytes (zero when the span has pieces: they are verified one by one).
     pub digest: Digest,
     /// gzip: the stored (zstd) inflate window — the 32 KiB of tar before `tar_start` — as a range of
     /// the span blob; empty when the span needs no history.
@@ -378,6 +378,9 @@ impl SpanTable {
                     "span {i}: its last piece does not reach the span's end"
                 ));
             }
+            if !s.pieces.is_empty() && s.digest != [0; 32] {
+                return bad(format!("span {i}: a span digest beside pieces"));
+            }
         }
         let mut prev_end = 0u64;
         for (i, r) in self.map.iter().enumerate() {
@@ -497,6 +500,8 @@ mod tests {
         };
         t.spans[0].pieces = vec![p(1000, 6), p(1000, 7), p(3000, 8)];
         t.spans[1].pieces = vec![p(4000, 9), p(5000, 10)];
+        t.spans[0].digest = [0; 32];
+        t.spans[1].digest = [0; 32];
         t
     }
 
@@ -524,6 +529,7 @@ mod tests {
                 "last piece",
                 Box::new(|t| t.spans[0].pieces[2].tar_end = 2999),
             ),
+            ("beside pieces", Box::new(|t| t.spans[1].digest = [1; 32])),
         ];
         for (want, f) in cases {
             let mut t = with_pieces();
