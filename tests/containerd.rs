@@ -295,12 +295,17 @@ fn stdout(o: std::process::Output) -> String {
 /// mode, owner, size, link target, mtime and content digest. Directories' own metadata is left out:
 /// directories a layer merely implies get theirs from whoever creates them (containerd's applier or
 /// lazyblk's converter; see docs/architecture.md).
-const LIST_ROOTFS: &str = r"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf \) -prune -o \( -type d -printf '%p d\n' \) -o -printf '%p %y %m %U %G %s %l %T@\n' | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -type f -exec sha256sum {} + | sort";
+const LIST_ROOTFS: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf \) -prune -o \( -type d -printf '%p d %m %U %G\n' \) -o -printf '%p %y %m %U %G %s %l %T@\n' | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -type f -exec sha256sum {} + | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /getfattr \) -prune -o -print0 | xargs -0 /getfattr -h -d -m - -e hex --absolute-names | awk '/^# file: /{f=substr($0,9);next} NF{print "xattr " f " " $0}' | sort"#;
 
+/// Paths, types, modes, owners, sizes, link targets, mtimes, content hashes and extended attributes
+/// of the root filesystem of `image` run on `snapshotter` (the host's `getfattr`, bookworm's like
+/// the image, bound into the container: a minbase rootfs has none).
 fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> String {
     stdout(run_ok(env.ctr("default").args([
         "run",
         "--rm",
+        "--mount",
+        "type=bind,src=/usr/bin/getfattr,dst=/getfattr,options=rbind:ro",
         "--snapshotter",
         snapshotter,
         image,
@@ -329,6 +334,15 @@ fn assert_rootfs_of_full_pull(env: &Env, full: &str, lazy: &str, name: &str) {
     let a = rootfs_listing(env, "overlayfs", full, &format!("{name}-o"));
     let b = rootfs_listing(env, "lazyblk", lazy, &format!("{name}-l"));
     assert!(a.lines().count() > 1000, "{a}");
+    // The image's extended attributes (`build_images`) are in the listing, so comparing it compares them.
+    for x in [
+        "xattr /srv/xattrs user.lazyblk=0x68656c6c6f",
+        "xattr /srv/xattrs security.capability=0x0100000200200000000000000000000000000000",
+        "xattr /srv/acl system.posix_acl_access=0x0200000001000700ffffffff02000700e8030000",
+        "xattr /srv/acl system.posix_acl_default=",
+    ] {
+        assert!(a.contains(x), "the full pull's listing lacks {x:?}");
+    }
     if a != b {
         let (la, lb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
             (a.lines().collect(), b.lines().collect());
@@ -527,6 +541,29 @@ fn build_images(dir: &Path, reg: &Registry, rootfs: &Path) {
             .arg(work.join("rootfs/srv/null"))
             .args(["c", "1", "3"]),
     );
+    // Extended attributes the rootfs comparison must carry through: a user xattr, a file capability
+    // (cap_net_raw+ep, VFS_CAP_REVISION_2) and POSIX access and default ACLs (user 1000 rwx).
+    let xfile = work.join("rootfs/srv/xattrs");
+    std::fs::write(&xfile, "xattrs\n").unwrap();
+    let acl_dir = work.join("rootfs/srv/acl");
+    std::fs::create_dir_all(&acl_dir).unwrap();
+    const ACL: &str = "0x0200000001000700ffffffff02000700e803000004000500ffffffff10000700ffffffff20000500ffffffff";
+    for (path, name, value) in [
+        (&xfile, "user.lazyblk", "hello"),
+        (
+            &xfile,
+            "security.capability",
+            "0x0100000200200000000000000000000000000000",
+        ),
+        (&acl_dir, "system.posix_acl_access", ACL),
+        (&acl_dir, "system.posix_acl_default", ACL),
+    ] {
+        run_ok(
+            Command::new("setfattr")
+                .args(["-n", name, "-v", value])
+                .arg(path),
+        );
+    }
     run_ok(
         Command::new("umoci")
             .args(["repack", "--image"])

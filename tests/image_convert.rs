@@ -577,3 +577,87 @@ fn relayout_puts_the_traced_chunks_next_to_the_index() {
     };
     assert_eq!(export(&old_blob), export(&new_blob));
 }
+
+/// `lazyblk index` of a two-platform image index: one referrer artifact per platform manifest, each
+/// with a metadata blob and a span blob per original layer, the image itself untouched, found again by
+/// the referrers lookup; `--platform` indexes one manifest only.
+#[test]
+fn indexes_every_platform_of_an_image_index() {
+    let Some((reg, _tmp, _layout)) = test_images(&[("multi", true)]) else {
+        return;
+    };
+    let r = reg.addr.clone();
+    let multi = format!("{r}/test/img:multi");
+    let before = skopeo_raw(&multi);
+    // One platform first: only its manifest gets an artifact.
+    let arm = json(run_ok(lazyblk().args([
+        "index",
+        &multi,
+        "--platform",
+        "linux/arm64",
+        "--plain-http",
+        "--json",
+    ])));
+    assert_eq!(arm["mode"], "index", "{arm}");
+    assert_eq!(arm["manifests"].as_array().unwrap().len(), 1, "{arm}");
+    assert_eq!(arm["manifests"][0]["platform"], "linux/arm64", "{arm}");
+
+    let s = json(run_ok(lazyblk().args([
+        "index",
+        &multi,
+        "--plain-http",
+        "--json",
+    ])));
+    assert_eq!(s["mode"], "index", "{s}");
+    assert_eq!(s["manifests"].as_array().unwrap().len(), 2, "{s}");
+    assert_eq!(skopeo_raw(&multi), before, "indexing changed the image");
+    let (src, idx) = (
+        s["source_bytes"].as_u64().unwrap(),
+        s["target_bytes"].as_u64().unwrap(),
+    );
+    assert!(idx * 20 < src, "index {idx} bytes for {src} of layers");
+    for m in before["manifests"].as_array().unwrap() {
+        let digest = m["digest"].as_str().unwrap();
+        let platform = skopeo_raw(&format!("{r}/test/img@{digest}"));
+        let tag = digest.replacen(':', "-", 1);
+        let fallback = skopeo_raw(&format!("{r}/test/img:{tag}"));
+        let arts = fallback["manifests"].as_array().unwrap();
+        assert_eq!(arts.len(), 1, "one artifact per platform: {fallback}");
+        let art = skopeo_raw(&format!(
+            "{r}/test/img@{}",
+            arts[0]["digest"].as_str().unwrap()
+        ));
+        assert_eq!(art["subject"]["digest"], digest);
+        assert_eq!(art["artifactType"], "application/vnd.lazyblk.image.v1");
+        let layers = art["layers"].as_array().unwrap();
+        let originals = platform["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2 * originals.len(), "{art}");
+        for (pair, orig) in layers.chunks(2).zip(originals) {
+            let (meta, spans) = (&pair[0], &pair[1]);
+            assert_eq!(
+                meta["mediaType"],
+                "application/vnd.oci.image.layer.v1.lazyblk+ext4"
+            );
+            assert_eq!(spans["mediaType"], "application/vnd.lazyblk.spans.v1");
+            let ann = &meta["annotations"];
+            assert_eq!(
+                ann["containerd.io/snapshot/lazyblk/spans-digest"],
+                spans["digest"]
+            );
+            assert_eq!(
+                ann["containerd.io/snapshot/lazyblk/source-digest"],
+                orig["digest"]
+            );
+            assert_eq!(
+                ann["containerd.io/snapshot/lazyblk/source-size"],
+                orig["size"].as_u64().unwrap().to_string()
+            );
+        }
+    }
+    let found = json(run_ok(
+        lazyblk()
+            .args(["referrers", "--plain-http", "--json"])
+            .arg(&multi),
+    ));
+    assert_eq!(found.as_array().unwrap().len(), 2, "{found}");
+}
