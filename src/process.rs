@@ -95,6 +95,17 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// Gives the calling thread the lowest CPU priority (nice 19; threads it creates inherit it): it
+/// runs at full speed on an idle node and yields to everything else on a busy one, never starved
+/// (unlike `SCHED_IDLE`). Best effort: a failure is logged and the thread runs as it was.
+pub fn lowest_priority() {
+    // SAFETY: plain syscalls on the calling thread (its TID); no pointers.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "setpriority");
+    }
+}
+
 /// Whether `pid` is a running process (a zombie counts as dead). Prefer [`ProcessId::alive`].
 pub fn pid_alive(pid: u32) -> bool {
     ProcessId { pid, start: 0 }.alive()

@@ -138,20 +138,31 @@ pub async fn fill_and_verify(
         }
         (filled, first_err)
     });
-    let built = tokio::task::spawn_blocking(move || {
-        let dir = tempfile::tempdir()?;
-        let r = index_layer_with(
-            stream,
-            &dir.path().join("meta"),
-            &dir.path().join("spans"),
-            &opts,
-            Some(tap),
-        );
-        r.map_err(|e| std::io::Error::other(e.to_string()))
-    })
-    .await
-    .map_err(|e| format!("verify task: {e}"))?
-    .map_err(|e| format!("{}: {e}", source.describe()))?;
+    // The pass decodes the whole layer: background work on a thread of its own at the lowest
+    // priority (its decoder thread inherits it), so container starts and demand reads — their
+    // decoding included — get the node's CPUs first; it is slowed, never starved.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lazyblk-verify".into())
+        .spawn(move || {
+            crate::process::lowest_priority();
+            let r = tempfile::tempdir().and_then(|dir| {
+                index_layer_with(
+                    stream,
+                    &dir.path().join("meta"),
+                    &dir.path().join("spans"),
+                    &opts,
+                    Some(tap),
+                )
+                .map_err(|e| std::io::Error::other(e.to_string()))
+            });
+            let _ = done_tx.send(r);
+        })
+        .map_err(|e| format!("verify thread: {e}"))?;
+    let built = done_rx
+        .await
+        .map_err(|_| "the verify thread stopped".to_string())?
+        .map_err(|e| format!("{}: {e}", source.describe()))?;
     let (filled, chunk_err) = store.await.map_err(|e| format!("store task: {e}"))?;
     let want_layer = digest_string(&table.source_digest);
     let layer = &built.input.digest;

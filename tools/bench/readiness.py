@@ -20,7 +20,7 @@ with `lazyblk trace push` as a referrer of a copy of the image in its own reposi
 "lazyblk" runs never see it), "lazyblk+relayout" (`lazyblk trace relayout` of the image with that
 trace: the traced chunks sit right before each layer's index and arrive with it in one request),
 "lazyblk+index" (the *original* image with a `lazyblk index` artifact; "lazyblk+index512" with 512 KiB
-spans), "lazyblk-nometa" (converted
+spans; "lazyblk+index-whole" indexed by `--index-whole-bin`, an older lazyblk without span pieces), "lazyblk-nometa" (converted
 with `--metadata-region 0`: the metadata region lever's "before"), and the peers "soci" (AWS SOCI
 snapshotter 0.4.1, Debian sid's package, with `soci create` + `soci push` defaults) and "nydus"
 (nydus-snapshotter 0.13 + nydusd from upstream source, FUSE mode; needs --nydus-bin).
@@ -130,12 +130,18 @@ def build_image(name, work, reg):
     out = sh(BIN, "index", f"{reg}/bench/{name}-orig512:v1", "--json", "--span-size", "512K")
     s = json.loads(out.stdout)
     INDEX_STATS[name]["index512_pct"] = 100.0 * s["target_bytes"] / s["source_bytes"]
+    # The "before" of span pieces (mode lazyblk+index-whole): an index built by an older lazyblk
+    # (`--index-whole-bin`, span tables without pieces), served by this build span by span.
+    if INDEX_WHOLE_BIN:
+        sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-origwhole:v1")
+        sh(INDEX_WHOLE_BIN, "index", f"{reg}/bench/{name}-origwhole:v1", "--json")
     # The same image in another repository: the trace is pushed there only.
     sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
        f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
 
 
 INDEX_STATS = {}
+INDEX_WHOLE_BIN = None
 DAEMON_ARGS = []
 SNAPSHOTTER_ARGS = []
 TLS_CONTEXT = None
@@ -148,6 +154,7 @@ def repo_tag(name, mode):
             "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk"),
             "lazyblk+index": (f"{name}-orig", "v1"),
             "lazyblk+index512": (f"{name}-orig512", "v1"),
+            "lazyblk+index-whole": (f"{name}-origwhole", "v1"),
             "soci": (f"{name}-soci", "v1"), "nydus": (f"{name}-nydus", "v1")}[mode]
 
 
@@ -429,14 +436,16 @@ def main():
                     help="where tools/get-sid-package.sh unpacks the peers' Debian packages")
     ap.add_argument("--keep-work", action="store_true", help="keep the work dir (logs) for debugging")
     ap.add_argument("--nydus-bin", help="directory with nydusd and nydus-image (mode nydus)")
+    ap.add_argument("--index-whole-bin", help="an older lazyblk whose indexes have no span pieces (mode lazyblk+index-whole)")
     ap.add_argument("--snapshotter-arg", action="append", default=[],
                     help="an argument for the lazyblk snapshotter (e.g. --snapshotter-arg=--no-fill); repeatable")
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
                          "--daemon-arg=--fill-busy-concurrency=0); repeatable")
     a = ap.parse_args()
-    global SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT
+    global SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN
     SHOW_LS = a.show_ls
+    INDEX_WHOLE_BIN = a.index_whole_bin
     DAEMON_ARGS = a.daemon_arg
     SNAPSHOTTER_ARGS = a.snapshotter_arg
     if os.geteuid() != 0:
