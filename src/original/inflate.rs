@@ -147,32 +147,53 @@ pub fn inflate_span(
     window: &[u8],
     out_len: usize,
 ) -> Result<Vec<u8>, String> {
-    let mut inf = Inflater::raw()?;
-    let mut input = comp;
-    if bits > 0 {
-        let (&first, rest) = comp
-            .split_first()
-            .ok_or("a span starting mid-byte has no bytes")?;
-        inf.prime(bits, first >> (8 - bits))?;
-        input = rest;
-    }
-    if !window.is_empty() {
-        inf.set_dictionary(window)?;
-    }
+    let (mut inf, input) = Inflater::at_checkpoint(comp, bits, window)?;
     let mut out = vec![0u8; out_len];
-    let mut done = 0;
-    while done < out_len {
-        let st = inf.step(input, &mut out[done..], false)?;
-        input = &input[st.consumed..];
-        done += st.produced;
-        if st.end || (st.consumed == 0 && st.produced == 0) {
-            break;
-        }
-    }
+    let done = inf.inflate_into(input, &mut out)?;
     if done != out_len {
         return Err(format!(
             "the span inflated to {done} bytes, the table says {out_len}"
         ));
     }
     Ok(out)
+}
+
+impl Inflater {
+    /// A raw inflater resuming at a span's checkpoint: `comp` starts with the span's compressed
+    /// bytes (its first byte shared with the previous span when `bits > 0`), `window` is the 32 KiB
+    /// of output before it. Returns the inflater and the input left to feed it.
+    pub fn at_checkpoint<'c>(
+        comp: &'c [u8],
+        bits: u8,
+        window: &[u8],
+    ) -> Result<(Inflater, &'c [u8]), String> {
+        let mut inf = Inflater::raw()?;
+        let mut input = comp;
+        if bits > 0 {
+            let (&first, rest) = comp
+                .split_first()
+                .ok_or("a span starting mid-byte has no bytes")?;
+            inf.prime(bits, first >> (8 - bits))?;
+            input = rest;
+        }
+        if !window.is_empty() {
+            inf.set_dictionary(window)?;
+        }
+        Ok((inf, input))
+    }
+
+    /// Inflates `input` into `out` until the input gives nothing more, the stream ends or `out` is
+    /// full; returns the bytes written.
+    pub fn inflate_into(&mut self, mut input: &[u8], out: &mut [u8]) -> Result<usize, String> {
+        let mut done = 0;
+        while done < out.len() {
+            let st = self.step(input, &mut out[done..], false)?;
+            input = &input[st.consumed..];
+            done += st.produced;
+            if st.end || (st.consumed == 0 && st.produced == 0) {
+                break;
+            }
+        }
+        Ok(done)
+    }
 }

@@ -384,17 +384,13 @@ fn resume_span(
 ) -> Result<(), String> {
     let mut input = comp;
     if fresh {
-        let mut inf = Inflater::raw()?;
-        if bits > 0 {
-            let (&first, rest) = comp
-                .split_first()
-                .ok_or("a span starting mid-byte has no bytes")?;
-            inf.prime(bits, first >> (8 - bits))?;
-            input = rest;
-        }
-        if !window.is_empty() {
-            inf.set_dictionary(&stored_window(window)?)?;
-        }
+        let dict = if window.is_empty() {
+            Vec::new()
+        } else {
+            stored_window(window)?
+        };
+        let (inf, rest) = Inflater::at_checkpoint(comp, bits, &dict)?;
+        input = rest;
         state.inflater = Some(inf);
         state.out = vec![0u8; len];
         state.decoded = 0;
@@ -403,14 +399,7 @@ fn resume_span(
         .inflater
         .as_mut()
         .ok_or("the span's decoder is gone")?;
-    while !input.is_empty() && state.decoded < len {
-        let st = inf.step(input, &mut state.out[state.decoded..], false)?;
-        input = &input[st.consumed..];
-        state.decoded += st.produced;
-        if st.end || (st.consumed == 0 && st.produced == 0) {
-            break;
-        }
-    }
+    state.decoded += inf.inflate_into(input, &mut state.out[state.decoded..])?;
     Ok(())
 }
 
