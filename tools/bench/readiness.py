@@ -251,15 +251,20 @@ class Env:
         except (OSError, ValueError, IndexError):
             pass
 
-    def cold(self):
-        """Removes images, content and snapshots (containerd's GC removes lazyblk's, which detaches
-        their layers), empties lazyblk's chunk cache and drops the page cache. The snapshotter keeps
-        running (restarting it would only measure containerd's reconnect backoff)."""
-        for c in self.ctr("containers", "ls", "-q").stdout.split():
+    def remove_containers(self):
+        """Kills and removes every container (a task's shim outlives containerd: the run's end
+        must remove them while containerd still runs, or they keep their rootfs and its layer)."""
+        for c in self.ctr("containers", "ls", "-q", check=False).stdout.split():
             self.ctr("task", "kill", "-s", "SIGKILL", c, check=False)
             time.sleep(0.2)
             self.ctr("task", "rm", "-f", c, check=False)
             self.ctr("containers", "rm", c, check=False)
+
+    def cold(self):
+        """Removes images, content and snapshots (containerd's GC removes lazyblk's, which detaches
+        their layers), empties lazyblk's chunk cache and drops the page cache. The snapshotter keeps
+        running (restarting it would only measure containerd's reconnect backoff)."""
+        self.remove_containers()
         imgs = self.ctr("images", "ls", "-q").stdout.split()
         if imgs:
             self.ctr("images", "rm", "--sync", *imgs, check=False)
@@ -532,6 +537,7 @@ def main():
         open(os.path.join(a.out, "results.md"), "w").write(md)
         print(md)
     finally:
+        env.remove_containers()
         env.stop_snapshotter()
         for p in env.peers.values():
             p.cleanup()
