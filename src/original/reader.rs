@@ -194,48 +194,16 @@ impl OriginalLayer {
         let upto = reach.max(2 * st.pieces).min(n);
         let first = st.pieces;
         let comp = t.piece_range(i, first).start..t.piece_range(i, upto - 1).end;
-        let window = async {
-            if first > 0 || s.window.is_empty() {
-                return Ok(Bytes::new());
-            }
-            self.window(i, s).await
-        };
-        let (window, bytes) =
-            futures::future::join(window, self.source.read_range(comp.clone())).await;
-        let (window, bytes) = (window?, bytes?);
-        self.fetched.fetch_add(
-            (window.len() + bytes.len()) as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        if bytes.len() as u64 != comp.end - comp.start {
-            self.source.distrust();
-            return Err(FetchError::transient(
-                "short",
-                format!(
-                    "{}: {} bytes for span {i}'s bytes {}..{}",
-                    self.source.describe(),
-                    bytes.len(),
-                    comp.start,
-                    comp.end
-                ),
-            ));
-        }
-        for k in first..upto {
-            let r = t.piece_range(i, k);
-            let piece = &bytes[(r.start - comp.start) as usize..(r.end - comp.start) as usize];
-            if sha256(piece) != s.pieces[k].digest {
-                self.source.distrust();
-                return Err(FetchError::transient(
-                    "corrupt",
-                    format!(
-                        "{}: span {i} piece {k} (bytes {}..{}) does not match its digest",
-                        self.source.describe(),
-                        r.start,
-                        r.end
-                    ),
-                ));
-            }
-        }
+        let pieces: Vec<_> = (first..upto)
+            .map(|k| {
+                (
+                    t.piece_range(i, k),
+                    s.pieces[k].digest,
+                    format!("piece {k} of span {i}"),
+                )
+            })
+            .collect();
+        let (window, bytes) = self.fetch_checked(i, s, first == 0, comp, &pieces).await?;
         let mut state = std::mem::take(st);
         let (bits, len) = (s.bits, (tar.end - tar.start) as usize);
         let at_least = (s.pieces[upto - 1].tar_end - tar.start) as usize;
@@ -284,35 +252,68 @@ impl OriginalLayer {
         Ok(w)
     }
 
-    /// A span without pieces, whole: fetched, checked against its digest, decoded.
-    async fn fetch_span(&self, t: &SpanTable, i: usize) -> Result<Bytes, FetchError> {
-        let s = &t.spans[i];
-        let tar = t.span_tar(i);
+    /// Fetches `comp` of the original blob (and span `i`'s window with it, when `with_window`),
+    /// counts the bytes, and checks each `(range, digest, name)` part of it before anything decodes
+    /// it; a short or corrupt answer is a transient error and the source is distrusted.
+    async fn fetch_checked(
+        &self,
+        i: usize,
+        s: &super::table::Span,
+        with_window: bool,
+        comp: Range<u64>,
+        parts: &[(Range<u64>, Digest, String)],
+    ) -> Result<(Bytes, Bytes), FetchError> {
         let window = async {
-            if s.window.is_empty() {
+            if !with_window || s.window.is_empty() {
                 return Ok(Bytes::new());
             }
             self.window(i, s).await
         };
-        let comp = self.source.read_range(s.comp.clone());
-        let (window, comp) = futures::future::join(window, comp).await;
-        let (window, comp) = (window?, comp?);
+        let (window, bytes) =
+            futures::future::join(window, self.source.read_range(comp.clone())).await;
+        let (window, bytes) = (window?, bytes?);
         self.fetched.fetch_add(
-            (window.len() + comp.len()) as u64,
+            (window.len() + bytes.len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if comp.len() as u64 != s.comp.end - s.comp.start || sha256(&comp) != s.digest {
+        let bad = |kind: &'static str, what: String| {
             self.source.distrust();
-            return Err(FetchError::transient(
-                "corrupt",
+            FetchError::transient(kind, format!("{}: {what}", self.source.describe()))
+        };
+        if bytes.len() as u64 != comp.end - comp.start {
+            return Err(bad(
+                "short",
                 format!(
-                    "{}: span {i} (bytes {}..{}) does not match its digest",
-                    self.source.describe(),
-                    s.comp.start,
-                    s.comp.end
+                    "{} bytes for bytes {}..{}",
+                    bytes.len(),
+                    comp.start,
+                    comp.end
                 ),
             ));
         }
+        for (r, digest, name) in parts {
+            let part = &bytes[(r.start - comp.start) as usize..(r.end - comp.start) as usize];
+            if sha256(part) != *digest {
+                return Err(bad(
+                    "corrupt",
+                    format!(
+                        "{name} (bytes {}..{}) does not match its digest",
+                        r.start, r.end
+                    ),
+                ));
+            }
+        }
+        Ok((window, bytes))
+    }
+
+    /// A span without pieces, whole: fetched, checked against its digest, decoded.
+    async fn fetch_span(&self, t: &SpanTable, i: usize) -> Result<Bytes, FetchError> {
+        let s = &t.spans[i];
+        let tar = t.span_tar(i);
+        let whole = [(s.comp.clone(), s.digest, format!("span {i}"))];
+        let (window, comp) = self
+            .fetch_checked(i, s, true, s.comp.clone(), &whole)
+            .await?;
         let (codec, bits, len) = (t.codec, s.bits, (tar.end - tar.start) as usize);
         let what = format!("{} span {i}", self.source.describe());
         tokio::task::spawn_blocking(move || decode_span(codec, &comp, bits, &window, len))
