@@ -1,6 +1,12 @@
 //! The `lazyblk` binary.
 
 fn main() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(code) = lazyblk::device::mount::mount_helper_main(&args) {
+        std::process::exit(code);
+    }
+    // Layers are mounted from a child running this binary (see `device::mount`).
+    lazyblk::device::mount::use_mount_helper(std::path::Path::new("/proc/self/exe"));
     bound_malloc();
     // A panic anywhere (a ublk queue thread included) ends the process at once instead of unwinding
     // through libublk, which would stop and delete the device: killed, the server leaves its devices

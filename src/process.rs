@@ -22,6 +22,14 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
+    /// The running process `pid` (its start time read now; 0 if it is already gone).
+    pub fn of(pid: u32) -> ProcessId {
+        ProcessId {
+            pid,
+            start: stat(pid).map(|s| s.start).unwrap_or(0),
+        }
+    }
+
     /// The calling process.
     pub fn current() -> ProcessId {
         let pid = std::process::id();

@@ -7,10 +7,14 @@
 
 pub mod fuse_file;
 pub mod loopdev;
+pub mod mount;
 pub mod mountinfo;
 pub mod nbd_kernel;
 pub mod netlink;
 pub mod ublk;
+
+use mount::detach_quietly;
+pub use mount::{mount_ext4_ro, umount, LAYER_MOUNT_DATA, LAYER_MOUNT_FLAGS};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,6 +117,10 @@ pub struct DeviceState {
     /// found dead in this state died half way, and the attach is rolled back.
     #[serde(default)]
     pub attaching: bool,
+    /// The mount helper of an attach in progress (see [`mount`]): a restarted daemon rolling the
+    /// attach back waits for it before it removes the mount.
+    #[serde(default)]
+    pub mounter: Option<crate::process::ProcessId>,
 }
 
 /// A kernel block device serving a [`BlockSource`]: the one seam over the ublk, kernel NBD and loop
@@ -223,10 +231,7 @@ impl Drop for LoopExport {
         drop(self.lo.take());
         drop(self.fuse.take());
         let fuse = self.work.join("fuse");
-        if let Ok(c) = cstr(&fuse) {
-            // SAFETY: `c` is a valid NUL-terminated path; failure (not mounted) changes nothing.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach_quietly(&fuse);
         let _ = std::fs::remove_dir(&fuse);
         let _ = std::fs::remove_dir(&self.work);
     }
@@ -338,6 +343,7 @@ impl Attachment {
             source_args: serde_json::Value::Null,
             work,
             attaching,
+            mounter: None,
         };
         let dev = match backend {
             // ublk and NBD devices outlive their server: the state file that names the device is
@@ -471,7 +477,13 @@ impl Attachment {
         }
         a.write_state()?;
         if let Some(dir) = mount {
-            if let Err(e) = mount_ext4_ro(Path::new(&a.state.device), dir) {
+            let dev = PathBuf::from(&a.state.device);
+            let r = mount::mount_layer(&dev, dir, |helper| {
+                a.state.mounter = Some(helper);
+                a.write_state()
+            });
+            a.state.mounter = None;
+            if let Err(e) = r {
                 a.state.mount = None;
                 return Err(e);
             }
@@ -638,57 +650,6 @@ pub fn ublk_id(device: &str) -> std::io::Result<u32> {
         .map_err(|_| std::io::Error::other(format!("{device} is not a ublk device")))
 }
 
-fn cstr(p: &Path) -> std::io::Result<std::ffi::CString> {
-    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| std::io::Error::other("path contains NUL"))
-}
-
-/// Mount flags of a layer: read-only, and the host never honours the image author's setuid bits or
-/// device nodes through the layer's own mount (containers still get both through their overlay
-/// mount, which has neither flag).
-pub const LAYER_MOUNT_FLAGS: libc::c_ulong =
-    libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
-
-/// ext4 options of a layer, overriding what the image's superblock asks for: `errors=remount-ro`
-/// (a superblock saying `errors=panic` over a corrupt directory gives EIO, not a node panic) and
-/// `noload` (a journal in the image is never replayed).
-pub const LAYER_MOUNT_DATA: &std::ffi::CStr = c"errors=remount-ro,noload";
-
-/// Mounts the ext4 on `dev` read-only at `dir`, with [`LAYER_MOUNT_FLAGS`] and [`LAYER_MOUNT_DATA`].
-pub fn mount_ext4_ro(dev: &Path, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let (d, m) = (cstr(dev)?, cstr(dir)?);
-    let fs = c"ext4";
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let r = unsafe {
-        libc::mount(
-            d.as_ptr(),
-            m.as_ptr(),
-            fs.as_ptr(),
-            LAYER_MOUNT_FLAGS,
-            LAYER_MOUNT_DATA.as_ptr().cast(),
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(
-            e.kind(),
-            format!("mounting {} on {}: {e}", dev.display(), dir.display()),
-        ));
-    }
-    Ok(())
-}
-
-/// Unmounts `dir`.
-pub fn umount(dir: &Path) -> std::io::Result<()> {
-    let m = cstr(dir)?;
-    // SAFETY: `m` is a valid NUL-terminated path.
-    if unsafe { libc::umount2(m.as_ptr(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Every recorded device under `run_dir`, with whether its serving process is alive.
 pub fn list(run_dir: &Path) -> Vec<(DeviceState, bool)> {
     let mut out = Vec::new();
@@ -722,12 +683,16 @@ pub fn list(run_dir: &Path) -> Vec<(DeviceState, bool)> {
 /// recovery that will not come (a loop device over a dead FUSE export already fails them), with its
 /// mount (detached lazily) and its state files.
 pub fn remove_orphan(s: &DeviceState, run_dir: &Path) -> std::io::Result<()> {
+    // A mount helper still running for a dead server finishes once the device below it is stopped
+    // (its I/O fails) or answers again; it is waited for, so that a mount it makes late is removed.
     let detach_mount = || {
         if let Some(dir) = &s.mount {
-            if let Ok(c) = cstr(dir) {
-                // SAFETY: `c` is a valid NUL-terminated path; a failure leaves the mount as it was.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if let Some(helper) = s.mounter {
+                if !mount::wait_for_mounter(helper, std::time::Duration::from_secs(30)) {
+                    tracing::warn!(device = %s.device, pid = helper.pid, "the mount helper of a dead server is still running");
+                }
             }
+            detach_quietly(dir);
         }
     };
     let r = match s.backend {
@@ -757,10 +722,7 @@ pub fn remove_orphan(s: &DeviceState, run_dir: &Path) -> std::io::Result<()> {
             // export under it is unmounted lazily.
             if let Some(work) = &s.work {
                 let fuse = work.join("fuse");
-                if let Ok(c) = cstr(&fuse) {
-                    // SAFETY: `c` is a valid NUL-terminated path.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
+                detach_quietly(&fuse);
                 let _ = std::fs::remove_dir(&fuse);
                 let _ = std::fs::remove_dir(work);
             }
