@@ -131,11 +131,15 @@ async fn engine(ix: &Indexed, original: Arc<dyn RangeReader>) -> Engine {
         Arc::new(FileRange::open(&ix.spans).unwrap()),
         location(ix),
     );
+    engine_with(ix, Arc::new(ext)).await
+}
+
+async fn engine_with(ix: &Indexed, ext: Arc<OriginalLayer>) -> Engine {
     let opts = EngineOptions {
         read_deadline: Duration::from_secs(5),
         retry_base: Duration::from_millis(5),
         retry_max: Duration::from_millis(50),
-        external: Some(Arc::new(ext)),
+        external: Some(ext),
         ..EngineOptions::default()
     };
     let digest = lazyblk::format::parse_digest(&ix.info.blob.index_digest).unwrap();
@@ -422,6 +426,90 @@ fn streaming_the_whole_layer_fills_it_and_proves_the_index() {
         .await
         .unwrap_err();
         assert!(err.contains("the manifest"), "{err}");
+    });
+}
+
+/// The engine of `ix` over a layer whose blob is copied to `copy` (from `remote`) before reads.
+async fn copied(
+    ix: &Indexed,
+    remote: Arc<Flipping>,
+    copy: &std::path::Path,
+) -> (Engine, Arc<OriginalLayer>) {
+    let local =
+        Arc::new(lazyblk::original::local::LocalCopy::create(remote.clone(), copy).unwrap());
+    let ext = Arc::new(
+        OriginalLayer::new(
+            remote,
+            Arc::new(FileRange::open(&ix.spans).unwrap()),
+            location(ix),
+        )
+        .with_local_copy(local.clone()),
+    );
+    let size = ext.table().await.unwrap().source_size;
+    local.download(size, None).await.unwrap();
+    assert!(ext.is_local());
+    (engine_with(ix, ext.clone()).await, ext)
+}
+
+#[test]
+fn a_local_copy_serves_the_layer_and_a_corrupt_copy_is_never_served() {
+    let layer = gzip(&layer_tar(), 6);
+    let ix = index(&layer, 256 << 10);
+    let want = converted_disk(&layer);
+    let tmp = tempfile::tempdir().unwrap();
+    let counting = || {
+        Arc::new(Flipping {
+            inner: FileRange::open(&ix.original).unwrap(),
+            bad: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        })
+    };
+    rt().block_on(async {
+        // Downloaded once, start to end; every read after that comes from the copy.
+        let remote = counting();
+        let (e, ext) = copied(&ix, remote.clone(), &tmp.path().join("a")).await;
+        let downloads = remote.reads.load(Ordering::Relaxed);
+        assert_eq!(downloads as u64, (layer.len() as u64).div_ceil(4 << 20));
+        assert!(read_all(&e).await.unwrap() == want);
+        assert_eq!(
+            remote.reads.load(Ordering::Relaxed),
+            downloads,
+            "the registry was read again"
+        );
+        // Fetched: the download, and the span windows (from the span blob), nothing else.
+        let windows = e.external_fetched_bytes() - layer.len() as u64;
+        assert!(
+            windows <= std::fs::metadata(&ix.spans).unwrap().len(),
+            "{windows} bytes fetched beyond the download"
+        );
+        // The proving pass reads the copy too.
+        let v = lazyblk::original::fill_and_verify(&e, &ext, Some(&ix.info.input.digest))
+            .await
+            .unwrap();
+        assert_eq!(v.disk_digest, ix.info.blob.disk_digest);
+        assert_eq!(remote.reads.load(Ordering::Relaxed), downloads);
+
+        // A copy corrupted on disk after its download: the span read from it fails its digest, the
+        // copy is discarded and the span comes from the registry; the disk is still exact.
+        let remote = counting();
+        let path = tmp.path().join("b");
+        let (e, ext) = copied(&ix, remote.clone(), &path).await;
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(b"\xff\x00\xff\x00", layer.len() as u64 / 2)
+                .unwrap();
+        }
+        assert!(
+            read_all(&e).await.unwrap() == want,
+            "bytes of a corrupt copy served"
+        );
+        assert!(!ext.is_local(), "the corrupt copy was kept");
+        assert!(ext.local_copy().is_some_and(|c| !c.covers(&(0..1))));
+        assert!(
+            remote.reads.load(Ordering::Relaxed) > downloads,
+            "nothing refetched from the registry"
+        );
     });
 }
 

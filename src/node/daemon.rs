@@ -19,6 +19,7 @@ use crate::fetch::metrics::Metrics;
 use crate::fetch::registry::Sessions;
 use crate::fetch::source::{open_source_in, range_reader_in};
 use crate::fetch::{BlockSource, Engine, EngineOptions, FillGate, MemCache, SourceOptions};
+use crate::original::OriginalLayer;
 
 /// Node-wide settings.
 #[derive(Debug, Clone)]
@@ -86,6 +87,8 @@ struct Served {
     attachment: Attachment,
     health: Arc<Health>,
     background: Option<tokio::task::JoinHandle<()>>,
+    /// The reader of an original-image index's layer blob.
+    original: Option<Arc<OriginalLayer>>,
 }
 
 /// What failed reads left behind, for `ls` and events.
@@ -122,6 +125,8 @@ struct Inner {
     attaching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pending: Mutex<BTreeMap<String, Pending>>,
     events: Events,
+    /// Local copies of original layers being filled (with a disk cache only).
+    copies: Option<crate::original::local::CopyDir>,
 }
 
 /// `RUN_DIR/devices/<dev>.index`: the verified index, so a restart needs no registry.
@@ -148,6 +153,19 @@ impl Node {
             }
             None => None,
         };
+        // Local copies of original layers take at most half the disk cache's bound, beside it.
+        let copies = match &cfg.cache_dir {
+            Some(d) => Some(
+                crate::original::local::CopyDir::open(
+                    &d.join("originals"),
+                    (cfg.cache_size_mib << 20) / 2,
+                )
+                .map_err(|e| {
+                    NodeError::Failed(format!("{}: {e}", d.join("originals").display()))
+                })?,
+            ),
+            None => None,
+        };
         Ok(Node {
             inner: Arc::new(Inner {
                 memory: MemCache::new(cfg.memory_mib.max(1) << 20),
@@ -164,6 +182,7 @@ impl Node {
                 attaching: Mutex::new(HashMap::new()),
                 pending: Mutex::new(BTreeMap::new()),
                 events: Events::default(),
+                copies,
             }),
         })
     }
@@ -250,11 +269,13 @@ impl Node {
         }
     }
 
+    /// How to open `spec`'s source, and the reader of its original layer blob (an original-image
+    /// index; with a local copy when it is filled and the node has a disk cache).
     fn source_options(
         &self,
         spec: &LayerSpec,
         health: &Arc<Health>,
-    ) -> Result<SourceOptions, NodeError> {
+    ) -> Result<(SourceOptions, Option<Arc<OriginalLayer>>), NodeError> {
         let index = match &spec.index {
             Some(i) => Some((
                 i.offset,
@@ -277,12 +298,23 @@ impl Node {
             startup_offset: spec.startup_offset,
             engine: self.engine_options(spec, health),
         };
+        let mut original = None;
         if let Some(o) = &spec.original {
-            let ext = crate::original::external_source(o, &opts, Some(&self.inner.sessions))
-                .map_err(|e| NodeError::Invalid(format!("original layer: {e}")))?;
-            opts.engine.external = Some(ext);
+            let copy = match (&self.inner.copies, spec.fill) {
+                (Some(c), true) => Some(c.new_path()),
+                _ => None,
+            };
+            let layer = crate::original::original_layer(
+                o,
+                &opts,
+                Some(&self.inner.sessions),
+                copy.as_deref(),
+            )
+            .map_err(|e| NodeError::Invalid(format!("original layer: {e}")))?;
+            opts.engine.external = Some(layer.clone());
+            original = Some(layer);
         }
-        Ok(opts)
+        Ok((opts, original))
     }
 
     /// The single-flight gate of a spec key (attach and detach of one layer never overlap).
@@ -307,7 +339,7 @@ impl Node {
             return Ok(st);
         }
         let health = Arc::new(Health::default());
-        let opts = self.source_options(&spec, &health)?;
+        let (opts, original) = self.source_options(&spec, &health)?;
         let engine = open_source_in(&spec.source, &opts, Some(&self.inner.sessions))
             .await
             .map_err(|e| {
@@ -321,7 +353,7 @@ impl Node {
         let attachment = tokio::task::spawn_blocking(move || me.attach_device(&spec2, &engine2))
             .await
             .map_err(|e| NodeError::Failed(format!("attach task: {e}")))??;
-        self.adopted(spec, engine, attachment, health, kind::ATTACHED)
+        self.adopted(spec, engine, attachment, health, original, kind::ATTACHED)
     }
 
     /// Creates the device for an open engine (blocking: device setup and mount).
@@ -375,6 +407,7 @@ impl Node {
         engine: Engine,
         mut attachment: Attachment,
         health: Arc<Health>,
+        original: Option<Arc<OriginalLayer>>,
         event: &str,
     ) -> Result<LayerStatus, NodeError> {
         let device = attachment.state().device.clone();
@@ -399,7 +432,7 @@ impl Node {
         let task =
             crate::trace::publish::spawn_publisher(engine.clone(), file.clone(), &self.inner.rt);
         attachment.keep_publisher(task, file);
-        let background = self.spawn_background(&spec, &engine, &device);
+        let background = self.spawn_background(&spec, &engine, &device, original.clone());
         self.inner.events.emit(
             event,
             &device,
@@ -417,6 +450,7 @@ impl Node {
             attachment,
             health,
             background,
+            original,
         };
         let st = status_of(&device, &served);
         self.inner
@@ -434,6 +468,7 @@ impl Node {
         spec: &LayerSpec,
         engine: &Engine,
         device: &str,
+        original: Option<Arc<OriginalLayer>>,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let chunks = spec.prefetch_trace.as_deref().and_then(|p| {
             match crate::trace::Trace::read_file(p) {
@@ -453,24 +488,15 @@ impl Node {
             Arc::downgrade(&self.inner),
             device.to_string(),
         );
-        // An original-image index fills its file data by streaming the original layer once, which
-        // also proves the index against it.
-        let original = match (&spec.original, spec.fill) {
-            (Some(o), true) => {
-                let opts = SourceOptions {
-                    registry: spec.registry.options(),
-                    ..SourceOptions::default()
-                };
-                match crate::original::original_layer(o, &opts, Some(&self.inner.sessions)) {
-                    Ok(l) => Some((l, o.layer_digest().map(str::to_string))),
-                    Err(err) => {
-                        tracing::warn!(layer = %engine.name(), error = %err, "cannot stream the original layer; filling span by span");
-                        None
-                    }
-                }
-            }
-            _ => None,
-        };
+        // An original-image index fills its file data by copying the original layer to the node at
+        // the link's speed, then streaming the copy once, which also proves the index against it.
+        let original = original.filter(|_| spec.fill).map(|l| {
+            let digest = spec
+                .original
+                .as_ref()
+                .and_then(|o| o.layer_digest().map(str::to_string));
+            (l, digest)
+        });
         Some(self.inner.rt.spawn(async move {
             if let Some(chunks) = chunks {
                 let s = e.replay(&chunks).await;
@@ -480,7 +506,16 @@ impl Node {
                 return;
             }
             if let Some((layer, digest)) = original {
+                let Some(n) = node.upgrade() else { return };
+                let copy = copy_original(&n, &e, &layer).await;
+                drop(n);
                 let r = crate::original::fill_and_verify(&e, &layer, digest.as_deref()).await;
+                // Its file data is in the chunk cache now (or the copy failed the proof): the copy's
+                // disk goes back.
+                if let Some(c) = layer.local_copy() {
+                    c.release();
+                }
+                drop(copy);
                 let Some(node) = node.upgrade() else { return };
                 match r {
                     Ok(v) => {
@@ -778,7 +813,7 @@ impl Node {
         }
         let spec = spec.expect("checked above");
         let health = Arc::new(Health::default());
-        let opts = self
+        let (opts, original) = self
             .source_options(&spec, &health)
             .map_err(|e| (e.to_string(), true))?;
         let engine = self
@@ -793,7 +828,7 @@ impl Node {
         .await
         .map_err(|e| (format!("resume task: {e}"), false))?
         .map_err(|e| (e.to_string(), false))?;
-        self.adopted(spec, engine, attachment, health, kind::RECOVERED)
+        self.adopted(spec, engine, attachment, health, original, kind::RECOVERED)
             .map(|_| ())
             .map_err(|e| (e.to_string(), false))
     }
@@ -876,6 +911,41 @@ impl Node {
     }
 }
 
+/// Downloads `layer`'s local copy (if it has one and it fits the node's budget) through the fill
+/// scheduler; the reservation is held until the copy is released.
+async fn copy_original(
+    node: &Inner,
+    e: &Engine,
+    layer: &OriginalLayer,
+) -> Option<crate::original::local::Reservation> {
+    let copy = layer.local_copy()?;
+    let size = match layer.table().await {
+        Ok(t) => t.source_size,
+        Err(err) => {
+            tracing::warn!(layer = %e.name(), error = %err, "no span table: not copying the original layer");
+            copy.release();
+            return None;
+        }
+    };
+    let Some(r) = node.copies.as_ref().and_then(|c| c.reserve(size)) else {
+        tracing::info!(layer = %e.name(), bytes = size, "no room for a local copy of the original layer: it fills from the registry");
+        copy.release();
+        return None;
+    };
+    let started = Instant::now();
+    match copy.download(size, Some(&node.fill)).await {
+        Ok(()) => {
+            tracing::info!(layer = %e.name(), bytes = size, seconds = started.elapsed().as_secs_f64(), "original layer copied to the node");
+            Some(r)
+        }
+        Err(err) => {
+            tracing::warn!(layer = %e.name(), error = %err, "copying the original layer failed: it fills from the registry");
+            copy.release();
+            None
+        }
+    }
+}
+
 fn status_of(device: &str, s: &Served) -> LayerStatus {
     use std::sync::atomic::Ordering::Relaxed;
     let m = s.engine.metrics();
@@ -913,7 +983,9 @@ fn status_of(device: &str, s: &Served) -> LayerStatus {
             .expect("health lock")
             .clone()
             .unwrap_or_default(),
-        depends_on_registry: fill < 1.0 && !Path::new(&s.spec.source).exists(),
+        depends_on_registry: fill < 1.0
+            && !Path::new(&s.spec.source).exists()
+            && !s.original.as_ref().is_some_and(|o| o.is_local()),
         index_digest: s.engine.index_digest(),
     }
 }

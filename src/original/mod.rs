@@ -9,6 +9,7 @@
 
 pub mod build;
 pub mod inflate;
+pub mod local;
 pub mod reader;
 pub mod spans;
 pub mod table;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 
 use crate::fetch::registry::Sessions;
 use crate::fetch::source::{range_reader_in, SourceOptions};
-use crate::fetch::{ExternalData, FetchError};
+use crate::fetch::FetchError;
 
 /// Where an original-image index's external chunks come from: persisted in layer specs and
 /// snapshot records (so serde, with defaults for fields a newer build adds).
@@ -40,34 +41,37 @@ pub struct OriginalRef {
     pub table_digest: String,
 }
 
-/// The external-chunk source for `original`, reading both blobs like the layer's own source.
-pub fn external_source(
-    original: &OriginalRef,
-    opts: &SourceOptions,
-    sessions: Option<&Sessions>,
-) -> Result<Arc<dyn ExternalData>, FetchError> {
-    Ok(original_layer(original, opts, sessions)?)
-}
-
-/// The reader of `original` ([`external_source`] before type erasure).
+/// The reader of `original`, reading both blobs like the layer's own source; with `copy_to`, it
+/// keeps a local copy of the layer blob in that new file (see [`local`]; filled by
+/// [`local::LocalCopy::download`]).
 pub fn original_layer(
     original: &OriginalRef,
     opts: &SourceOptions,
     sessions: Option<&Sessions>,
+    copy_to: Option<&std::path::Path>,
 ) -> Result<Arc<OriginalLayer>, FetchError> {
     let digest = lazyblk_image_format::parse_digest(&original.table_digest)
         .map_err(|e| FetchError::permanent("config", format!("span table digest: {e}")))?;
     let source = range_reader_in(&original.source, opts, sessions)?;
     let spans = range_reader_in(&original.spans, opts, sessions)?;
-    Ok(Arc::new(OriginalLayer::new(
-        source,
+    let mut layer = OriginalLayer::new(
+        source.clone(),
         spans,
         TableLocation {
             offset: original.table_offset,
             length: original.table_length,
             digest,
         },
-    )))
+    );
+    if let Some(path) = copy_to {
+        match local::LocalCopy::create(source, path) {
+            Ok(c) => layer = layer.with_local_copy(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "no local copy of the original layer; its fill reads the registry")
+            }
+        }
+    }
+    Ok(Arc::new(layer))
 }
 
 impl OriginalRef {

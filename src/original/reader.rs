@@ -12,6 +12,7 @@ use lazyblk_image_format::{sha256, Digest};
 use tokio::sync::OnceCell;
 
 use super::inflate::{inflate_span, Inflater};
+use super::local::{LocalCopy, LocalFile};
 use super::table::{SpanCodec, SpanTable, MAX_WINDOW_STORED, WINDOW_LEN};
 use crate::fetch::remote::{FetchError, RangeReader};
 use crate::fetch::{BoxFuture, ExternalData};
@@ -42,6 +43,7 @@ pub struct OriginalLayer {
     table: OnceCell<Arc<SpanTable>>,
     cache: Mutex<SpanCache>,
     fetched: std::sync::atomic::AtomicU64,
+    local: Option<Arc<LocalCopy>>,
 }
 
 #[derive(Default)]
@@ -79,12 +81,33 @@ impl OriginalLayer {
             table: OnceCell::new(),
             cache: Mutex::new(SpanCache::default()),
             fetched: std::sync::atomic::AtomicU64::new(0),
+            local: None,
         }
     }
 
-    /// The original layer blob.
+    /// Reads spans below `copy`'s watermark from it (see [`super::local`]); `copy` must be a copy of
+    /// this layer's source.
+    pub fn with_local_copy(mut self, copy: Arc<LocalCopy>) -> OriginalLayer {
+        self.local = Some(copy);
+        self
+    }
+
+    /// The local copy of the layer blob, if it has one.
+    pub fn local_copy(&self) -> Option<&Arc<LocalCopy>> {
+        self.local.as_ref()
+    }
+
+    /// Whether the whole layer blob is on this node (the registry is no longer needed).
+    pub fn is_local(&self) -> bool {
+        self.local.as_ref().is_some_and(|c| c.complete())
+    }
+
+    /// The original layer blob: its complete local copy if there is one, else the registry's.
     pub fn source(&self) -> Arc<dyn RangeReader> {
-        self.source.clone()
+        match &self.local {
+            Some(c) if c.complete() => Arc::new(LocalFile(c.clone())),
+            _ => self.source.clone(),
+        }
     }
 
     /// The span table: fetched (one range request) and verified on first use.
@@ -269,16 +292,32 @@ impl OriginalLayer {
             }
             self.window(i, s).await
         };
-        let (window, bytes) =
-            futures::future::join(window, self.source.read_range(comp.clone())).await;
+        let local = self.local.as_ref().filter(|c| c.covers(&comp));
+        let data = async {
+            match local {
+                Some(c) => c.read_local(comp.clone()).await,
+                None => self.source.read_range(comp.clone()).await,
+            }
+        };
+        let (window, bytes) = futures::future::join(window, data).await;
         let (window, bytes) = (window?, bytes?);
+        let remote = if local.is_some() { 0 } else { bytes.len() };
         self.fetched.fetch_add(
-            (window.len() + bytes.len()) as u64,
+            (window.len() + remote) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        let bad = |kind: &'static str, what: String| {
-            self.source.distrust();
-            FetchError::transient(kind, format!("{}: {what}", self.source.describe()))
+        let bad = |kind: &'static str, what: String| match local {
+            Some(c) => {
+                c.discard("a span read from it failed its check");
+                FetchError::transient(
+                    kind,
+                    format!("{} (local copy): {what}", self.source.describe()),
+                )
+            }
+            None => {
+                self.source.distrust();
+                FetchError::transient(kind, format!("{}: {what}", self.source.describe()))
+            }
         };
         if bytes.len() as u64 != comp.end - comp.start {
             return Err(bad(
@@ -470,5 +509,6 @@ impl ExternalData for OriginalLayer {
 
     fn fetched_bytes(&self) -> u64 {
         self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+            + self.local.as_ref().map_or(0, |c| c.downloaded_bytes())
     }
 }

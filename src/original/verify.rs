@@ -43,6 +43,8 @@ struct RangeStream {
     pos: u64,
     size: u64,
     buf: Bytes,
+    /// Reading the registry (not a local copy): pieces wait while the layer has demand reads.
+    yields: bool,
 }
 
 impl Read for RangeStream {
@@ -51,7 +53,7 @@ impl Read for RangeStream {
             if self.pos >= self.size {
                 return Ok(0);
             }
-            while self.engine.foreground_reads() > 0 {
+            while self.yields && self.engine.foreground_reads() > 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let end = (self.pos + STREAM_PIECE).min(self.size);
@@ -111,6 +113,7 @@ pub async fn fill_and_verify(
         pos: 0,
         size: table.source_size,
         buf: Bytes::new(),
+        yields: !original.is_local(),
     };
     let opts = IndexOptions {
         chunk_shift: engine.index().chunk_shift(),

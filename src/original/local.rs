@@ -1,0 +1,366 @@
+//! A local copy of an original layer blob, downloaded start to end at the link's speed.
+//!
+//! An original-image index serves file data by decoding spans of the layer's own compressed stream,
+//! and proving the index needs one pass that decodes the whole layer (see [`super::verify`]): CPU
+//! work, far slower than the link on a small node. Done straight from the registry, that pass keeps
+//! the registry a runtime dependency for as long as the CPU takes. Instead the compressed blob is
+//! first copied to the node's cache directory as fast as the fill scheduler allows (demand reads
+//! first, [`FillGate`]); spans below the copy's watermark are read from the file from then on, and
+//! the proving pass reads the file.
+//!
+//! The copy is never trusted: whatever is read from it goes through the same per-span (or per-piece)
+//! SHA-256 check as bytes from the registry, and the proving pass checks the whole layer's digest.
+//! A check that fails on bytes from the copy discards the copy, and reads go to the registry again.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::fetch::fill::FillGate;
+use crate::fetch::remote::{FetchError, RangeReader};
+use crate::fetch::BoxFuture;
+
+/// Bytes per download request (a quarter while demand reads run, see [`FillGate::batch_bytes`]).
+const PIECE: u64 = 4 << 20;
+/// Download requests in flight per layer (hides a round trip between pieces).
+const DEPTH: usize = 2;
+/// Tries per piece before the download fails.
+const TRIES: u32 = 6;
+
+/// See the module docs.
+pub struct LocalCopy {
+    remote: Arc<dyn RangeReader>,
+    path: PathBuf,
+    file: Arc<File>,
+    /// The layer's size, once the download has started (`u64::MAX` before).
+    size: AtomicU64,
+    /// `[0, have)` is in the file.
+    have: AtomicU64,
+    /// Cleared for good when the copy is discarded.
+    usable: AtomicBool,
+    downloaded: AtomicU64,
+}
+
+impl LocalCopy {
+    /// An empty copy of `remote` in a new file `path` (mode 0600; removed when the copy is dropped).
+    pub fn create(remote: Arc<dyn RangeReader>, path: &Path) -> std::io::Result<LocalCopy> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(LocalCopy {
+            remote,
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            size: AtomicU64::new(u64::MAX),
+            have: AtomicU64::new(0),
+            usable: AtomicBool::new(true),
+            downloaded: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether `range` can be read from the file.
+    pub fn covers(&self, range: &Range<u64>) -> bool {
+        self.usable.load(Relaxed) && range.end <= self.have.load(Relaxed)
+    }
+
+    /// Whether the whole layer is in the file.
+    pub fn complete(&self) -> bool {
+        self.usable.load(Relaxed) && self.have.load(Relaxed) == self.size.load(Relaxed)
+    }
+
+    /// Bytes this copy downloaded.
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.downloaded.load(Relaxed)
+    }
+
+    /// Reads `range` from the file (the caller checked [`LocalCopy::covers`]).
+    pub async fn read_local(&self, range: Range<u64>) -> Result<Bytes, FetchError> {
+        let (file, path) = (self.file.clone(), self.path.display().to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            file.read_exact_at(&mut buf, range.start)
+                .map(|_| Bytes::from(buf))
+                .map_err(|e| FetchError::transient("io", format!("{path}: reading {range:?}: {e}")))
+        })
+        .await
+        .map_err(|e| FetchError::permanent("internal", format!("read task: {e}")))?
+    }
+
+    /// Forgets the copy (bytes from it failed a check, or the disk failed): reads go to the
+    /// registry from now on, and the file is emptied.
+    pub fn discard(&self, why: &str) {
+        if self.usable.swap(false, Relaxed) {
+            tracing::warn!(layer = %self.remote.describe(), file = %self.path.display(), reason = why, "discarding the local copy of an original layer");
+            self.have.store(0, Relaxed);
+            let _ = self.file.set_len(0);
+        }
+    }
+
+    /// Empties the copy and stops serving from it, quietly (its layer is complete in the disk cache,
+    /// or there is no room for it).
+    pub fn release(&self) {
+        self.usable.store(false, Relaxed);
+        self.have.store(0, Relaxed);
+        let _ = self.file.set_len(0);
+    }
+
+    /// Downloads the layer (`size` bytes, from the verified span table) into the file, in order, a
+    /// piece at a time through `gate`. Returns when the copy is complete, or the first piece that
+    /// failed for good.
+    pub async fn download(&self, size: u64, gate: Option<&FillGate>) -> Result<(), String> {
+        use futures::StreamExt;
+        self.size.store(size, Relaxed);
+        let mut next = self.have.load(Relaxed);
+        let mut running = futures::stream::FuturesOrdered::new();
+        loop {
+            while running.len() < DEPTH && next < size {
+                let len = gate.map_or(PIECE, |g| g.batch_bytes(PIECE));
+                let r = next..(next + len).min(size);
+                next = r.end;
+                running.push_back(self.piece(r, gate));
+            }
+            let Some(done) = running.next().await else {
+                return Ok(());
+            };
+            let (r, bytes) = done?;
+            if !self.usable.load(Relaxed) {
+                return Err("the local copy was discarded".into());
+            }
+            let file = self.file.clone();
+            let at = r.start;
+            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, at))
+                .await
+                .map_err(|e| format!("write task: {e}"))?
+                .map_err(|e| {
+                    self.discard("write failed");
+                    format!("{}: writing {r:?}: {e}", self.path.display())
+                })?;
+            self.have.store(r.end, Relaxed);
+        }
+    }
+
+    async fn piece(
+        &self,
+        r: Range<u64>,
+        gate: Option<&FillGate>,
+    ) -> Result<(Range<u64>, Bytes), String> {
+        let mut tries = 0;
+        loop {
+            let _permit = match gate {
+                Some(g) => Some(g.admit(r.end - r.start).await),
+                None => None,
+            };
+            let res = self.remote.read_range(r.clone()).await;
+            drop(_permit);
+            match res {
+                Ok(b) if b.len() as u64 == r.end - r.start => {
+                    self.downloaded.fetch_add(b.len() as u64, Relaxed);
+                    return Ok((r, b));
+                }
+                Ok(b) => {
+                    return Err(format!(
+                        "{}: {} bytes for bytes {}..{}",
+                        self.remote.describe(),
+                        b.len(),
+                        r.start,
+                        r.end
+                    ))
+                }
+                Err(e) if e.retryable && tries + 1 < TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+impl Drop for LocalCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The directory of a node's local copies and their disk budget: copies are transient (a layer's is
+/// released once its proving pass has put its file data in the chunk cache), and together they never
+/// hold more than the budget; a layer that does not fit fills from the registry as before.
+pub struct CopyDir {
+    dir: PathBuf,
+    free: Arc<std::sync::Mutex<u64>>,
+    next: AtomicU64,
+}
+
+/// Bytes of a [`CopyDir`]'s budget held by one copy until dropped.
+pub struct Reservation {
+    free: Arc<std::sync::Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        *self.free.lock().expect("copy budget lock") += self.bytes;
+    }
+}
+
+impl CopyDir {
+    /// Opens (creating, mode 0700) `dir` with `budget` bytes, removing copies a dead process (or an
+    /// earlier run of this one's pid) left.
+    pub fn open(dir: &Path, budget: u64) -> std::io::Result<CopyDir> {
+        crate::process::private_dir(dir)?;
+        for f in std::fs::read_dir(dir)?.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let live = pid.is_some_and(|p| {
+                p != std::process::id() && Path::new(&format!("/proc/{p}")).exists()
+            });
+            if !live {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        Ok(CopyDir {
+            dir: dir.to_path_buf(),
+            free: Arc::new(std::sync::Mutex::new(budget)),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// A new file name for a copy.
+    pub fn new_path(&self) -> PathBuf {
+        let n = self.next.fetch_add(1, Relaxed);
+        self.dir.join(format!("{}-{n}.blob", std::process::id()))
+    }
+
+    /// Takes `bytes` of the budget, if they are free.
+    pub fn reserve(&self, bytes: u64) -> Option<Reservation> {
+        let mut free = self.free.lock().expect("copy budget lock");
+        if *free < bytes {
+            return None;
+        }
+        *free -= bytes;
+        Some(Reservation {
+            free: self.free.clone(),
+            bytes,
+        })
+    }
+}
+
+/// The copy as a range reader of the file alone (for the proving pass, once it is complete).
+pub struct LocalFile(pub Arc<LocalCopy>);
+
+impl RangeReader for LocalFile {
+    fn read_range(&self, range: Range<u64>) -> BoxFuture<'_, Result<Bytes, FetchError>> {
+        Box::pin(async move {
+            if !self.0.covers(&range) {
+                return Err(FetchError::permanent(
+                    "io",
+                    format!("{}: {range:?} is not in the local copy", self.describe()),
+                ));
+            }
+            self.0.read_local(range).await
+        })
+    }
+
+    fn size(&self) -> BoxFuture<'_, Result<u64, FetchError>> {
+        let s = self.0.size.load(Relaxed);
+        Box::pin(async move {
+            if s == u64::MAX {
+                return Err(FetchError::permanent(
+                    "io",
+                    "the local copy has no size yet",
+                ));
+            }
+            Ok(s)
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (local copy)", self.0.remote.describe())
+    }
+
+    fn distrust(&self) {
+        self.0.discard("its bytes failed verification");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fetch::remote::FileRange;
+
+    fn blob(dir: &Path, n: usize) -> (Arc<dyn RangeReader>, Vec<u8>) {
+        let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        let p = dir.join("blob");
+        std::fs::write(&p, &data).unwrap();
+        (Arc::new(FileRange::open(&p).unwrap()), data)
+    }
+
+    #[tokio::test]
+    async fn a_download_copies_the_blob_in_order_and_reads_come_from_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, data) = blob(tmp.path(), (9 << 20) + 123);
+        let copy = Arc::new(LocalCopy::create(remote, &tmp.path().join("copy")).unwrap());
+        assert!(!copy.covers(&(0..1)));
+        let gate = FillGate::new(2, 1, None);
+        copy.download(data.len() as u64, Some(&gate)).await.unwrap();
+        assert!(copy.complete());
+        assert_eq!(copy.downloaded_bytes(), data.len() as u64);
+        let r = (5 << 20) - 7..(5 << 20) + 1000;
+        let local = LocalFile(copy.clone());
+        assert_eq!(
+            local.read_range(r.clone()).await.unwrap(),
+            data[r.start as usize..r.end as usize]
+        );
+        assert_eq!(local.size().await.unwrap(), data.len() as u64);
+        // Distrusted (a span from it failed its digest): emptied, and nothing is read from it.
+        local.distrust();
+        assert!(!copy.complete() && !copy.covers(&(0..1)));
+        assert!(local.read_range(0..1).await.is_err());
+        assert_eq!(std::fs::metadata(tmp.path().join("copy")).unwrap().len(), 0);
+        drop(local);
+        drop(copy);
+        assert!(!tmp.path().join("copy").exists());
+    }
+
+    #[test]
+    fn the_budget_is_shared_and_given_back_and_stale_copies_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("originals");
+        std::fs::create_dir(&dir).unwrap();
+        // A copy of a process that is gone (pid 0 never names a process of ours).
+        std::fs::write(dir.join("0-3.blob"), b"old").unwrap();
+        let copies = CopyDir::open(&dir, 100).unwrap();
+        assert!(!dir.join("0-3.blob").exists());
+        let (a, b) = (copies.new_path(), copies.new_path());
+        assert_ne!(a, b);
+        let r = copies.reserve(60).unwrap();
+        assert!(copies.reserve(50).is_none());
+        drop(r);
+        assert!(copies.reserve(100).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_short_source_fails_the_download_naming_the_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, data) = blob(tmp.path(), 1000);
+        let copy = LocalCopy::create(remote, &tmp.path().join("copy")).unwrap();
+        // The table claims more than the blob holds.
+        let e = copy
+            .download(data.len() as u64 + 10, None)
+            .await
+            .unwrap_err();
+        assert!(e.contains("blob"), "{e}");
+        assert!(!copy.complete());
+    }
+}
