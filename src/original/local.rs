@@ -236,8 +236,12 @@ impl CopyDir {
         })
     }
 
-    /// A new file name for a copy.
+    /// A new file name for a copy (the directory is made again, 0700, if someone removed it from
+    /// the cache directory: an operator clearing the cache).
     pub fn new_path(&self) -> PathBuf {
+        if !self.dir.is_dir() && self.dir.parent().is_some_and(Path::is_dir) {
+            let _ = crate::process::private_dir(&self.dir);
+        }
         let n = self.next.fetch_add(1, Relaxed);
         self.dir.join(format!("{}-{n}.blob", std::process::id()))
     }
