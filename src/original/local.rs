@@ -40,8 +40,9 @@ pub struct LocalCopy {
     file: Arc<File>,
     /// The layer's size, once the download has started (`u64::MAX` before).
     size: AtomicU64,
-    /// `[0, have)` is in the file.
-    have: AtomicU64,
+    /// The byte ranges in the file (the download's, and verified bytes demand reads fetched ahead
+    /// of it).
+    have: std::sync::Mutex<Ranges>,
     /// Cleared for good when the copy is discarded.
     usable: AtomicBool,
     downloaded: AtomicU64,
@@ -63,7 +64,7 @@ impl LocalCopy {
             path: path.to_path_buf(),
             file: Arc::new(file),
             size: AtomicU64::new(u64::MAX),
-            have: AtomicU64::new(0),
+            have: std::sync::Mutex::new(Ranges::default()),
             usable: AtomicBool::new(true),
             downloaded: AtomicU64::new(0),
         })
@@ -71,12 +72,13 @@ impl LocalCopy {
 
     /// Whether `range` can be read from the file.
     pub fn covers(&self, range: &Range<u64>) -> bool {
-        self.usable.load(Relaxed) && range.end <= self.have.load(Relaxed)
+        self.usable.load(Relaxed) && self.have.lock().expect("ranges lock").covers(range)
     }
 
     /// Whether the whole layer is in the file.
     pub fn complete(&self) -> bool {
-        self.usable.load(Relaxed) && self.have.load(Relaxed) == self.size.load(Relaxed)
+        let size = self.size.load(Relaxed);
+        size != u64::MAX && self.covers(&(0..size))
     }
 
     /// Bytes this copy downloaded.
@@ -102,7 +104,7 @@ impl LocalCopy {
     pub fn discard(&self, why: &str) {
         if self.usable.swap(false, Relaxed) {
             tracing::warn!(layer = %self.remote.describe(), file = %self.path.display(), reason = why, "discarding the local copy of an original layer");
-            self.have.store(0, Relaxed);
+            self.have.lock().expect("ranges lock").clear();
             let _ = self.file.set_len(0);
         }
     }
@@ -111,22 +113,48 @@ impl LocalCopy {
     /// or there is no room for it).
     pub fn release(&self) {
         self.usable.store(false, Relaxed);
-        self.have.store(0, Relaxed);
+        self.have.lock().expect("ranges lock").clear();
         let _ = self.file.set_len(0);
     }
 
+    /// Keeps `bytes` (verified bytes of `range` a demand read fetched from the registry) in the copy,
+    /// in the background, so that the download does not fetch them again.
+    pub fn offer(self: &Arc<Self>, range: Range<u64>, bytes: Bytes) {
+        if !self.usable.load(Relaxed) || self.covers(&range) {
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if me.usable.load(Relaxed)
+                && me.file.write_all_at(&bytes, range.start).is_ok()
+                && me.usable.load(Relaxed)
+            {
+                me.have.lock().expect("ranges lock").insert(range);
+            }
+        });
+    }
+
+    /// The next range from `at` that is not in the file yet, at most `len` bytes and not past `size`.
+    fn next_gap(&self, at: u64, len: u64, size: u64) -> Option<Range<u64>> {
+        let have = self.have.lock().expect("ranges lock");
+        let start = have.end_of_run(at);
+        (start < size).then(|| start..(start + len).min(size).min(have.next_start(start)))
+    }
+
     /// Downloads the layer (`size` bytes, from the verified span table) into the file, in order, a
-    /// piece at a time through `gate`. Returns when the copy is complete, or the first piece that
-    /// failed for good.
+    /// piece at a time through `gate`, skipping what demand reads brought already. Returns when the
+    /// copy is complete, or the first piece that failed for good.
     pub async fn download(&self, size: u64, gate: Option<&FillGate>) -> Result<(), String> {
         use futures::StreamExt;
         self.size.store(size, Relaxed);
-        let mut next = self.have.load(Relaxed);
+        let mut next = 0;
         let mut running = futures::stream::FuturesOrdered::new();
         loop {
-            while running.len() < DEPTH && next < size {
+            while running.len() < DEPTH {
                 let len = gate.map_or(PIECE, |g| g.batch_bytes(PIECE));
-                let r = next..(next + len).min(size);
+                let Some(r) = self.next_gap(next, len, size) else {
+                    break;
+                };
                 next = r.end;
                 running.push_back(self.piece(r, gate));
             }
@@ -146,7 +174,7 @@ impl LocalCopy {
                     self.discard("write failed");
                     format!("{}: writing {r:?}: {e}", self.path.display())
                 })?;
-            self.have.store(r.end, Relaxed);
+            self.have.lock().expect("ranges lock").insert(r);
         }
     }
 
@@ -190,6 +218,58 @@ impl LocalCopy {
 impl Drop for LocalCopy {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Disjoint, non-adjacent byte ranges (start → end), merged on insert.
+#[derive(Debug, Default)]
+struct Ranges(std::collections::BTreeMap<u64, u64>);
+
+impl Ranges {
+    fn covers(&self, r: &Range<u64>) -> bool {
+        r.is_empty()
+            || self
+                .0
+                .range(..=r.start)
+                .next_back()
+                .is_some_and(|(_, &e)| e >= r.end)
+    }
+
+    fn insert(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let (mut start, mut end) = (r.start, r.end);
+        // Merge with every range that overlaps or touches [start, end].
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let touching: Vec<u64> = self.0.range(start..=end).map(|(&s, _)| s).collect();
+        for s in touching {
+            let e = self.0.remove(&s).expect("listed");
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+
+    /// `at`, or the end of the range holding it.
+    fn end_of_run(&self, at: u64) -> u64 {
+        match self.0.range(..=at).next_back() {
+            Some((_, &e)) if e > at => e,
+            _ => at,
+        }
+    }
+
+    /// The start of the first range after `at` (`u64::MAX` if none).
+    fn next_start(&self, at: u64) -> u64 {
+        self.0.range(at + 1..).next().map_or(u64::MAX, |(&s, _)| s)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
     }
 }
 
@@ -335,6 +415,54 @@ mod tests {
         drop(local);
         drop(copy);
         assert!(!tmp.path().join("copy").exists());
+    }
+
+    #[test]
+    fn ranges_merge_and_report_gaps() {
+        let mut r = Ranges::default();
+        r.insert(10..20);
+        r.insert(30..40);
+        assert!(r.covers(&(12..20)) && !r.covers(&(15..25)) && !r.covers(&(0..1)));
+        assert_eq!(
+            (r.end_of_run(0), r.end_of_run(10), r.end_of_run(20)),
+            (0, 20, 20)
+        );
+        assert_eq!(
+            (r.next_start(0), r.next_start(20), r.next_start(30)),
+            (10, 30, u64::MAX)
+        );
+        r.insert(20..30); // touching both: one range
+        assert_eq!(r.0.len(), 1);
+        assert!(r.covers(&(10..40)));
+        r.insert(5..50);
+        assert_eq!(r.0.iter().collect::<Vec<_>>(), vec![(&5, &50)]);
+        r.insert(60..70);
+        r.insert(0..1);
+        assert_eq!(r.0.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_download_skips_what_demand_reads_brought() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (remote, data) = blob(tmp.path(), 10 << 20);
+        let copy = Arc::new(LocalCopy::create(remote, &tmp.path().join("copy")).unwrap());
+        // A demand read fetched (and verified) 1 MiB in the middle, ahead of the download.
+        let mid = (5 << 20)..(6 << 20);
+        copy.offer(
+            mid.clone(),
+            Bytes::copy_from_slice(&data[mid.start as usize..mid.end as usize]),
+        );
+        for _ in 0..200 {
+            if copy.covers(&mid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(copy.covers(&mid));
+        copy.download(data.len() as u64, None).await.unwrap();
+        assert!(copy.complete());
+        assert_eq!(copy.downloaded_bytes(), data.len() as u64 - (1 << 20));
+        assert_eq!(std::fs::read(tmp.path().join("copy")).unwrap(), data);
     }
 
     #[test]

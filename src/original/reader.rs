@@ -342,6 +342,10 @@ impl OriginalLayer {
                 ));
             }
         }
+        // Verified bytes from the registry: the copy keeps them, so its download skips them.
+        if let (None, Some(c)) = (local, &self.local) {
+            c.offer(comp, bytes.clone());
+        }
         Ok((window, bytes))
     }
 
