@@ -5,8 +5,9 @@
 //! work, far slower than the link on a small node. Done straight from the registry, that pass keeps
 //! the registry a runtime dependency for as long as the CPU takes. Instead the compressed blob is
 //! first copied to the node's cache directory as fast as the fill scheduler allows (demand reads
-//! first, [`FillGate`]); spans below the copy's watermark are read from the file from then on, and
-//! the proving pass reads the file.
+//! first, [`FillGate`]); spans the copy holds are read from the file, verified bytes that demand
+//! reads had to fetch from the registry go into the copy (its download skips them), and the proving
+//! pass reads the file.
 //!
 //! The copy is never trusted: whatever is read from it goes through the same per-span (or per-piece)
 //! SHA-256 check as bytes from the registry, and the proving pass checks the whole layer's digest.

@@ -85,7 +85,7 @@ impl OriginalLayer {
         }
     }
 
-    /// Reads spans below `copy`'s watermark from it (see [`super::local`]); `copy` must be a copy of
+    /// Reads the spans `copy` holds from it, and gives it the verified bytes fetched from the registry (see [`super::local`]); `copy` must be a copy of
     /// this layer's source.
     pub fn with_local_copy(mut self, copy: Arc<LocalCopy>) -> OriginalLayer {
         self.local = Some(copy);
