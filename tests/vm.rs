@@ -158,22 +158,19 @@ fn ublk_nbd_and_loop_backends_in_a_real_6_12_kernel() {
                 "crash test {b}: {line}: {console}"
             );
         }
-        let half = console
-            .lines()
-            .find(|l| l.starts_with(&format!("crash-{b}: restart during an attach's mount")))
-            .unwrap_or_default();
-        assert!(
-            half.ends_with("0 record(s) of the half-done attach, 0 mount(s), helper gone"),
-            "crash test {b}: {half}"
-        );
-        let restarted = console
-            .lines()
-            .find(|l| l.starts_with(&format!("crash-{b}: daemon restarted")))
-            .unwrap_or_default();
-        assert!(
-            restarted.ends_with(", 10 recovered events"),
-            "crash test {b}: {restarted}"
-        );
+        for (starts, ends) in [
+            (
+                "restart during an attach's mount",
+                "0 record(s) of the half-done attach, 0 mount(s), helper gone",
+            ),
+            ("daemon restarted", ", 10 recovered events"),
+        ] {
+            let line = console
+                .lines()
+                .find(|l| l.starts_with(&format!("crash-{b}: {starts}")))
+                .unwrap_or_default();
+            assert!(line.ends_with(ends), "crash test {b}: {line}");
+        }
     }
     assert!(
         console.contains("dead: read failed after") && console.contains("dead-ublk: reader exit=1"),
