@@ -223,3 +223,27 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// The mount helper the node runs for every layer mount (`lazyblk __mount-layer DEV DIR`, see
+/// `device::mount`): a failure exits 1 naming the device, the directory and the kernel's error.
+#[test]
+fn the_mount_helper_reports_what_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let out = lazyblk()
+        .args(["__mount-layer", "/dev/lazyblk-no-such-device"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/dev/lazyblk-no-such-device") && err.contains(dir.to_str().unwrap()),
+        "{err}"
+    );
+    if privileged() {
+        assert!(err.contains("No such file or directory"), "{err}");
+    }
+    let usage = lazyblk().arg("__mount-layer").output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+}

@@ -96,14 +96,19 @@ pub fn mount_layer(
     if out.status.success() {
         return Ok(());
     }
+    // The helper's message names the device, the directory and the kernel's error.
     let msg = String::from_utf8_lossy(&out.stderr);
-    Err(std::io::Error::other(format!(
-        "mounting {} on {}: {} (mount helper: {})",
-        dev.display(),
-        dir.display(),
-        msg.trim(),
-        out.status
-    )))
+    let msg = msg.trim();
+    Err(std::io::Error::other(if msg.is_empty() {
+        format!(
+            "mounting {} on {}: the mount helper ended with {}",
+            dev.display(),
+            dir.display(),
+            out.status
+        )
+    } else {
+        msg.chars().take(1000).collect()
+    }))
 }
 
 /// `CLOSE_RANGE_CLOEXEC` of `<linux/close_range.h>`.
