@@ -32,11 +32,7 @@ impl ProcessId {
 
     /// The calling process.
     pub fn current() -> ProcessId {
-        let pid = std::process::id();
-        ProcessId {
-            pid,
-            start: stat(pid).map(|s| s.start).unwrap_or(0),
-        }
+        ProcessId::of(std::process::id())
     }
 
     /// Whether this process is still running (not a zombie, and not another process with its pid).

@@ -63,7 +63,6 @@ pub fn mount_layer(
     let Some(exe) = HELPER.get() else {
         return mount_ext4_ro(dev, dir);
     };
-    std::fs::create_dir_all(dir)?;
     let mut cmd = Command::new(exe);
     cmd.arg(MOUNT_HELPER_ARG)
         .arg(dev)

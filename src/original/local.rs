@@ -103,11 +103,10 @@ impl LocalCopy {
     /// Forgets the copy (bytes from it failed a check, or the disk failed): reads go to the
     /// registry from now on, and the file is emptied.
     pub fn discard(&self, why: &str) {
-        if self.usable.swap(false, Relaxed) {
+        if self.usable.load(Relaxed) {
             tracing::warn!(layer = %self.remote.describe(), file = %self.path.display(), reason = why, "discarding the local copy of an original layer");
-            self.have.lock().expect("ranges lock").clear();
-            let _ = self.file.set_len(0);
         }
+        self.release();
     }
 
     /// Empties the copy and stops serving from it, quietly (its layer is complete in the disk cache,
@@ -303,9 +302,7 @@ impl CopyDir {
         for f in std::fs::read_dir(dir)?.flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
             let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            let live = pid.is_some_and(|p| {
-                p != std::process::id() && Path::new(&format!("/proc/{p}")).exists()
-            });
+            let live = pid.is_some_and(|p| p != std::process::id() && crate::process::pid_alive(p));
             if !live {
                 let _ = std::fs::remove_file(f.path());
             }

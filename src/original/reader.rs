@@ -85,8 +85,8 @@ impl OriginalLayer {
         }
     }
 
-    /// Reads the spans `copy` holds from it, and gives it the verified bytes fetched from the registry (see [`super::local`]); `copy` must be a copy of
-    /// this layer's source.
+    /// Reads the spans `copy` holds from it, and gives it the verified bytes fetched from the
+    /// registry (see [`super::local`]); `copy` must be a copy of this layer's source.
     pub fn with_local_copy(mut self, copy: Arc<LocalCopy>) -> OriginalLayer {
         self.local = Some(copy);
         self
@@ -218,13 +218,7 @@ impl OriginalLayer {
         let first = st.pieces;
         let comp = t.piece_range(i, first).start..t.piece_range(i, upto - 1).end;
         let pieces: Vec<_> = (first..upto)
-            .map(|k| {
-                (
-                    t.piece_range(i, k),
-                    s.pieces[k].digest,
-                    format!("piece {k} of span {i}"),
-                )
-            })
+            .map(|k| (t.piece_range(i, k), s.pieces[k].digest, Some(k)))
             .collect();
         let (window, bytes) = self.fetch_checked(i, s, first == 0, comp, &pieces).await?;
         let mut state = std::mem::take(st);
@@ -276,15 +270,16 @@ impl OriginalLayer {
     }
 
     /// Fetches `comp` of the original blob (and span `i`'s window with it, when `with_window`),
-    /// counts the bytes, and checks each `(range, digest, name)` part of it before anything decodes
-    /// it; a short or corrupt answer is a transient error and the source is distrusted.
+    /// counts the bytes, and checks each `(range, digest, piece)` part of it (`None`: the whole
+    /// span) before anything decodes it; a short or corrupt answer is a transient error and the
+    /// source is distrusted.
     async fn fetch_checked(
         &self,
         i: usize,
         s: &super::table::Span,
         with_window: bool,
         comp: Range<u64>,
-        parts: &[(Range<u64>, Digest, String)],
+        parts: &[(Range<u64>, Digest, Option<usize>)],
     ) -> Result<(Bytes, Bytes), FetchError> {
         let window = async {
             if !with_window || s.window.is_empty() {
@@ -330,9 +325,13 @@ impl OriginalLayer {
                 ),
             ));
         }
-        for (r, digest, name) in parts {
+        for (r, digest, piece) in parts {
             let part = &bytes[(r.start - comp.start) as usize..(r.end - comp.start) as usize];
             if sha256(part) != *digest {
+                let name = match piece {
+                    Some(k) => format!("piece {k} of span {i}"),
+                    None => format!("span {i}"),
+                };
                 return Err(bad(
                     "corrupt",
                     format!(
@@ -353,7 +352,7 @@ impl OriginalLayer {
     async fn fetch_span(&self, t: &SpanTable, i: usize) -> Result<Bytes, FetchError> {
         let s = &t.spans[i];
         let tar = t.span_tar(i);
-        let whole = [(s.comp.clone(), s.digest, format!("span {i}"))];
+        let whole = [(s.comp.clone(), s.digest, None)];
         let (window, comp) = self
             .fetch_checked(i, s, true, s.comp.clone(), &whole)
             .await?;
