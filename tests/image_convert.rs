@@ -661,3 +661,71 @@ fn indexes_every_platform_of_an_image_index() {
     ));
     assert_eq!(found.as_array().unwrap().len(), 2, "{found}");
 }
+
+/// `lazyblk index` of an image whose registry serves a layer with one byte changed where nothing but
+/// its digest can tell (the gzip header's MTIME: same size, same tar, same diff_id): it fails naming
+/// the layer's digest and pushes no index. The indexer does not hash the blob itself; the download's
+/// digest check is what refuses it.
+#[test]
+fn indexing_refuses_a_layer_the_registry_serves_changed() {
+    let Some((reg, _tmp, _layout)) = test_images(&[("v2", false)]) else {
+        return;
+    };
+    let image = format!("{}/test/img:v2", reg.addr);
+    let manifest = skopeo_raw(&image);
+    let layer = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|l| l["size"].as_u64().unwrap())
+        .unwrap();
+    let digest = layer["digest"].as_str().unwrap().to_string();
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let data = reg
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    assert_eq!(bytes[..3], [0x1f, 0x8b, 8], "the layer is not gzip");
+    bytes[4] ^= 0x40; // MTIME
+    std::fs::write(&data, &bytes).unwrap();
+
+    let out = lazyblk()
+        .args(["index", &image, "--plain-http", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "indexed a changed layer: {err}");
+    assert!(
+        err.contains(&digest),
+        "the error does not name the layer: {err}"
+    );
+    assert!(
+        err.contains("digest"),
+        "the error does not say what was wrong: {err}"
+    );
+    let manifest_digest = {
+        let out = run_ok(
+            Command::new("skopeo")
+                .args(["inspect", "--tls-verify=false", "--format", "{{.Digest}}"])
+                .arg(format!("docker://{image}")),
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let fallback = format!(
+        "docker://{}/test/img:{}",
+        reg.addr,
+        manifest_digest.replacen(':', "-", 1)
+    );
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(&fallback)
+        .output()
+        .unwrap();
+    assert!(
+        !inspect.status.success(),
+        "an index was pushed for the changed layer"
+    );
+}

@@ -640,6 +640,12 @@ async fn index_one(
         threads: ctx.opts.layer.threads,
         max_entries: ctx.opts.layer.max_entries,
         metadata_region_bytes: ctx.opts.layer.metadata_region_bytes,
+        // `copy_blob` checks the blob's size and digest, and nothing built is used unless it did:
+        // the decoder thread need not hash the blob a second time.
+        proven_source_digest: Some(
+            lazyblk_image_format::parse_digest(&l.digest)
+                .map_err(|e| ImageError(format!("layer {i}: {e}")))?,
+        ),
     };
     // The layer is indexed as it arrives (never stored): the download, the decoder and the tar
     // parser run at once. Nothing built is used unless the download then proves the blob's digest.

@@ -37,6 +37,11 @@ pub struct IndexOptions {
     /// Largest metadata startup region of the metadata blob, stored bytes (0: none; see
     /// [`crate::convert::ConvertOptions::metadata_region_bytes`]).
     pub metadata_region_bytes: u64,
+    /// The layer blob's digest, when the caller proves it of the bytes it feeds (a download that
+    /// fails unless the blob matches its descriptor) and uses nothing built before that proof is in:
+    /// the blob is then not hashed a second time on the decoder thread, the build's critical path.
+    /// `None`: the blob is hashed here and [`IndexedLayer::input`] reports what was read.
+    pub proven_source_digest: Option<[u8; 32]>,
 }
 
 impl Default for IndexOptions {
@@ -49,6 +54,7 @@ impl Default for IndexOptions {
                 .unwrap_or(1),
             max_entries: DEFAULT_MAX_ENTRIES,
             metadata_region_bytes: crate::convert::DEFAULT_METADATA_REGION,
+            proven_source_digest: None,
         }
     }
 }
@@ -147,8 +153,11 @@ pub fn index_layer_with<R: Read + Send>(
             .try_clone()
             .map_err(io("cloning a handle"))?,
     );
-    let rec = SpanRecorder::new(buffered, codec, opts.span_size, windows)
+    let mut rec = SpanRecorder::new(buffered, codec, opts.span_size, windows)
         .map_err(io("starting the decoder"))?;
+    if let Some(d) = opts.proven_source_digest {
+        rec = rec.with_source_digest(d);
+    }
     let out = BufWriter::with_capacity(
         1 << 20,
         blob_tmp

@@ -26,7 +26,8 @@ pub struct SpanRecorder<R, W> {
     comp_pos: u64,
     /// Tar bytes produced.
     tar_pos: u64,
-    source: Sha256,
+    /// The layer blob's digest: computed here, or proven by the caller (see [`SpanRecorder::with_source_digest`]).
+    source: SourceDigest,
     source_len: u64,
     span: Option<Open>,
     spans: Vec<Span>,
@@ -40,6 +41,14 @@ pub struct SpanRecorder<R, W> {
     /// zstd: the decoder is between frames.
     between_frames: bool,
     frames: u64,
+}
+
+/// Where the layer blob's digest comes from.
+enum SourceDigest {
+    /// Hashed as it is read.
+    Compute(Sha256),
+    /// Proven by the caller.
+    Proven([u8; 32]),
 }
 
 /// The span being read.
@@ -93,7 +102,7 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
             zs,
             comp_pos: 0,
             tar_pos: 0,
-            source: Sha256::new(),
+            source: SourceDigest::Compute(Sha256::new()),
             source_len: 0,
             span: None,
             spans: Vec::new(),
@@ -108,6 +117,14 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         })
     }
 
+    /// Takes `digest` as the layer blob's digest instead of hashing the blob again on the decoder
+    /// thread: for callers that prove it of the very bytes they feed (a download that fails unless
+    /// the blob matches its descriptor) and use nothing built before that proof is in.
+    pub fn with_source_digest(mut self, digest: [u8; 32]) -> Self {
+        self.source = SourceDigest::Proven(digest);
+        self
+    }
+
     fn refill(&mut self) -> io::Result<()> {
         if self.in_pos < self.in_len || self.src_eof {
             return Ok(());
@@ -119,7 +136,9 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
                     break;
                 }
                 Ok(n) => {
-                    self.source.update(&self.inbuf[..n]);
+                    if let SourceDigest::Compute(h) = &mut self.source {
+                        h.update(&self.inbuf[..n]);
+                    }
                     self.source_len += n as u64;
                     self.in_pos = 0;
                     self.in_len = n;
@@ -154,10 +173,18 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
     fn produced(&mut self, out: &[u8]) {
         self.tar_pos += out.len() as u64;
         if self.codec == SpanCodec::Gzip {
-            self.window.extend_from_slice(out);
-            if self.window.len() > 2 * WINDOW_LEN {
-                let cut = self.window.len() - WINDOW_LEN;
-                self.window.drain(..cut);
+            // Only the last WINDOW_LEN bytes can be a checkpoint's window: copy no more of a large
+            // step's output than that (the whole tar used to be copied through here).
+            if out.len() >= WINDOW_LEN {
+                self.window.clear();
+                self.window
+                    .extend_from_slice(&out[out.len() - WINDOW_LEN..]);
+            } else {
+                self.window.extend_from_slice(out);
+                if self.window.len() > 2 * WINDOW_LEN {
+                    let cut = self.window.len() - WINDOW_LEN;
+                    self.window.drain(..cut);
+                }
             }
         }
     }
@@ -405,7 +432,13 @@ impl<R: Read, W: Write> SpanRecorder<R, W> {
         }
         Ok(Recorded {
             spans: self.spans,
-            source: (self.source.finalize().into(), self.source_len),
+            source: (
+                match self.source {
+                    SourceDigest::Compute(h) => h.finalize().into(),
+                    SourceDigest::Proven(d) => d,
+                },
+                self.source_len,
+            ),
             tar_size: self.tar_pos,
             windows: (self.windows, self.windows_pos),
             frames: self.frames,
@@ -423,5 +456,88 @@ impl<R: Read, W: Write> Read for SpanRecorder<R, W> {
             SpanCodec::Zstd => self.read_zstd(buf),
             SpanCodec::None => self.read_plain(buf),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compressible but not trivial bytes (many deflate blocks).
+    fn input() -> Vec<u8> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..6 << 20)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 {
+                    (x % 16) as u8 + b'a'
+                } else {
+                    (i / 4096) as u8
+                }
+            })
+            .collect()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// Reads the whole layer `step` bytes at a time.
+    fn record(gz: &[u8], step: usize, proven: Option<[u8; 32]>) -> (Vec<u8>, Recorded<Vec<u8>>) {
+        let mut rec = SpanRecorder::new(gz, SpanCodec::Gzip, 256 << 10, Vec::new()).unwrap();
+        if let Some(d) = proven {
+            rec = rec.with_source_digest(d);
+        }
+        let (mut out, mut buf) = (Vec::new(), vec![0; step]);
+        loop {
+            let n = rec.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        (out, rec.finish().unwrap())
+    }
+
+    #[test]
+    fn every_window_is_the_output_before_its_checkpoint_whatever_the_read_size() {
+        let data = input();
+        let gz = gzip(&data);
+        let (small_out, small) = record(&gz, 4 << 10, None);
+        let (large_out, large) = record(&gz, 1 << 20, None);
+        assert!(
+            small_out == data && large_out == data,
+            "the tar read differs"
+        );
+        assert!(small.spans.len() > 4, "{} spans", small.spans.len());
+        assert_eq!(small.spans.len(), large.spans.len());
+        assert_eq!(small.windows.0, large.windows.0, "the windows differ");
+        for (a, b) in small.spans.iter().zip(&large.spans) {
+            assert_eq!((a.comp.clone(), a.tar_start), (b.comp.clone(), b.tar_start));
+        }
+        for s in small.spans.iter().filter(|s| s.window.end > s.window.start) {
+            let stored = &small.windows.0[s.window.start as usize..s.window.end as usize];
+            let w = zstd::bulk::decompress(stored, WINDOW_LEN).unwrap();
+            let t = s.tar_start as usize;
+            assert!(w == data[t - WINDOW_LEN..t], "window of span at {t}");
+        }
+    }
+
+    #[test]
+    fn the_layer_digest_is_computed_unless_the_caller_proves_it() {
+        let gz = gzip(&input());
+        let (_, computed) = record(&gz, 64 << 10, None);
+        assert_eq!(computed.source, (sha256_of(&gz), gz.len() as u64));
+        let (_, proven) = record(&gz, 64 << 10, Some([7; 32]));
+        assert_eq!(proven.source, ([7; 32], gz.len() as u64));
+        assert_eq!(proven.spans.len(), computed.spans.len());
+    }
+
+    fn sha256_of(b: &[u8]) -> [u8; 32] {
+        Sha256::digest(b).into()
     }
 }
