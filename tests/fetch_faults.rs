@@ -577,3 +577,65 @@ async fn a_fill_into_a_full_disk_cache_fails_instead_of_claiming_the_layer_is_lo
         }
     }
 }
+
+/// After a demand read, the background fill fetches the chunks that follow that read on the disk
+/// first (where a starting container reads next), and still fetches every chunk once; with
+/// `fill_follows_reads` off it starts at the lowest chunk of the blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fill_follows_demand_reads_then_completes_the_blob() {
+    let (blob, raw) = layer();
+    for follows in [true, false] {
+        let srv = FaultyServer::start(blob.clone()).await;
+        let mut o = opts(Duration::from_secs(60));
+        o.engine.fill_follows_reads = follows;
+        o.engine.readahead_chunks = 0;
+        let e = open_source(&srv.url, &o).await.unwrap();
+        let opened = srv.ranges().len();
+        let idx = e.index().clone();
+        // A read of one chunk in the middle of the disk, not its last stored chunk.
+        let stored: Vec<u64> = (0..idx.chunk_count())
+            .filter(|&c| idx.entry(c).stored_len > 0)
+            .collect();
+        let c = stored[stored.len() / 2];
+        let next = *stored.iter().find(|&&n| n > c).unwrap();
+        let off = idx.chunk_offset(c);
+        let got = e.read(off, 4096).await.unwrap();
+        assert!(got[..] == raw[off as usize..off as usize + 4096]);
+        let before = srv.ranges().len();
+        // A fill with a rate of its own runs one batch at a time: its requests come in order.
+        e.background_fill(Some(1 << 30)).await.unwrap();
+        let fill = srv.ranges()[before..].to_vec();
+        let first = fill.first().expect("the fill fetched something").start;
+        if follows {
+            assert_eq!(
+                first,
+                idx.entry(next).offset,
+                "the fill starts after the read (chunk {next}): {fill:?}"
+            );
+        } else {
+            // One batch holds this small layer: its first request is its first disk chunk's.
+            assert_eq!(first, idx.entry(stored[0]).offset, "blob order: {fill:?}");
+            assert_ne!(first, idx.entry(next).offset);
+        }
+        // Every stored chunk was fetched exactly once, by the read or by the fill (the footer
+        // request at open may have carried some too: they are not taken from it).
+        let mut covered = vec![0u32; idx.chunk_count() as usize];
+        for r in &srv.ranges()[opened..] {
+            for &s in &stored {
+                let e = idx.entry(s);
+                if e.offset >= r.start && e.offset + e.stored_len as u64 <= r.end {
+                    covered[s as usize] += 1;
+                }
+            }
+        }
+        for &s in &stored {
+            assert_eq!(
+                covered[s as usize],
+                1,
+                "chunk {s}: {:?}",
+                &srv.ranges()[opened..]
+            );
+        }
+        assert!(read_all(&e).await.unwrap() == raw);
+    }
+}

@@ -14,7 +14,7 @@ use crate::node::{api, Node, NodeConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: run_dir, cache_dir, cache_size_mib, memory_mib, metrics_addr, workers,
     /// read_deadline_secs, parallel_fetches, readahead_chunks, fill_concurrency,
-    /// fill_busy_concurrency, fill_rate_mib.
+    /// fill_busy_concurrency, fill_rate_mib, fill_follows_reads.
     #[arg(long)]
     config: Option<PathBuf>,
     /// State directory: device state, the control socket `daemon.sock` [default: /run/lazyblk].
@@ -49,6 +49,10 @@ pub struct DaemonArgs {
     /// Node-wide background fill bandwidth, MiB/s (0 = unlimited) [default: 0].
     #[arg(long)]
     fill_rate_mib: Option<u64>,
+    /// Background fills take the chunks that follow each demand read first, then go on in blob
+    /// order (false: blob order only) [default: true].
+    #[arg(long)]
+    fill_follows_reads: Option<bool>,
 }
 
 /// The `--config` file.
@@ -67,6 +71,7 @@ struct ConfigFile {
     fill_concurrency: Option<usize>,
     fill_busy_concurrency: Option<usize>,
     fill_rate_mib: Option<u64>,
+    fill_follows_reads: Option<bool>,
 }
 
 struct Settings {
@@ -118,6 +123,10 @@ fn settings(a: DaemonArgs) -> Result<Settings> {
                 .or(c.fill_busy_concurrency)
                 .unwrap_or(d.fill_busy_concurrency),
             fill_rate_mib: a.fill_rate_mib.or(c.fill_rate_mib).unwrap_or(0),
+            fill_follows_reads: a
+                .fill_follows_reads
+                .or(c.fill_follows_reads)
+                .unwrap_or(d.fill_follows_reads),
         },
         metrics_addr,
         workers: a.workers.or(c.workers).unwrap_or(cpus.min(4)).max(1),

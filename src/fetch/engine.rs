@@ -1,7 +1,7 @@
 //! The fetch engine: plan → single-flight → coalesced range fetch → verify → decompress → cache.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use super::access::AccessLog;
 pub use super::access::ChunkAccess;
 use super::diskcache::DiskCache;
 use super::fill::FillGate;
+use super::fill_order::{BatchLimit, FillOrder, FOLLOW_BYTES};
 use super::memcache::MemCache;
 use super::metrics::Metrics;
 use super::readahead::Readahead;
@@ -45,6 +46,9 @@ pub struct EngineOptions {
     pub readahead_chunks: u64,
     /// The node's fill scheduler (shared limits, demand reads first); else fills run unscheduled.
     pub fill_gate: Option<Arc<FillGate>>,
+    /// The background fill takes the chunks after each demand read first ([`FillOrder`]); else it
+    /// goes in blob order only.
+    pub fill_follows_reads: bool,
     /// Called for every read that fails (the node daemon turns it into an event).
     pub on_read_error: Option<ReadErrorHook>,
     /// First retry delay (doubles each attempt, with jitter).
@@ -67,6 +71,7 @@ impl Default for EngineOptions {
             plan: PlanOptions::default(),
             readahead_chunks: 32,
             fill_gate: None,
+            fill_follows_reads: true,
             on_read_error: None,
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
@@ -158,6 +163,8 @@ struct Inner {
     /// Client prefetch hints (NBD_CMD_CACHE) running now; at most [`MAX_HINT_PREFETCHES`].
     hints: Arc<AtomicUsize>,
     readahead: Readahead,
+    /// The disk chunk after the latest demand read, for the fill to take next (`u64::MAX`: none).
+    follow_hint: AtomicU64,
     cached: Mutex<Vec<bool>>,
     access: Mutex<AccessLog>,
     zeros: Bytes,
@@ -315,6 +322,7 @@ impl Engine {
                 hints: Arc::new(AtomicUsize::new(0)),
                 disk_writes: AtomicUsize::new(0),
                 readahead: Readahead::new(opts.readahead_chunks, chunk_count),
+                follow_hint: AtomicU64::new(u64::MAX),
                 cached: Mutex::new(cached),
                 opts,
                 metrics,
@@ -612,6 +620,9 @@ impl Engine {
             return Ok(Bytes::new());
         }
         self.note_read(offset, len, chunks.clone());
+        if inner.opts.fill_follows_reads {
+            inner.follow_hint.store(chunks.end, Relaxed);
+        }
         inner.foreground.fetch_add(1, Relaxed);
         let _guard = Decrement(&inner.foreground);
         let _node_demand = inner.opts.fill_gate.as_ref().map(|g| g.demand());
@@ -1113,7 +1124,7 @@ impl Engine {
         // next pass, and the fill fails loudly when a pass makes no progress.
         let mut left = order.len();
         loop {
-            self.fill_pass(&order, bytes_per_sec).await?;
+            self.fill_pass(order.clone(), bytes_per_sec).await?;
             while inner.disk_writes.load(Relaxed) > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -1132,8 +1143,9 @@ impl Engine {
         }
     }
 
-    async fn fill_pass(&self, order: &[u64], bytes_per_sec: Option<u64>) -> Result<(), String> {
+    async fn fill_pass(&self, order: Vec<u64>, bytes_per_sec: Option<u64>) -> Result<(), String> {
         use futures::StreamExt;
+        let inner = &self.inner;
         // Two batches of a layer in flight hide a round trip between them (the node's gate bounds
         // the total); one when the layer has its own rate, which is kept batch by batch.
         let depth = if bytes_per_sec.is_some_and(|r| r > 0) {
@@ -1141,14 +1153,15 @@ impl Engine {
         } else {
             FILL_DEPTH
         };
+        let mut pass = FillOrder::new(order, inner.index.chunk_count());
         let mut running = futures::stream::FuturesUnordered::new();
-        let mut i = 0;
         loop {
-            while running.len() < depth && i < order.len() {
-                let (batch, bytes) = self.next_fill_batch(order, &mut i);
-                if !batch.is_empty() {
-                    running.push(self.fill_batch(batch, bytes, bytes_per_sec));
+            while running.len() < depth && !pass.done() {
+                let (batch, bytes) = self.next_fill_batch(&mut pass);
+                if batch.is_empty() {
+                    break;
                 }
+                running.push(self.fill_batch(batch, bytes, bytes_per_sec));
             }
             match running.next().await {
                 Some(r) => r?,
@@ -1157,29 +1170,31 @@ impl Engine {
         }
     }
 
-    /// The next chunks of `order` from `*i` not cached yet, at most a batch (by stored and by
-    /// decoded bytes: chunks of one repeated byte compress to almost nothing, and a batch is held
-    /// decoded until it is cached), and their stored bytes.
-    fn next_fill_batch(&self, order: &[u64], i: &mut usize) -> (Vec<u64>, u64) {
+    /// The next batch of the pass (at most a batch by stored and by decoded bytes: chunks of one
+    /// repeated byte compress to almost nothing, and a batch is held decoded until it is cached),
+    /// after the latest demand read first if the fill follows reads; and its stored bytes.
+    fn next_fill_batch(&self, pass: &mut FillOrder) -> (Vec<u64>, u64) {
         let inner = &self.inner;
-        let mut batch = Vec::new();
-        let (mut bytes, mut decoded) = (0u64, 0u64);
+        let hint = inner.follow_hint.swap(u64::MAX, Relaxed);
+        if hint != u64::MAX {
+            pass.follow(hint, FOLLOW_BYTES);
+        }
         let limit = inner
             .opts
             .fill_gate
             .as_ref()
             .map_or(FILL_BATCH_BYTES, |g| g.batch_bytes(FILL_BATCH_BYTES));
         let cached = inner.cached.lock().expect("cached lock");
-        while *i < order.len() && bytes < limit && decoded < MAX_BATCH_DECODED {
-            let c = order[*i];
-            *i += 1;
-            if cached[c as usize] {
-                continue;
-            }
-            bytes += inner.index.entry(c).stored_len as u64;
-            decoded += inner.index.chunk_len(c) as u64;
-            batch.push(c);
-        }
+        let idx = &inner.index;
+        let batch = pass.next_batch(
+            |c| cached[c as usize],
+            |c| (idx.entry(c).stored_len as u64, idx.chunk_len(c) as u64),
+            BatchLimit {
+                stored: limit,
+                decoded: MAX_BATCH_DECODED,
+            },
+        );
+        let bytes = batch.iter().map(|&c| idx.entry(c).stored_len as u64).sum();
         (batch, bytes)
     }
 

@@ -13,6 +13,7 @@ pub mod diskcache;
 pub mod engine;
 pub mod external;
 pub mod fill;
+pub mod fill_order;
 pub mod hosts;
 pub mod keychain;
 pub mod memcache;

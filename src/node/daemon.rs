@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub fill_busy_concurrency: usize,
     /// Node-wide fill bandwidth, MiB/s (0: unlimited).
     pub fill_rate_mib: u64,
+    /// Fills take the chunks after each demand read first (else blob order only).
+    pub fill_follows_reads: bool,
 }
 
 impl Default for NodeConfig {
@@ -59,6 +61,7 @@ impl Default for NodeConfig {
             fill_concurrency: 4,
             fill_busy_concurrency: 1,
             fill_rate_mib: 0,
+            fill_follows_reads: true,
         }
     }
 }
@@ -264,6 +267,7 @@ impl Node {
             max_parallel_fetches: cfg.parallel_fetches,
             readahead_chunks: spec.readahead_chunks.unwrap_or(cfg.readahead_chunks),
             fill_gate: Some(self.inner.fill.clone()),
+            fill_follows_reads: cfg.fill_follows_reads,
             on_read_error: Some(hook),
             ..EngineOptions::default()
         }

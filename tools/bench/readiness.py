@@ -143,11 +143,13 @@ def build_image(name, work, reg):
 INDEX_STATS = {}
 INDEX_WHOLE_BIN = None
 DAEMON_ARGS = []
+VARIANTS = {}
 SNAPSHOTTER_ARGS = []
 TLS_CONTEXT = None
 
 
 def repo_tag(name, mode):
+    mode = mode.split("~")[0]  # a variant serves the same image as its mode
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
             "lazyblk-nometa": (name, "v1-lazyblk-nometa"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
@@ -209,6 +211,8 @@ class Env:
         self.lb = os.path.join(work, "lb")
         self.snapd = None
         self.peers = {}
+        # Arguments of the node daemon running now (None: the snapshotter started its own).
+        self.daemon_args = list(DAEMON_ARGS) if DAEMON_ARGS else None
 
     def ctr(self, *args, check=True):
         return sh("ctr", "-a", self.sock, *args, check=check)
@@ -216,10 +220,10 @@ class Env:
     def start_snapshotter(self):
         log = open(os.path.join(self.work, "snapshotter.log"), "a")
         run = os.path.join(self.lb, "run")
-        if DAEMON_ARGS:
+        if self.daemon_args is not None:
             # The node daemon with the benchmark's settings (else the snapshotter starts one).
             subprocess.Popen([BIN, "daemon", "--run-dir", run, "--cache-dir", os.path.join(self.lb, "cache"),
-                              *DAEMON_ARGS], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                              *self.daemon_args], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
             peers.wait_unix(os.path.join(run, "daemon.sock"), "lazyblk daemon")
         self.snapd = subprocess.Popen([BIN, "snapshotter", "--address", self.snap_sock, "--root", self.lb,
                                        "--backend", "auto", "--grace-secs", "0", *SNAPSHOTTER_ARGS], stderr=log)
@@ -250,6 +254,20 @@ class Env:
                 time.sleep(0.025)
         except (OSError, ValueError, IndexError):
             pass
+
+    def use_daemon_args(self, args):
+        """Restarts the snapshotter and its node daemon if they run with other daemon arguments (a
+        variant mode), and waits until containerd reaches the new snapshotter."""
+        if args == self.daemon_args:
+            return
+        self.stop_snapshotter()
+        self.daemon_args = args
+        self.start_snapshotter()
+        for _ in range(600):
+            if self.ctr("snapshots", "--snapshotter", "lazyblk", "ls", check=False).returncode == 0:
+                return
+            time.sleep(0.05)
+        sys.exit("containerd did not reconnect to the restarted snapshotter")
 
     def remove_containers(self):
         """Kills and removes every container (a task's shim outlives containerd: the run's end
@@ -330,13 +348,15 @@ def fetched_lazyblk(env):
 
 
 def one_run(env, reg, name, mode, i):
+    lazy = mode.startswith("lazyblk")
+    if lazy and VARIANTS:
+        env.use_daemon_args(DAEMON_ARGS + VARIANTS.get(mode.partition("~")[2], []))
     env.cold()
     repo, tag = repo_tag(name, mode)
     image = f"{reg}/bench/{repo}:{tag}"
     m, msize = manifest(reg, repo, tag)
     cname = f"bench-{name}-{mode.replace('+', '-')}-{i}"
     t0 = time.monotonic()
-    lazy = mode.startswith("lazyblk")
     if mode == "overlayfs":
         env.ctr("images", "pull", image)
         snapshotter = "overlayfs"
@@ -447,7 +467,15 @@ def main():
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
                          "--daemon-arg=--fill-busy-concurrency=0); repeatable")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
+                    help="mode lazyblk~NAME (or lazyblk+trace~NAME, ...): that mode with these node daemon "
+                         "arguments added, e.g. --variant nofollow=--fill-follow-reads=false; the benchmark "
+                         "restarts the snapshotter and daemon between modes of different arguments, so A/B "
+                         "modes alternate in one run; repeatable")
     a = ap.parse_args()
+    for v in a.variant:
+        vname, _, vargs = v.partition("=")
+        VARIANTS[vname] = [x for x in vargs.split(",") if x]
     global SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN
     SHOW_LS = a.show_ls
     INDEX_WHOLE_BIN = a.index_whole_bin
