@@ -77,6 +77,15 @@ fn attach_mount_compare_detach() {
             .trim(),
         "1"
     );
+    // It reads its FUSE file with direct I/O (several reads in flight, no second page cache);
+    // the comparison below goes through that path.
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/block/{}/loop/dio", &dev[5..]))
+            .unwrap()
+            .trim(),
+        "1",
+        "loop device without direct I/O"
+    );
     let reference = tmp.path().join("ref");
     gnu_tar_extract(&tar, &reference);
     let mut expected = oci_semantics(snapshot(&reference));

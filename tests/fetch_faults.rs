@@ -580,14 +580,14 @@ async fn a_fill_into_a_full_disk_cache_fails_instead_of_claiming_the_layer_is_lo
 
 /// After a demand read, the background fill fetches the chunks that follow that read on the disk
 /// first (where a starting container reads next), and still fetches every chunk once; with
-/// `fill_follows_reads` off it starts at the lowest chunk of the blob.
+/// `fill_follow_bytes` 0 (the default) it starts at the lowest chunk of the blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fill_follows_demand_reads_then_completes_the_blob() {
     let (blob, raw) = layer();
     for follows in [true, false] {
         let srv = FaultyServer::start(blob.clone()).await;
         let mut o = opts(Duration::from_secs(60));
-        o.engine.fill_follows_reads = follows;
+        o.engine.fill_follow_bytes = if follows { 4 << 20 } else { 0 };
         o.engine.readahead_chunks = 0;
         let e = open_source(&srv.url, &o).await.unwrap();
         let opened = srv.ranges().len();

@@ -14,7 +14,7 @@ use crate::node::{api, Node, NodeConfig};
 pub struct DaemonArgs {
     /// TOML file with any of: run_dir, cache_dir, cache_size_mib, memory_mib, metrics_addr, workers,
     /// read_deadline_secs, parallel_fetches, readahead_chunks, fill_concurrency,
-    /// fill_busy_concurrency, fill_rate_mib, fill_follows_reads.
+    /// fill_busy_concurrency, fill_rate_mib, fill_follow_kib, loop_direct_io.
     #[arg(long)]
     config: Option<PathBuf>,
     /// State directory: device state, the control socket `daemon.sock` [default: /run/lazyblk].
@@ -49,10 +49,15 @@ pub struct DaemonArgs {
     /// Node-wide background fill bandwidth, MiB/s (0 = unlimited) [default: 0].
     #[arg(long)]
     fill_rate_mib: Option<u64>,
-    /// Background fills take the chunks that follow each demand read first, then go on in blob
-    /// order (false: blob order only) [default: true].
+    /// Background fills first take this many KiB of the stored chunks that follow each demand read
+    /// on the disk, then go on in blob order (0: blob order only) [default: 0].
     #[arg(long)]
-    fill_follows_reads: Option<bool>,
+    fill_follow_kib: Option<u64>,
+    /// Loop devices (the backend where neither ublk nor NBD exists) read their FUSE export with
+    /// direct, asynchronous I/O: several reads in flight and no second page cache (false: buffered,
+    /// one read at a time) [default: true].
+    #[arg(long)]
+    loop_direct_io: Option<bool>,
 }
 
 /// The `--config` file.
@@ -71,7 +76,8 @@ struct ConfigFile {
     fill_concurrency: Option<usize>,
     fill_busy_concurrency: Option<usize>,
     fill_rate_mib: Option<u64>,
-    fill_follows_reads: Option<bool>,
+    fill_follow_kib: Option<u64>,
+    loop_direct_io: Option<bool>,
 }
 
 struct Settings {
@@ -123,10 +129,14 @@ fn settings(a: DaemonArgs) -> Result<Settings> {
                 .or(c.fill_busy_concurrency)
                 .unwrap_or(d.fill_busy_concurrency),
             fill_rate_mib: a.fill_rate_mib.or(c.fill_rate_mib).unwrap_or(0),
-            fill_follows_reads: a
-                .fill_follows_reads
-                .or(c.fill_follows_reads)
-                .unwrap_or(d.fill_follows_reads),
+            fill_follow_bytes: a
+                .fill_follow_kib
+                .or(c.fill_follow_kib)
+                .map_or(d.fill_follow_bytes, |k| k.saturating_mul(1024)),
+            loop_direct_io: a
+                .loop_direct_io
+                .or(c.loop_direct_io)
+                .unwrap_or(d.loop_direct_io),
         },
         metrics_addr,
         workers: a.workers.or(c.workers).unwrap_or(cpus.min(4)).max(1),

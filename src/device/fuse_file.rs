@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, Request,
 };
 
 use crate::fetch::{BlockSource, ReadError};
@@ -57,6 +58,18 @@ impl DiskFs {
 }
 
 impl Filesystem for DiskFs {
+    /// Asks for asynchronous direct I/O: a loop device with direct I/O then has several reads of
+    /// the disk in flight here at once (without it the kernel sends them one at a time).
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
+            tracing::debug!(
+                ?missing,
+                "this kernel's FUSE has no asynchronous direct I/O"
+            );
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         if parent == INodeNo::ROOT && name == DISK_NAME {
             reply.entry(&TTL, &self.attr(DISK_INO), Generation(0));

@@ -11,6 +11,8 @@ const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+const LOOP_SET_DIRECT_IO: libc::c_ulong = 0x4C08;
 
 /// `struct loop_info64` from `<linux/loop.h>`.
 #[repr(C)]
@@ -46,8 +48,13 @@ pub struct LoopDevice {
 }
 
 impl LoopDevice {
-    /// Attaches `backing` read-only to a free loop device.
-    pub fn attach(backing: &Path) -> std::io::Result<LoopDevice> {
+    /// Attaches `backing` read-only to a free loop device. With `direct_io` the device reads its
+    /// file with direct, asynchronous I/O where the kernel allows it (several reads in flight, no
+    /// second page cache of the same blocks under the one above the device); otherwise, or where
+    /// the file does not support it, buffered (the kernel's loop worker then reads one request at a
+    /// time). [`LoopDevice::direct_io`] tells which one it got.
+    pub fn attach(backing: &Path, direct_io: bool) -> std::io::Result<LoopDevice> {
+        let dio_flag = if direct_io { LO_FLAGS_DIRECT_IO } else { 0 };
         let file = File::open(backing)?;
         let ctl = OpenOptions::new()
             .read(true)
@@ -76,7 +83,7 @@ impl LoopDevice {
                 lo_number: 0,
                 lo_encrypt_type: 0,
                 lo_encrypt_key_size: 0,
-                lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | dio_flag,
                 lo_file_name: [0; 64],
                 lo_crypt_name: [0; 64],
                 lo_encrypt_key: [0; 32],
@@ -144,6 +151,11 @@ impl LoopDevice {
                 unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD) };
                 return Err(e);
             }
+            if direct_io {
+                // Best effort, as LOOP_CONFIGURE's flag is: buffered where the file refuses it.
+                // SAFETY: LOOP_SET_DIRECT_IO takes an integer argument.
+                unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_DIRECT_IO, 1 as libc::c_ulong) };
+            }
             return Ok(LoopDevice {
                 path,
                 dev: Some(dev),
@@ -157,6 +169,13 @@ impl LoopDevice {
     /// `/dev/loopN`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the device reads its file with direct I/O (`/sys/block/loopN/loop/dio`).
+    pub fn direct_io(&self) -> bool {
+        let name = self.path.file_name().unwrap_or_default();
+        let flag = Path::new("/sys/block").join(name).join("loop/dio");
+        std::fs::read_to_string(flag).is_ok_and(|s| s.trim() == "1")
     }
 
     /// Detaches now (fails with EBUSY while the device is mounted or open elsewhere).

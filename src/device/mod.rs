@@ -144,6 +144,8 @@ pub struct DeviceOptions {
     pub ublk: ublk::UblkOptions,
     /// NBD: the kernel's request and dead-connection timeout, seconds.
     pub nbd_timeout_secs: u64,
+    /// Loop: read the FUSE export with direct I/O (see [`loopdev::LoopDevice::attach`]).
+    pub loop_direct_io: bool,
 }
 
 impl Default for DeviceOptions {
@@ -151,6 +153,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             ublk: ublk::UblkOptions::default(),
             nbd_timeout_secs: 60,
+            loop_direct_io: true,
         }
     }
 }
@@ -185,6 +188,7 @@ impl LoopExport {
         source: Arc<dyn BlockSource>,
         rt: tokio::runtime::Handle,
         run_dir: &Path,
+        direct_io: bool,
     ) -> std::io::Result<LoopExport> {
         use std::os::unix::fs::DirBuilderExt;
         // One work dir per device: a daemon serves many loop devices, each with its own FUSE export.
@@ -217,6 +221,7 @@ impl LoopExport {
         };
         export.lo = Some(LoopDevice::attach(
             &export.work.join("fuse").join(DISK_NAME),
+            direct_io,
         )?);
         Ok(export)
     }
@@ -274,7 +279,12 @@ pub fn create(
             opts.nbd_timeout_secs,
             id,
         )?),
-        Backend::Loop => Box::new(LoopExport::create(source, rt, run_dir)?),
+        Backend::Loop => Box::new(LoopExport::create(
+            source,
+            rt,
+            run_dir,
+            opts.loop_direct_io,
+        )?),
         Backend::Auto => return Err(std::io::Error::other("backend auto must be resolved first")),
     })
 }

@@ -16,7 +16,7 @@ use super::access::AccessLog;
 pub use super::access::ChunkAccess;
 use super::diskcache::DiskCache;
 use super::fill::FillGate;
-use super::fill_order::{BatchLimit, FillOrder, FOLLOW_BYTES};
+use super::fill_order::{BatchLimit, FillOrder};
 use super::memcache::MemCache;
 use super::metrics::Metrics;
 use super::readahead::Readahead;
@@ -46,9 +46,9 @@ pub struct EngineOptions {
     pub readahead_chunks: u64,
     /// The node's fill scheduler (shared limits, demand reads first); else fills run unscheduled.
     pub fill_gate: Option<Arc<FillGate>>,
-    /// The background fill takes the chunks after each demand read first ([`FillOrder`]); else it
-    /// goes in blob order only.
-    pub fill_follows_reads: bool,
+    /// Stored bytes after each demand read that the background fill takes first ([`FillOrder`]);
+    /// 0: blob order only (the default: measured no better, docs/benchmarks.md).
+    pub fill_follow_bytes: u64,
     /// Called for every read that fails (the node daemon turns it into an event).
     pub on_read_error: Option<ReadErrorHook>,
     /// First retry delay (doubles each attempt, with jitter).
@@ -71,7 +71,7 @@ impl Default for EngineOptions {
             plan: PlanOptions::default(),
             readahead_chunks: 32,
             fill_gate: None,
-            fill_follows_reads: true,
+            fill_follow_bytes: 0,
             on_read_error: None,
             retry_base: Duration::from_millis(50),
             retry_max: Duration::from_secs(2),
@@ -166,6 +166,11 @@ struct Inner {
     /// The disk chunk after the latest demand read, for the fill to take next (`u64::MAX`: none).
     follow_hint: AtomicU64,
     cached: Mutex<Vec<bool>>,
+    /// Decoded chunks fetched for the disk cache only (fills), from the end of their fetch until
+    /// their disk write is done: a reader then is served from here instead of fetching them again
+    /// (neither in memory nor in flight nor on disk yet). Bounded by the fill batches in flight.
+    /// Lock order: `writing`, then `cached`.
+    writing: Mutex<HashMap<u64, Bytes>>,
     access: Mutex<AccessLog>,
     zeros: Bytes,
     metrics: Arc<Metrics>,
@@ -324,6 +329,7 @@ impl Engine {
                 readahead: Readahead::new(opts.readahead_chunks, chunk_count),
                 follow_hint: AtomicU64::new(u64::MAX),
                 cached: Mutex::new(cached),
+                writing: Mutex::new(HashMap::new()),
                 opts,
                 metrics,
                 rt: tokio::runtime::Handle::try_current().ok(),
@@ -620,7 +626,7 @@ impl Engine {
             return Ok(Bytes::new());
         }
         self.note_read(offset, len, chunks.clone());
-        if inner.opts.fill_follows_reads {
+        if inner.opts.fill_follow_bytes > 0 {
             inner.follow_hint.store(chunks.end, Relaxed);
         }
         inner.foreground.fetch_add(1, Relaxed);
@@ -727,6 +733,10 @@ impl Engine {
                 }
                 if let Some(b) = inner.mem.get(inner.mem_id, c) {
                     inner.metrics.mem_hits.fetch_add(1, Relaxed);
+                    out[i] = Some(b.clone());
+                    continue;
+                }
+                if let Some(b) = inner.writing.lock().expect("writing lock").get(&c) {
                     out[i] = Some(b.clone());
                     continue;
                 }
@@ -857,6 +867,12 @@ impl Engine {
         if let Ok(b) = &r {
             if to_memory {
                 inner.mem.put(inner.mem_id, c, b.clone());
+            } else if inner.opts.disk_cache.is_some() {
+                // Until its disk write is done (which may be already: then it is local).
+                let mut writing = inner.writing.lock().expect("writing lock");
+                if !inner.cached.lock().expect("cached lock")[c as usize] {
+                    writing.insert(c, b.clone());
+                }
             }
         }
         inner.inflight.lock().expect("inflight lock").remove(&c);
@@ -1018,12 +1034,15 @@ impl Engine {
             tokio::task::spawn_blocking(move || {
                 for (c, d, stored) in to_disk {
                     debug_assert_eq!(sha256(&stored), d);
-                    match dc.put(&d, &stored) {
+                    let put = dc.put(&d, &stored);
+                    let mut writing = me.inner.writing.lock().expect("writing lock");
+                    match put {
                         Ok(()) => me.mark_cached(c),
                         Err(e) => {
                             tracing::warn!(layer = %me.inner.name, chunk = c, error = %e, "disk cache write failed")
                         }
                     }
+                    writing.remove(&c);
                 }
                 me.inner.disk_writes.fetch_sub(1, Relaxed);
             });
@@ -1177,7 +1196,7 @@ impl Engine {
         let inner = &self.inner;
         let hint = inner.follow_hint.swap(u64::MAX, Relaxed);
         if hint != u64::MAX {
-            pass.follow(hint, FOLLOW_BYTES);
+            pass.follow(hint, inner.opts.fill_follow_bytes);
         }
         let limit = inner
             .opts

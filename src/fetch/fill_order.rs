@@ -11,8 +11,6 @@
 //! only achieves by chance. Chunks skipped that way are not lost: the pass ends only when its cursor
 //! has gone over every chunk, and chunks already local are skipped wherever the cursor is.
 
-/// Stored bytes after a demand read that the fill takes first.
-pub const FOLLOW_BYTES: u64 = 4 << 20;
 /// Disk chunks the follow cursor looks at for one batch (zero or local chunks included).
 const NEAR_SCAN: u64 = 1024;
 

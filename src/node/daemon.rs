@@ -44,8 +44,10 @@ pub struct NodeConfig {
     pub fill_busy_concurrency: usize,
     /// Node-wide fill bandwidth, MiB/s (0: unlimited).
     pub fill_rate_mib: u64,
-    /// Fills take the chunks after each demand read first (else blob order only).
-    pub fill_follows_reads: bool,
+    /// Stored bytes after each demand read a fill takes first (0: blob order only).
+    pub fill_follow_bytes: u64,
+    /// Loop devices read their FUSE export with direct I/O (else buffered).
+    pub loop_direct_io: bool,
 }
 
 impl Default for NodeConfig {
@@ -61,7 +63,8 @@ impl Default for NodeConfig {
             fill_concurrency: 4,
             fill_busy_concurrency: 1,
             fill_rate_mib: 0,
-            fill_follows_reads: true,
+            fill_follow_bytes: 0,
+            loop_direct_io: true,
         }
     }
 }
@@ -267,7 +270,7 @@ impl Node {
             max_parallel_fetches: cfg.parallel_fetches,
             readahead_chunks: spec.readahead_chunks.unwrap_or(cfg.readahead_chunks),
             fill_gate: Some(self.inner.fill.clone()),
-            fill_follows_reads: cfg.fill_follows_reads,
+            fill_follow_bytes: cfg.fill_follow_bytes,
             on_read_error: Some(hook),
             ..EngineOptions::default()
         }
@@ -384,6 +387,7 @@ impl Node {
             },
             // The engine answers EIO at its own deadline first; the kernel's timeout is the backstop.
             nbd_timeout_secs: (self.engine_deadline(spec).as_secs() + 30).max(30),
+            loop_direct_io: self.inner.cfg.loop_direct_io,
         };
         let r = Attachment::attach(spec.backend, source, rt, &name, run_dir, mount, &opts);
         r.map_err(|e| {

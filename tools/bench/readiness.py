@@ -355,7 +355,7 @@ def one_run(env, reg, name, mode, i):
     repo, tag = repo_tag(name, mode)
     image = f"{reg}/bench/{repo}:{tag}"
     m, msize = manifest(reg, repo, tag)
-    cname = f"bench-{name}-{mode.replace('+', '-')}-{i}"
+    cname = f"bench-{name}-{mode.replace('+', '-').replace('~', '-')}-{i}"
     t0 = time.monotonic()
     if mode == "overlayfs":
         env.ctr("images", "pull", image)
@@ -467,6 +467,8 @@ def main():
     ap.add_argument("--daemon-arg", action="append", default=[],
                     help="an argument for the node daemon the benchmark starts (e.g. "
                          "--daemon-arg=--fill-busy-concurrency=0); repeatable")
+    ap.add_argument("--bin", help="the lazyblk binary to measure (default: target/release/lazyblk, built "
+                    "first); a copy keeps a rebuild during the run from changing it")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
                     help="mode lazyblk~NAME (or lazyblk+trace~NAME, ...): that mode with these node daemon "
                          "arguments added, e.g. --variant nofollow=--fill-follow-reads=false; the benchmark "
@@ -476,7 +478,7 @@ def main():
     for v in a.variant:
         vname, _, vargs = v.partition("=")
         VARIANTS[vname] = [x for x in vargs.split(",") if x]
-    global SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN
+    global BIN, SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN
     SHOW_LS = a.show_ls
     INDEX_WHOLE_BIN = a.index_whole_bin
     DAEMON_ARGS = a.daemon_arg
@@ -486,7 +488,10 @@ def main():
     # A TERM (or an INT in a background job, which ignores it) still runs the clean-up below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     modes = a.modes.split(",")
-    sh("cargo", "build", "--release", "-q", cwd=ROOT)
+    if a.bin:
+        BIN = os.path.abspath(a.bin)
+    else:
+        sh("cargo", "build", "--release", "-q", cwd=ROOT)
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="lazyblk-readiness-")
     procs = []
@@ -530,6 +535,7 @@ def main():
             if profile != "loopback":
                 shaper = subprocess.Popen([BIN, "bench", "shape", unshaped, "--profile", profile],
                                           stdout=subprocess.PIPE, text=True)
+                procs.append(shaper)  # (stopped at the run's end if the profile does not finish)
                 reg = shaper.stdout.readline().strip().replace("127.0.0.1", peers.HOSTNAME)
                 print(f"registry through the {profile} shaper at {reg}", file=sys.stderr)
             if not traced and {"lazyblk+trace", "lazyblk+relayout"} & set(modes):
@@ -547,6 +553,7 @@ def main():
             if shaper:
                 shaper.terminate()
                 shaper.wait()
+                procs.remove(shaper)
         json.dump(rows, open(os.path.join(a.out, "results.json"), "w"), indent=1)
         md = ""
         for profile in a.profiles.split(","):
