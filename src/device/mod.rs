@@ -219,10 +219,11 @@ impl LoopExport {
             fuse: Some(fuse),
             work,
         };
-        export.lo = Some(LoopDevice::attach(
-            &export.work.join("fuse").join(DISK_NAME),
-            direct_io,
-        )?);
+        let lo = LoopDevice::attach(&export.work.join("fuse").join(DISK_NAME), direct_io)?;
+        if direct_io && !lo.direct_io() {
+            tracing::info!(device = %lo.path().display(), "the kernel refused direct I/O on the FUSE export: this loop device reads it buffered, one request at a time");
+        }
+        export.lo = Some(lo);
         Ok(export)
     }
 }

@@ -1205,16 +1205,14 @@ impl Engine {
             .map_or(FILL_BATCH_BYTES, |g| g.batch_bytes(FILL_BATCH_BYTES));
         let cached = inner.cached.lock().expect("cached lock");
         let idx = &inner.index;
-        let batch = pass.next_batch(
+        pass.next_batch(
             |c| cached[c as usize],
             |c| (idx.entry(c).stored_len as u64, idx.chunk_len(c) as u64),
             BatchLimit {
                 stored: limit,
                 decoded: MAX_BATCH_DECODED,
             },
-        );
-        let bytes = batch.iter().map(|&c| idx.entry(c).stored_len as u64).sum();
-        (batch, bytes)
+        )
     }
 
     async fn fill_batch(

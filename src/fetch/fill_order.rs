@@ -63,71 +63,56 @@ impl FillOrder {
     }
 
     /// The next batch: chunks that are not `local`, from the follow cursor while it has budget, else
-    /// from the pass's cursor; within `limit` (`cost` gives a chunk's stored and decoded bytes).
-    /// Empty only when the pass is done.
+    /// from the pass's cursor; within `limit` (`cost` gives a chunk's stored and decoded bytes); and
+    /// its stored bytes. Empty only when the pass is done.
     pub fn next_batch(
         &mut self,
         local: impl Fn(u64) -> bool,
         cost: impl Fn(u64) -> (u64, u64),
         limit: BatchLimit,
-    ) -> Vec<u64> {
+    ) -> (Vec<u64>, u64) {
         if let Some((at, budget)) = self.near.take() {
-            let limit = BatchLimit {
+            let near_limit = BatchLimit {
                 stored: limit.stored.min(budget),
                 decoded: limit.decoded,
             };
-            let (batch, stored, next) = self.take_near(at, &local, &cost, &limit);
+            // Disk order from `at`, stored chunks only, looking at most NEAR_SCAN chunks ahead.
+            let mut disk = at..(at + NEAR_SCAN).min(self.stored.len() as u64);
+            let stored = &self.stored;
+            let (batch, bytes) = take(
+                (&mut disk).filter(|&c| stored[c as usize]),
+                &local,
+                &cost,
+                &near_limit,
+            );
             if !batch.is_empty() {
-                let left = budget.saturating_sub(stored);
-                if left > 0 && (next as usize) < self.stored.len() {
-                    self.near = Some((next, left));
+                let left = budget.saturating_sub(bytes);
+                if left > 0 && (disk.start as usize) < self.stored.len() {
+                    self.near = Some((disk.start, left));
                 }
-                return batch;
+                return (batch, bytes);
             }
         }
-        take(&self.order, &mut self.main, &local, &cost, &limit).0
-    }
-
-    /// Stored chunks that are not `local` from disk chunk `at` on, until `limit` (looking at most
-    /// [`NEAR_SCAN`] chunks ahead); with their stored bytes and the chunk after the last one looked at.
-    fn take_near(
-        &self,
-        mut at: u64,
-        local: &impl Fn(u64) -> bool,
-        cost: &impl Fn(u64) -> (u64, u64),
-        limit: &BatchLimit,
-    ) -> (Vec<u64>, u64, u64) {
-        let end = (at + NEAR_SCAN).min(self.stored.len() as u64);
-        let mut batch = Vec::new();
-        let (mut stored, mut decoded) = (0u64, 0u64);
-        while at < end && stored < limit.stored && decoded < limit.decoded {
-            let c = at;
-            at += 1;
-            if !self.stored[c as usize] || local(c) {
-                continue;
-            }
-            let (s, d) = cost(c);
-            stored += s;
-            decoded += d;
-            batch.push(c);
-        }
-        (batch, stored, at)
+        let mut rest = self.order[self.main..].iter().copied();
+        let out = take(&mut rest, &local, &cost, &limit);
+        self.main = self.order.len() - rest.len();
+        out
     }
 }
 
-/// Chunks of `order` from `*at` that are not `local`, until `limit`; with their stored bytes.
+/// Chunks of `candidates` that are not `local`, taken until `limit`; with their stored bytes. Takes
+/// from `candidates` only what it looks at, so the caller's cursor stays right after the batch.
 fn take(
-    order: &[u64],
-    at: &mut usize,
+    candidates: impl Iterator<Item = u64>,
     local: &impl Fn(u64) -> bool,
     cost: &impl Fn(u64) -> (u64, u64),
     limit: &BatchLimit,
 ) -> (Vec<u64>, u64) {
+    let mut candidates = candidates;
     let mut batch = Vec::new();
     let (mut stored, mut decoded) = (0u64, 0u64);
-    while *at < order.len() && stored < limit.stored && decoded < limit.decoded {
-        let c = order[*at];
-        *at += 1;
+    while stored < limit.stored && decoded < limit.decoded {
+        let Some(c) = candidates.next() else { break };
         if local(c) {
             continue;
         }
@@ -158,7 +143,7 @@ mod tests {
     fn drain(o: &mut FillOrder, local: &RefCell<HashSet<u64>>) -> Vec<Vec<u64>> {
         let mut out = Vec::new();
         while !o.done() {
-            let b = o.next_batch(
+            let (b, _) = o.next_batch(
                 |c| local.borrow().contains(&c),
                 |_| (MIB, MIB),
                 limit(2 * MIB),
@@ -184,7 +169,8 @@ mod tests {
     fn after_a_demand_read_the_fill_takes_what_follows_it_then_resumes_the_pass() {
         let mut o = FillOrder::new((0..20).collect(), 20);
         let local = RefCell::new(HashSet::new());
-        let first = o.next_batch(|_| false, |_| (MIB, MIB), limit(2 * MIB));
+        let (first, bytes) = o.next_batch(|_| false, |_| (MIB, MIB), limit(2 * MIB));
+        assert_eq!(bytes, 2 * MIB);
         assert_eq!(first, vec![0, 1]);
         local.borrow_mut().extend(&first);
         // A read of chunk 10 (ending before 11); chunk 12 is local already; budget 3 MiB.
@@ -213,15 +199,15 @@ mod tests {
         // zero chunks (not stored).
         let mut o = FillOrder::new(vec![7, 0, 1, 2, 5, 6], 8);
         o.follow(3, 2 * MIB);
-        let b = o.next_batch(|_| false, |_| (MIB, MIB), limit(8 * MIB));
+        let (b, _) = o.next_batch(|_| false, |_| (MIB, MIB), limit(8 * MIB));
         assert_eq!(b, vec![5, 6], "starts at the next stored chunk on the disk");
         // Disk order, whatever the blob order: after chunk 5, chunks 6 and 7 (7 is first in the blob).
         o.follow(6, 2 * MIB);
-        let b = o.next_batch(|c| c == 0, |_| (MIB, MIB), limit(8 * MIB));
+        let (b, _) = o.next_batch(|c| c == 0, |_| (MIB, MIB), limit(8 * MIB));
         assert_eq!(b, vec![6, 7]);
         // A read at the end of the disk: nothing follows, the pass goes on.
         o.follow(8, 2 * MIB);
-        let b = o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB));
+        let (b, _) = o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB));
         assert_eq!(b, vec![7]);
     }
 
@@ -230,12 +216,12 @@ mod tests {
         let mut o = FillOrder::new((0..100).collect(), 100);
         o.follow(50, 8 * MIB);
         assert_eq!(
-            o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB)),
+            o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB)).0,
             vec![50]
         );
         o.follow(80, 8 * MIB);
         assert_eq!(
-            o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB)),
+            o.next_batch(|_| false, |_| (MIB, MIB), limit(MIB)).0,
             vec![80]
         );
     }
