@@ -471,7 +471,7 @@ def main():
                     "first); a copy keeps a rebuild during the run from changing it")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
                     help="mode lazyblk~NAME (or lazyblk+trace~NAME, ...): that mode with these node daemon "
-                         "arguments added, e.g. --variant nofollow=--fill-follow-reads=false; the benchmark "
+                         "arguments added, e.g. --variant follow=--fill-follow-kib=4096; the benchmark "
                          "restarts the snapshotter and daemon between modes of different arguments, so A/B "
                          "modes alternate in one run; repeatable")
     a = ap.parse_args()
