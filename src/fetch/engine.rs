@@ -166,10 +166,10 @@ struct Inner {
     /// The disk chunk after the latest demand read, for the fill to take next (`u64::MAX`: none).
     follow_hint: AtomicU64,
     cached: Mutex<Vec<bool>>,
-    /// Decoded chunks fetched for the disk cache only (fills), from the end of their fetch until
-    /// their disk write is done: a reader then is served from here instead of fetching them again
-    /// (neither in memory nor in flight nor on disk yet). Bounded by the fill batches in flight.
-    /// Lock order: `writing`, then `cached`.
+    /// Decoded chunks whose disk-cache write is scheduled and not done: a reader is served from here
+    /// instead of fetching them again (a fill's chunks are neither in memory nor in flight nor on
+    /// disk then). Every entry is removed when its write ends, written or failed, so this holds at
+    /// most the fetches whose writes are queued. Lock order: `writing`, then `cached`.
     writing: Mutex<HashMap<u64, Bytes>>,
     access: Mutex<AccessLog>,
     zeros: Bytes,
@@ -867,12 +867,6 @@ impl Engine {
         if let Ok(b) = &r {
             if to_memory {
                 inner.mem.put(inner.mem_id, c, b.clone());
-            } else if inner.opts.disk_cache.is_some() {
-                // Until its disk write is done (which may be already: then it is local).
-                let mut writing = inner.writing.lock().expect("writing lock");
-                if !inner.cached.lock().expect("cached lock")[c as usize] {
-                    writing.insert(c, b.clone());
-                }
             }
         }
         inner.inflight.lock().expect("inflight lock").remove(&c);
@@ -1019,13 +1013,19 @@ impl Engine {
         let inner = &self.inner;
         let mut out = Vec::with_capacity(res.len());
         let mut to_disk = Vec::new();
-        for (c, b, stored) in res {
-            if inner.opts.disk_cache.is_some() {
-                to_disk.push((c, inner.index.entry(c).digest, stored));
-            } else {
-                self.mark_cached(c);
+        {
+            // Served from here until its disk write is done, whoever fetched it (a fill does not
+            // put it in memory; a reader must not fetch it again meanwhile).
+            let mut writing = inner.writing.lock().expect("writing lock");
+            for (c, b, stored) in res {
+                if inner.opts.disk_cache.is_some() {
+                    writing.insert(c, b.clone());
+                    to_disk.push((c, inner.index.entry(c).digest, stored));
+                } else {
+                    self.mark_cached(c);
+                }
+                out.push((c, b));
             }
-            out.push((c, b));
         }
         if let Some(dc) = inner.opts.disk_cache.clone() {
             // A chunk counts as local (filled) only once its disk write is done.
