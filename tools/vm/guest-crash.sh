@@ -69,7 +69,9 @@ for backend in ublk nbd; do
   hpid=$!
   lazyblk bench shape 127.0.0.1:8000 --rtt-ms 2000 --mbit 0 >/tmp/shape.addr &
   spid=$!
-  for i in $(seq 1 100); do [ -s /tmp/shape.addr ] && break; sleep 0.1; done
+  # A hang guard, not a timing (a TCG guest on a loaded host once took over 10 s to start it).
+  for i in $(seq 1 600); do [ -s /tmp/shape.addr ] && break; sleep 0.1; done
+  [ -s /tmp/shape.addr ] || { echo "crash-$backend: the shaper never printed its address"; rc=1; }
   lazyblk attach "http://$(cat /tmp/shape.addr)/upper.blob" --index-offset "$u_index_offset" --index-length "$u_index_length" \
     --index-digest "$u_index_digest" --backend $backend --mount /mnt/c-$backend-half --run-dir $run >/dev/null 2>/tmp/half.err &
   apid=$!
