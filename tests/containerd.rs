@@ -759,7 +759,7 @@ fn containerd_runs_images_from_lazyblk_layers() {
     // `--allow-new-privs`: ctr's default spec sets NoNewPrivileges, which would hide setuid anyway.
     let seen = stdout(run_ok(env.ctr("default").args([
         "run", "--rm", "--allow-new-privs", "--snapshotter", "lazyblk", &image, "probe",
-        "sh", "-c", "cat /etc/apt/NEW; test ! -e /usr/share/doc && echo whiteout-ok; echo x > /tmp/w && cat /tmp/w; echo y > /srv/null && echo device-ok; /usr/local/bin/suidcheck",
+        "sh", "-c", "cat /etc/apt/NEW; test ! -e /usr/share/doc && echo whiteout-ok; echo x > /tmp/w && cat /tmp/w; echo y > /srv/null && echo device-ok; /usr/local/bin/suidcheck 2>&1; echo suidcheck-rc=$?",
     ])));
     assert!(
         seen.contains("replaced by layer 2") && seen.contains("whiteout-ok") && seen.contains('x'),
