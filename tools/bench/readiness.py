@@ -21,7 +21,8 @@ with `lazyblk trace push` as a referrer of a copy of the image in its own reposi
 trace: the traced chunks sit right before each layer's index and arrive with it in one request),
 "lazyblk+index" (the *original* image with a `lazyblk index` artifact; "lazyblk+index512" with 512 KiB
 spans; "lazyblk+index-whole" indexed by `--index-whole-bin`, an older lazyblk without span pieces), "lazyblk-nometa" (converted
-with `--metadata-region 0`: the metadata region lever's "before"), and the peers "soci" (AWS SOCI
+with `--metadata-region 0`: the metadata region lever's "before"), "lazyblk@SIZE" (converted with
+`--chunk-size SIZE`, e.g. lazyblk@64K), and the peers "soci" (AWS SOCI
 snapshotter 0.4.1, Debian sid's package, with `soci create` + `soci push` defaults) and "nydus"
 (nydus-snapshotter 0.13 + nydusd from upstream source, FUSE mode; needs --nydus-bin).
 Every profile (`lazyblk bench shape`: loopback, region = 2 ms RTT 1 Gbit/s, internet = 30 ms RTT
@@ -35,6 +36,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -79,8 +81,9 @@ def wait_sock(path, what):
     sys.exit(f"{what} did not start")
 
 
-def build_image(name, work, reg):
-    """Pushes REG/bench/NAME:v1 and its lazyblk conversion :v1-lazyblk."""
+def build_image(name, work, reg, modes):
+    """Pushes REG/bench/NAME:v1, its lazyblk conversion :v1-lazyblk and what the other requested modes
+    serve (each lazyblk@SIZE mode: a conversion with --chunk-size SIZE, tag :v1-lazyblk-SIZE)."""
     base = BASE[name]
     sh(os.path.join(ROOT, "tools/make-rootfs-layer.sh"), os.path.join(ROOT, ".cache"), base, PKGS[base])
     layout = os.path.join(work, f"layout-{name}")
@@ -105,8 +108,24 @@ def build_image(name, work, reg):
     sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
     sh("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk")
+    bases = {base_mode(m) for m in modes}
+    for size in sorted({chunk_size_of(m) for m in bases if chunk_size_of(m)}):
+        sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-{size}", "--chunk-size", size)
     # The lever's "before": no metadata region (mode lazyblk-nometa).
-    sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-nometa", "--metadata-region", "0")
+    if "lazyblk-nometa" in bases:
+        sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-nometa",
+           "--metadata-region", "0")
+    if any(m.startswith("lazyblk+index") for m in bases):
+        build_indexes(name, work, reg)
+    # The same image in another repository: the trace is pushed there only.
+    if {"lazyblk+trace", "lazyblk+relayout"} & bases:
+        sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
+           f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
+
+
+def build_indexes(name, work, reg):
+    """The original image in its own repositories with `lazyblk index` artifacts (modes lazyblk+index*),
+    the index build timed against `skopeo copy`."""
     # The original image in its own repository with a `lazyblk index` artifact (mode lazyblk+index);
     # the index build is timed against a plain `skopeo copy` of the same image (it reads every layer
     # once too).
@@ -135,9 +154,6 @@ def build_image(name, work, reg):
     if INDEX_WHOLE_BIN:
         sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1", f"docker://{reg}/bench/{name}-origwhole:v1")
         sh(INDEX_WHOLE_BIN, "index", f"{reg}/bench/{name}-origwhole:v1", "--json")
-    # The same image in another repository: the trace is pushed there only.
-    sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
-       f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
 
 
 INDEX_STATS = {}
@@ -148,8 +164,20 @@ SNAPSHOTTER_ARGS = []
 TLS_CONTEXT = None
 
 
+def base_mode(mode):
+    """The mode a variant (MODE~NAME) serves the image of."""
+    return mode.split("~")[0]
+
+
+def chunk_size_of(mode):
+    """SIZE of a lazyblk@SIZE mode, else None."""
+    return mode.partition("@")[2] if mode.startswith("lazyblk@") else None
+
+
 def repo_tag(name, mode):
-    mode = mode.split("~")[0]  # a variant serves the same image as its mode
+    mode = base_mode(mode)
+    if chunk_size_of(mode):
+        return (name, f"v1-lazyblk-{chunk_size_of(mode)}")
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
             "lazyblk-nometa": (name, "v1-lazyblk-nometa"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
@@ -355,7 +383,7 @@ def one_run(env, reg, name, mode, i):
     repo, tag = repo_tag(name, mode)
     image = f"{reg}/bench/{repo}:{tag}"
     m, msize = manifest(reg, repo, tag)
-    cname = f"bench-{name}-{mode.replace('+', '-').replace('~', '-')}-{i}"
+    cname = f"bench-{name}-{re.sub('[^A-Za-z0-9]+', '-', mode)}-{i}"
     t0 = time.monotonic()
     if mode == "overlayfs":
         env.ctr("images", "pull", image)
@@ -519,7 +547,7 @@ def main():
         images = a.images.split(",")
         for name in images:
             print(f"building {name}...", file=sys.stderr)
-            build_image(name, work, reg)
+            build_image(name, work, reg, modes)
         start_containerd(env, procs)
         for name in images:
             for pname, p in env.peers.items():
