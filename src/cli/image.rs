@@ -23,6 +23,11 @@ pub struct ConvertImageArgs {
     /// Push lazyblk layers as OCI referrer artifacts of the original (left untouched) instead of a new tag.
     #[arg(long)]
     referrer: bool,
+    /// zstd level of the chunks (1..19): higher sends fewer bytes to every node on every cold start
+    /// and costs conversion CPU once (docs/benchmarks.md, "Compression level"); 3 converts ~10x faster.
+    #[arg(long, default_value_t = lazyblk_image_format::DEFAULT_ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    level: i32,
     #[command(flatten)]
     job: ImageJobArgs,
 }
@@ -85,7 +90,8 @@ impl ImageJobArgs {
 pub fn convert(a: ConvertImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
-    let opts = a.job.options(a.referrer, None, false);
+    let mut opts = a.job.options(a.referrer, None, false);
+    opts.layer.codec = Codec::Zstd { level: a.level };
     run_convert(&src, dst.as_ref(), &opts, a.job.json)
 }
 

@@ -39,7 +39,8 @@ pub struct ConvertArgs {
     #[arg(long, default_value = "zstd", value_parser = ["zstd", "none"])]
     codec: String,
     /// zstd level.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    #[arg(long, default_value_t = lazyblk_image_format::DEFAULT_ZSTD_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
     level: i32,
     /// Compression threads (default: one per core).
     #[arg(long)]

@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--sizes", default="64K,128K,256K,512K,1M,4M")
     ap.add_argument("--sample", type=float, default=0.05)
     ap.add_argument("--out")
+    ap.add_argument("--level", default="3", help="zstd level (the table in docs/format.md: 3)")
     a = ap.parse_args()
     lines = ["| layer | chunk | blob / .tar.gz | blob / one zstd-3 stream | zero chunks | bytes fetched per random 4 KiB read | startup sample: fetched / read |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -61,7 +62,7 @@ def main():
         with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, ".cache")) as tmp:
             # One raw image, its single-stream zstd size, and the file -> block map.
             base = os.path.join(tmp, "base.blob")
-            subprocess.run([LAZYBLK, "layer", "convert", layer, "-o", base, "--json"], check=True, capture_output=True)
+            subprocess.run([LAZYBLK, "layer", "convert", layer, "-o", base, "--json", "--level", a.level], check=True, capture_output=True)
             raw = os.path.join(tmp, "raw.img")
             subprocess.run([LAZYBLK, "layer", "export", base, "-o", raw], check=True, capture_output=True)
             stream = int(subprocess.run(f"zstd -3 -T1 -c {raw} | wc -c", shell=True, check=True,
@@ -91,7 +92,7 @@ def main():
             for s in a.sizes.split(","):
                 cs = parse_size(s)
                 blob = os.path.join(tmp, f"{cs}.blob")
-                subprocess.run([LAZYBLK, "layer", "convert", layer, "-o", blob, "--chunk-size", s], check=True, capture_output=True)
+                subprocess.run([LAZYBLK, "layer", "convert", layer, "-o", blob, "--chunk-size", s, "--level", a.level], check=True, capture_output=True)
                 with open(blob, "rb") as f:
                     info, chunks = blobinfo.read_index(f, os.path.getsize(blob))
                 size = os.path.getsize(blob)

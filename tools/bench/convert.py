@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("layers", nargs="+")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--level", default="3", help="zstd level (the table in docs/benchmarks.md: 3)")
     ap.add_argument("--out")
     a = ap.parse_args()
     rows = []
@@ -66,7 +67,7 @@ def main():
             for _ in range(a.runs):
                 def conv():
                     nonlocal summary
-                    out = subprocess.run([LAZYBLK, "layer", "convert", "--json", layer, "-o", blob],
+                    out = subprocess.run([LAZYBLK, "layer", "convert", "--json", "--level", a.level, layer, "-o", blob],
                                          check=True, capture_output=True).stdout
                     summary = json.loads(out)
                 ours.append(timed(conv))

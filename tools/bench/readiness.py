@@ -21,8 +21,9 @@ with `lazyblk trace push` as a referrer of a copy of the image in its own reposi
 trace: the traced chunks sit right before each layer's index and arrive with it in one request),
 "lazyblk+index" (the *original* image with a `lazyblk index` artifact; "lazyblk+index512" with 512 KiB
 spans; "lazyblk+index-whole" indexed by `--index-whole-bin`, an older lazyblk without span pieces), "lazyblk-nometa" (converted
-with `--metadata-region 0`: the metadata region lever's "before"), "lazyblk@SIZE" (converted with
-`--chunk-size SIZE`, e.g. lazyblk@64K), and the peers "soci" (AWS SOCI
+with `--metadata-region 0`: the metadata region lever's "before"), "lazyblk@SPEC" (converted with
+the chunk size and zstd level SPEC names: `SIZE`, `zLEVEL` or `SIZE-zLEVEL`, e.g. lazyblk@64K,
+lazyblk@z19, lazyblk@1M-z14), and the peers "soci" (AWS SOCI
 snapshotter 0.4.1, Debian sid's package, with `soci create` + `soci push` defaults) and "nydus"
 (nydus-snapshotter 0.13 + nydusd from upstream source, FUSE mode; needs --nydus-bin).
 Every profile (`lazyblk bench shape`: loopback, region = 2 ms RTT 1 Gbit/s, internet = 30 ms RTT
@@ -83,7 +84,8 @@ def wait_sock(path, what):
 
 def build_image(name, work, reg, modes):
     """Pushes REG/bench/NAME:v1, its lazyblk conversion :v1-lazyblk and what the other requested modes
-    serve (each lazyblk@SIZE mode: a conversion with --chunk-size SIZE, tag :v1-lazyblk-SIZE)."""
+    serve (each lazyblk@SPEC mode: a conversion with the chunk size and level of SPEC, tag
+    :v1-lazyblk-SPEC)."""
     base = BASE[name]
     sh(os.path.join(ROOT, "tools/make-rootfs-layer.sh"), os.path.join(ROOT, ".cache"), base, PKGS[base])
     layout = os.path.join(work, f"layout-{name}")
@@ -109,8 +111,9 @@ def build_image(name, work, reg, modes):
     sh("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk")
     bases = {base_mode(m) for m in modes}
-    for size in sorted({chunk_size_of(m) for m in bases if chunk_size_of(m)}):
-        sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-{size}", "--chunk-size", size)
+    for spec in sorted({convert_spec_of(m) for m in bases if convert_spec_of(m)}):
+        sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-{spec}",
+           *convert_args_of(spec))
     # The lever's "before": no metadata region (mode lazyblk-nometa).
     if "lazyblk-nometa" in bases:
         sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk-nometa",
@@ -169,15 +172,24 @@ def base_mode(mode):
     return mode.split("~")[0]
 
 
-def chunk_size_of(mode):
-    """SIZE of a lazyblk@SIZE mode, else None."""
+def convert_spec_of(mode):
+    """SPEC of a lazyblk@SPEC mode, else None."""
     return mode.partition("@")[2] if mode.startswith("lazyblk@") else None
+
+
+def convert_args_of(spec):
+    """`lazyblk convert` arguments of a SPEC: SIZE, zLEVEL or SIZE-zLEVEL (e.g. 1M, z19, 256K-z14)."""
+    m = re.fullmatch(r"(\d+[KM])?(?:-?z(\d+))?", spec)
+    if not m or not any(m.groups()):
+        sys.exit(f"lazyblk@{spec}: SPEC is SIZE, zLEVEL or SIZE-zLEVEL (e.g. 1M, z19, 256K-z14)")
+    size, level = m.groups()
+    return (["--chunk-size", size] if size else []) + (["--level", level] if level else [])
 
 
 def repo_tag(name, mode):
     mode = base_mode(mode)
-    if chunk_size_of(mode):
-        return (name, f"v1-lazyblk-{chunk_size_of(mode)}")
+    if convert_spec_of(mode):
+        return (name, f"v1-lazyblk-{convert_spec_of(mode)}")
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
             "lazyblk-nometa": (name, "v1-lazyblk-nometa"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
@@ -592,11 +604,13 @@ def main():
             md += ("| image | layers MB | lazyblk index MB | index / layers | lazyblk index s | skopeo copy s "
                    "| soci create+push s | nydus convert+push s | index / layers, 512 KiB spans |\n|---|---|---|---|---|---|---|---|---|\n")
             for n, v in INDEX_STATS.items():
-                soci_s = f"{v['soci_index_s']:.2f}" if "soci_index_s" in v else "–"
-                nydus_s = f"{v['nydus_index_s']:.2f}" if "nydus_index_s" in v else "–"
-                i512 = f"{v['index512_pct']:.2f}%" if "index512_pct" in v else "–"
-                md += (f"| {n} | {v['layers_bytes'] / 1e6:.1f} | {v['index_bytes'] / 1e6:.2f} | {v['index_pct']:.2f}% "
-                       f"| {v['index_s']:.2f} | {v['skopeo_copy_s']:.2f} | {soci_s} | {nydus_s} | {i512} |\n")
+                # Each figure only where its mode ran (soci's build time without a lazyblk+index mode).
+                def fig(key, fmt, scale=1.0):
+                    return fmt.format(v[key] / scale) if key in v else "–"
+                md += (f"| {n} | {fig('layers_bytes', '{:.1f}', 1e6)} | {fig('index_bytes', '{:.2f}', 1e6)} "
+                       f"| {fig('index_pct', '{:.2f}%')} | {fig('index_s', '{:.2f}')} | {fig('skopeo_copy_s', '{:.2f}')} "
+                       f"| {fig('soci_index_s', '{:.2f}')} | {fig('nydus_index_s', '{:.2f}')} "
+                       f"| {fig('index512_pct', '{:.2f}%')} |\n")
         open(os.path.join(a.out, "results.md"), "w").write(md)
         print(md)
     finally:
