@@ -234,15 +234,7 @@ mod tests {
         decode_chunk(1, &entry(&z), &z.data, &mut out).unwrap();
         assert_eq!(out, text);
         // Incompressible data is stored raw.
-        let mut x = 0x1234_5678u32;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let noise = noise(4096, 0, 0xff);
         let r = encode_chunk(&noise, Codec::default());
         assert_eq!(r.kind, ChunkKind::Raw);
         decode_chunk(2, &entry(&r), &r.data, &mut out).unwrap();
