@@ -167,6 +167,13 @@ SNAPSHOTTER_ARGS = []
 TLS_CONTEXT = None
 
 
+def split_bin(args):
+    """A variant's node daemon arguments without its `bin=PATH` entry, and the binary that runs the
+    daemon and the snapshotter (that PATH, else the benchmark's)."""
+    bins = [x.partition("=")[2] for x in args if x.startswith("bin=")]
+    return (os.path.abspath(bins[-1]) if bins else BIN), [x for x in args if not x.startswith("bin=")]
+
+
 def base_mode(mode):
     """The mode a variant (MODE~NAME) serves the image of."""
     return mode.split("~")[0]
@@ -262,10 +269,11 @@ class Env:
         run = os.path.join(self.lb, "run")
         if self.daemon_args is not None:
             # The node daemon with the benchmark's settings (else the snapshotter starts one).
-            subprocess.Popen([BIN, "daemon", "--run-dir", run, "--cache-dir", os.path.join(self.lb, "cache"),
-                              *self.daemon_args], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            binary, args = split_bin(self.daemon_args)
+            subprocess.Popen([binary, "daemon", "--run-dir", run, "--cache-dir", os.path.join(self.lb, "cache"),
+                              *args], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
             peers.wait_unix(os.path.join(run, "daemon.sock"), "lazyblk daemon")
-        self.snapd = subprocess.Popen([BIN, "snapshotter", "--address", self.snap_sock, "--root", self.lb,
+        self.snapd = subprocess.Popen([split_bin(self.daemon_args or [])[0], "snapshotter", "--address", self.snap_sock, "--root", self.lb,
                                        "--backend", "auto", "--grace-secs", "0", *SNAPSHOTTER_ARGS], stderr=log)
         for _ in range(300):
             try:
@@ -511,7 +519,9 @@ def main():
                     "first); a copy keeps a rebuild during the run from changing it")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARG[,ARG...]",
                     help="mode lazyblk~NAME (or lazyblk+trace~NAME, ...): that mode with these node daemon "
-                         "arguments added, e.g. --variant follow=--fill-follow-kib=4096; the benchmark "
+                         "arguments added, e.g. --variant follow=--fill-follow-kib=4096 (an argument "
+                         "bin=PATH runs that variant's daemon and snapshotter from another lazyblk binary, "
+                         "e.g. --variant old=bin=/tmp/lazyblk-old); the benchmark "
                          "restarts the snapshotter and daemon between modes of different arguments, so A/B "
                          "modes alternate in one run; repeatable")
     a = ap.parse_args()
