@@ -639,3 +639,58 @@ async fn the_fill_follows_demand_reads_then_completes_the_blob() {
         assert!(read_all(&e).await.unwrap() == raw);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_stores_verified_chunks_compressed_and_its_readers_get_them_decoded() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (blob, raw) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let dir = tempfile::tempdir().unwrap();
+    let with_cache = |cache: &std::path::Path| {
+        let mut o = opts(Duration::from_secs(60));
+        o.engine.disk_cache = Some(Arc::new(DiskCache::open(cache, 1 << 30).unwrap()));
+        o
+    };
+    let e = open_source(&srv.url, &with_cache(dir.path()))
+        .await
+        .unwrap();
+    let stored = (0..e.index().chunk_count())
+        .filter(|&c| e.index().entry(c).is_stored())
+        .count() as u64;
+    assert!(stored > 10);
+    // The fill verifies what it stores: flipped bits are refetched, never cached.
+    srv.set(|f| f.bit_flips = 2);
+    e.background_fill(None).await.unwrap();
+    let m = e.metrics();
+    assert_eq!(m.fill_ratio(), 1.0);
+    assert!(m.corrupt_chunks.load(Relaxed) >= 1, "the fill checks digests");
+    assert_eq!(
+        m.decoded_chunks.load(Relaxed),
+        0,
+        "a fill into the disk cache decodes nothing"
+    );
+    // Served from the disk cache alone, each chunk decoded once (memory holds them all after).
+    srv.set(|f| f.down = true);
+    assert!(read_all(&e).await.unwrap() == raw);
+    assert!(read_all(&e).await.unwrap() == raw);
+    assert_eq!(m.decoded_chunks.load(Relaxed), stored);
+    assert_eq!(m.disk_hits.load(Relaxed), stored);
+    drop(e);
+    // Readers racing a fill on a slow source: chunks the fill has in flight are handed to them
+    // decoded, the rest fetched or read from disk; every byte right, every chunk filled.
+    let dir2 = tempfile::tempdir().unwrap();
+    srv.set(|f| {
+        f.down = false;
+        f.delay = Duration::from_millis(30);
+    });
+    let e = open_source(&srv.url, &with_cache(dir2.path()))
+        .await
+        .unwrap();
+    let filler = e.clone();
+    let fill = tokio::spawn(async move { filler.background_fill(None).await });
+    let got = read_all(&e).await.unwrap();
+    fill.await.unwrap().unwrap();
+    assert!(got == raw, "bytes served beside a fill differ from the image");
+    assert_eq!(e.metrics().fill_ratio(), 1.0);
+    assert_eq!(e.metrics().read_errors.load(Relaxed), 0);
+}

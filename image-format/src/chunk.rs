@@ -133,14 +133,9 @@ pub fn encode_external(raw: &[u8]) -> EncodedChunk {
     }
 }
 
-/// Verifies `stored` against `entry` (digest first, before any decompression) and decodes it into `out`,
-/// whose length must be the chunk's uncompressed length ([`crate::Index::chunk_len`]).
-pub fn decode_chunk(
-    chunk: u64,
-    entry: &ChunkEntry,
-    stored: &[u8],
-    out: &mut [u8],
-) -> Result<(), FormatError> {
+/// Verifies `stored` against `entry`: its length and (unless a zero chunk) its SHA-256. What a cache
+/// of stored chunks checks before it keeps bytes it will decode later with [`decode_chunk`].
+pub fn verify_chunk(chunk: u64, entry: &ChunkEntry, stored: &[u8]) -> Result<(), FormatError> {
     if stored.len() as u64 != entry.stored_len as u64 {
         return Err(FormatError::ChunkDecode {
             chunk,
@@ -152,7 +147,6 @@ pub fn decode_chunk(
         });
     }
     if entry.kind == ChunkKind::Zero {
-        out.fill(0);
         return Ok(());
     }
     let got = sha256(stored);
@@ -162,6 +156,22 @@ pub fn decode_chunk(
             expected: hex::encode(entry.digest),
             got: hex::encode(got),
         });
+    }
+    Ok(())
+}
+
+/// Verifies `stored` against `entry` (digest first, before any decompression) and decodes it into `out`,
+/// whose length must be the chunk's uncompressed length ([`crate::Index::chunk_len`]).
+pub fn decode_chunk(
+    chunk: u64,
+    entry: &ChunkEntry,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), FormatError> {
+    verify_chunk(chunk, entry, stored)?;
+    if entry.kind == ChunkKind::Zero {
+        out.fill(0);
+        return Ok(());
     }
     match entry.kind {
         ChunkKind::Zero => unreachable!("handled above"),

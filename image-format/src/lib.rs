@@ -27,8 +27,8 @@ mod relayout;
 mod writer;
 
 pub use chunk::{
-    decode_chunk, encode_chunk, encode_external, is_all_zero, ChunkKind, Codec, EncodedChunk,
-    DEFAULT_ZSTD_LEVEL,
+    decode_chunk, encode_chunk, encode_external, is_all_zero, verify_chunk, ChunkKind, Codec,
+    EncodedChunk, DEFAULT_ZSTD_LEVEL,
 };
 pub use error::FormatError;
 pub use footer::{Footer, FOOTER_LEN, FOOTER_MAGIC};

@@ -133,6 +133,37 @@ impl DiskCache {
         }
     }
 
+    /// The entry with digest `d` passed through `decode`, which must verify the digest itself (the
+    /// engine's chunk decoder does: the bytes are hashed once, not once here and again there); `None`
+    /// if absent or if `decode` rejects it (the entry is then removed, like a damaged one in
+    /// [`DiskCache::get`]).
+    pub fn get_decoded<T, E: std::fmt::Display>(
+        &self,
+        d: &Digest,
+        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Option<T> {
+        if !self.state.lock().expect("cache lock").lru.contains(d) {
+            return None;
+        }
+        let path = self.path(d);
+        let Ok(data) = fs::read(&path) else {
+            self.forget(d);
+            return None;
+        };
+        match decode(&data) {
+            Ok(v) => {
+                self.state.lock().expect("cache lock").lru.get(d);
+                Some(v)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "disk cache entry rejected; removed");
+                self.forget(d);
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
     /// Stores `data`, whose SHA-256 the caller has verified to be `d`.
     pub fn put(&self, d: &Digest, data: &[u8]) -> io::Result<()> {
         if self.contains(d) {
@@ -334,5 +365,33 @@ mod tests {
         assert!(live.exists());
         assert_eq!(c.get(&sha256(&e)).unwrap(), e);
         assert_eq!(c.total_bytes(), 100);
+    }
+
+    #[test]
+    fn get_decoded_serves_what_its_decoder_accepts_and_removes_what_it_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let a = vec![5u8; 100];
+        let d = sha256(&a);
+        c.put(&d, &a).unwrap();
+        let check = |b: &[u8]| {
+            if sha256(b) == d {
+                Ok(b.len())
+            } else {
+                Err("digest mismatch")
+            }
+        };
+        assert_eq!(c.get_decoded(&d, check), Some(100));
+        // A damaged file: the decoder's verdict removes it.
+        fs::write(c.path(&d), &a[..60]).unwrap();
+        assert_eq!(c.get_decoded(&d, check), None);
+        assert!(!c.path(&d).exists());
+        assert!(!c.contains(&d));
+        assert_eq!(c.total_bytes(), 0);
+        // Absent: the decoder is not called.
+        assert_eq!(
+            c.get_decoded(&d, |_| -> Result<(), &str> { panic!("called") }),
+            None
+        );
     }
 }

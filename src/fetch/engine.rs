@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use lazyblk_image_format::{
-    decode_chunk, sha256, ChunkKind, Digest, Footer, Index, IndexLimits, PlanOptions, RangeFetch,
-    FOOTER_LEN,
+    decode_chunk, sha256, verify_chunk, ChunkKind, Digest, Footer, Index, IndexLimits, PlanOptions,
+    RangeFetch, FOOTER_LEN,
 };
 use tokio::sync::{watch, Semaphore};
 
@@ -79,6 +79,10 @@ impl Default for EngineOptions {
         }
     }
 }
+
+/// What [`Engine::fetch_checked`] does with a fetched range: the engine, the range's chunks, and a
+/// function cutting one chunk's stored bytes out of the answer.
+type RangeCheck<T> = fn(&Engine, &[u64], &dyn Fn(u64) -> Bytes) -> Result<T, FetchError>;
 
 /// A callback for failed reads: layer name, the error.
 pub type ReadErrorHook = Arc<dyn Fn(&str, &ReadError) + Send + Sync>;
@@ -784,26 +788,25 @@ impl Engine {
                 .keys()
                 .map(|&c| (c, inner.index.entry(c).digest))
                 .collect();
+            // Read, verified (by the decoder's own digest check: once, not again by the cache)
+            // and decoded off the reactor; a rejected entry is removed and fetched again below.
+            let me = self.clone();
             let found = tokio::task::spawn_blocking(move || {
                 wanted
                     .into_iter()
-                    .filter_map(|(c, d)| dc.get(&d).map(|b| (c, b)))
+                    .filter_map(|(c, d)| {
+                        dc.get_decoded(&d, |stored| me.decode(c, stored))
+                            .map(|b| (c, b))
+                    })
                     .collect::<Vec<_>>()
             })
             .await
             .unwrap_or_default();
-            for (c, stored) in found {
-                match self.decode(c, &stored) {
-                    Ok(b) => {
-                        inner.metrics.disk_hits.fetch_add(1, Relaxed);
-                        // On disk already (another layer's identical chunk, say): local.
-                        self.mark_cached(c);
-                        self.finish(c, Ok(b), senders.remove(&c), to_memory);
-                    }
-                    Err(e) => {
-                        tracing::warn!(layer = %inner.name, chunk = c, error = %e, "disk cache entry undecodable; refetching")
-                    }
-                }
+            for (c, b) in found {
+                inner.metrics.disk_hits.fetch_add(1, Relaxed);
+                // On disk already (another layer's identical chunk, say): local.
+                self.mark_cached(c);
+                self.finish(c, Ok(b), senders.remove(&c), to_memory);
             }
             inner
                 .metrics
@@ -883,20 +886,12 @@ impl Engine {
         chunks: impl IntoIterator<Item = u64>,
         stored_of: impl Fn(u64) -> Bytes,
     ) -> Result<Vec<(u64, Bytes, Bytes)>, FetchError> {
-        let inner = &self.inner;
         let mut decoded = Vec::new();
         for c in chunks {
             let stored = stored_of(c);
             match self.decode(c, &stored) {
                 Ok(b) => decoded.push((c, b, stored)),
-                Err(err) => {
-                    inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
-                    tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
-                    return Err(FetchError::transient(
-                        "corrupt",
-                        format!("{}: {err}", inner.remote.describe()),
-                    ));
-                }
+                Err(err) => return Err(self.corrupt(c, err)),
             }
         }
         Ok(decoded)
@@ -904,6 +899,7 @@ impl Engine {
 
     fn decode(&self, c: u64, stored: &[u8]) -> Result<Bytes, lazyblk_image_format::FormatError> {
         let idx = &self.inner.index;
+        self.inner.metrics.decoded_chunks.fetch_add(1, Relaxed);
         let mut buf = vec![0u8; idx.chunk_len(c) as usize];
         decode_chunk(c, idx.entry(c), stored, &mut buf)?;
         Ok(Bytes::from(buf))
@@ -916,8 +912,26 @@ impl Engine {
         f: &RangeFetch,
         deadline: Instant,
     ) -> Result<Vec<(u64, Bytes)>, String> {
+        let res = self
+            .fetch_checked(f, deadline, |me, chunks, stored_of| {
+                me.decode_range(chunks.iter().copied(), stored_of)
+            })
+            .await?;
+        Ok(self.store_fetched(res))
+    }
+
+    /// One coalesced range, fetched and handed to `check` on the blocking pool (never SHA-256 + zstd
+    /// of megabytes on the reactor that serves every other layer), with the range's chunks and a
+    /// function cutting each one's stored bytes out of the answer; retried until the deadline,
+    /// corrupt bytes (a `check` error of kind "corrupt") included.
+    async fn fetch_checked<T: Send + 'static>(
+        &self,
+        f: &RangeFetch,
+        deadline: Instant,
+        check: RangeCheck<T>,
+    ) -> Result<T, String> {
         let inner = &self.inner;
-        let res = with_retries(&inner.opts, &inner.metrics, deadline, || async {
+        with_retries(&inner.opts, &inner.metrics, deadline, || async {
             let _slot = inner
                 .fetch_slots
                 .acquire()
@@ -932,11 +946,9 @@ impl Engine {
                 .metrics
                 .fetched_bytes
                 .fetch_add(bytes.len() as u64, Relaxed);
-            // Verify and decompress on the blocking pool: never SHA-256 + zstd of megabytes on the
-            // reactor that serves every other layer.
             let (me, chunks, start) = (self.clone(), f.chunks.clone(), f.blob_range.start);
             let r = tokio::task::spawn_blocking(move || {
-                me.decode_range(chunks.iter().copied(), |c| {
+                check(&me, &chunks, &|c| {
                     let r = me.inner.index.entry(c).blob_range();
                     bytes.slice((r.start - start) as usize..(r.end - start) as usize)
                 })
@@ -949,8 +961,140 @@ impl Engine {
             r
         })
         .await
-        .map_err(|e| e.message)?;
-        Ok(self.store_fetched(res))
+        .map_err(|e| e.message)
+    }
+
+    /// Checks `chunks` against the index (length and digest), without decoding; the stored bytes of
+    /// each, for a cache that decodes them when read.
+    fn verify_range(
+        &self,
+        chunks: &[u64],
+        stored_of: &dyn Fn(u64) -> Bytes,
+    ) -> Result<Vec<(u64, Bytes)>, FetchError> {
+        let inner = &self.inner;
+        chunks
+            .iter()
+            .map(|&c| {
+                let stored = stored_of(c);
+                verify_chunk(c, inner.index.entry(c), &stored)
+                    .map(|()| (c, stored))
+                    .map_err(|err| self.corrupt(c, err))
+            })
+            .collect()
+    }
+
+    /// Counts and logs chunk `c` failing verification; the error that makes its fetch retry.
+    fn corrupt(&self, c: u64, err: lazyblk_image_format::FormatError) -> FetchError {
+        let inner = &self.inner;
+        inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+        tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
+        FetchError::transient("corrupt", format!("{}: {err}", inner.remote.describe()))
+    }
+
+    /// Fills `run` into the disk cache without decoding it: the chunks not local, in memory or in
+    /// flight are claimed, fetched in coalesced ranges, each verified against its digest and its
+    /// stored bytes written to the disk cache; they are decoded when read, from there. A reader that
+    /// waited for one of them meanwhile gets it decoded. Needs a disk cache and stored (not
+    /// external) chunks.
+    async fn fill_to_disk(
+        &self,
+        run: std::ops::Range<u64>,
+        deadline: Instant,
+    ) -> Result<(), (u64, String)> {
+        let inner = &self.inner;
+        let Some(dc) = inner.opts.disk_cache.clone() else {
+            return Err((run.start, "no disk cache to fill".into()));
+        };
+        let wanted: Vec<u64> = {
+            let cached = inner.cached.lock().expect("cached lock");
+            let writing = inner.writing.lock().expect("writing lock");
+            run.filter(|&c| {
+                inner.index.entry(c).is_stored() && !cached[c as usize] && !writing.contains_key(&c)
+            })
+            .collect()
+        };
+        let lead = self.claim(wanted.into_iter());
+        if lead.is_empty() {
+            return Ok(());
+        }
+        let mut senders: HashMap<u64, watch::Sender<ChunkResult>> = lead.into_iter().collect();
+        let plan = inner
+            .index
+            .plan_chunks(senders.keys().copied(), inner.opts.plan);
+        let jobs: Vec<_> = plan
+            .fetches
+            .into_iter()
+            .map(|f| {
+                let txs: Vec<_> = f
+                    .chunks
+                    .iter()
+                    .filter_map(|c| senders.remove(c).map(|tx| (*c, tx)))
+                    .collect();
+                self.fill_range_to_disk(f, txs, dc.clone(), deadline)
+            })
+            .collect();
+        // Anything the plan left out (it covers every claimed chunk) is released, not left in flight.
+        let mut failed = None;
+        for (c, tx) in senders {
+            self.finish(c, Err("not planned".into()), Some(tx), false);
+            failed.get_or_insert((c, "not planned".to_string()));
+        }
+        for r in futures::future::join_all(jobs).await {
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// One range of [`Engine::fill_to_disk`]: fetched and verified, each chunk written to the disk
+    /// cache and then released (a reader arriving after the release finds it on disk; one that
+    /// subscribed before gets it decoded here).
+    async fn fill_range_to_disk(
+        &self,
+        f: RangeFetch,
+        txs: Vec<(u64, watch::Sender<ChunkResult>)>,
+        dc: Arc<DiskCache>,
+        deadline: Instant,
+    ) -> Result<(), (u64, String)> {
+        let res = self
+            .fetch_checked(&f, deadline, |me, chunks, stored_of| {
+                me.verify_range(chunks, stored_of)
+            })
+            .await;
+        let stored = match res {
+            Ok(stored) => stored,
+            Err(e) => {
+                let first = txs.first().map_or(f.chunks[0], |(c, _)| *c);
+                for (c, tx) in txs {
+                    self.finish(c, Err(e.clone()), Some(tx), false);
+                }
+                return Err((first, e));
+            }
+        };
+        let me = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut txs: HashMap<u64, _> = txs.into_iter().collect();
+            for (c, bytes) in stored {
+                let d = me.inner.index.entry(c).digest;
+                match dc.put(&d, &bytes) {
+                    Ok(()) => me.mark_cached(c),
+                    Err(e) => {
+                        tracing::warn!(layer = %me.inner.name, chunk = c, error = %e, "disk cache write failed")
+                    }
+                }
+                me.inner.inflight.lock().expect("inflight lock").remove(&c);
+                if let Some(tx) = txs.remove(&c).filter(|tx| tx.receiver_count() > 0) {
+                    let _ = tx.send(Some(me.decode(c, &bytes).map_err(|e| e.to_string())));
+                }
+            }
+            // (Chunks of the range not claimed here were never in `txs`.)
+            for (c, tx) in txs {
+                me.finish(c, Err("not in the fetched range".into()), Some(tx), false);
+            }
+        })
+        .await;
+        written.map_err(|e| (f.chunks[0], format!("disk write task: {e}")))
     }
 
     /// A run of consecutive external chunks, read through the external source, every chunk verified
@@ -1235,12 +1379,17 @@ impl Engine {
         };
         let started = Instant::now();
         let deadline = Instant::now() + inner.opts.read_deadline;
-        // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks).
+        // Into memory only when there is no disk cache (otherwise the fill would evict hot chunks);
+        // with one, stored chunks go there verified and still compressed (decoded when read).
         let to_memory = inner.opts.disk_cache.is_none();
         for run in contiguous_runs(&batch) {
-            self.get_chunks(run, deadline, to_memory)
-                .await
-                .map_err(|(c, e)| format!("chunk {c}: {e}"))?;
+            let stored = run.clone().all(|c| inner.index.entry(c).is_stored());
+            if !to_memory && stored {
+                self.fill_to_disk(run, deadline).await
+            } else {
+                self.get_chunks(run, deadline, to_memory).await.map(drop)
+            }
+            .map_err(|(c, e)| format!("chunk {c}: {e}"))?;
         }
         if let Some(rate) = bytes_per_sec.filter(|&r| r > 0) {
             let budget = Duration::from_secs_f64(bytes as f64 / rate as f64);

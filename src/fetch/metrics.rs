@@ -67,6 +67,8 @@ pub struct Metrics {
     pub disk_hits: AtomicU64,
     /// Chunks the disk cache did not have.
     pub disk_misses: AtomicU64,
+    /// Chunks decompressed (verified and decoded: the CPU a layer's reads cost).
+    pub decoded_chunks: AtomicU64,
     /// Range requests sent.
     pub fetches: AtomicU64,
     /// Bytes received from range requests.
@@ -166,7 +168,7 @@ pub fn gauge(labels: &[(&'static str, String)], v: f64) -> Metric {
 /// exposition stays valid with any number of layers.
 pub fn layer_families(layers: &[(LayerLabels, Arc<Metrics>)]) -> Vec<MetricFamily> {
     type Get = fn(&Metrics) -> u64;
-    let counters: [(&str, &str, Get); 11] = [
+    let counters: [(&str, &str, Get); 12] = [
         ("lazyblk_reads_total", "Reads of the virtual disk.", |m| {
             m.reads.load(Relaxed)
         }),
@@ -194,6 +196,11 @@ pub fn layer_families(layers: &[(LayerLabels, Arc<Metrics>)]) -> Vec<MetricFamil
             "lazyblk_fetch_retries_total",
             "Range requests retried after an error.",
             |m| m.fetch_retries.load(Relaxed),
+        ),
+        (
+            "lazyblk_decoded_chunks_total",
+            "Chunks verified and decompressed for readers (a fill stores them compressed).",
+            |m| m.decoded_chunks.load(Relaxed),
         ),
         (
             "lazyblk_corrupt_chunks_total",
