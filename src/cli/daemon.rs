@@ -43,7 +43,7 @@ pub struct DaemonArgs {
     #[arg(long)]
     fill_concurrency: Option<usize>,
     /// Fill batches in flight on the node while a workload's read waits (0 = fills pause until
-    /// no demand read runs) [default: 1].
+    /// no demand read runs) [default: 4].
     #[arg(long)]
     fill_busy_concurrency: Option<usize>,
     /// Node-wide background fill bandwidth, MiB/s (0 = unlimited) [default: 0].

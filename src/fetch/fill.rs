@@ -7,9 +7,11 @@
 //!
 //! Demand first does not mean fill last: a start reads most of what the fill would fetch, and on a
 //! link with round trips a paused fill leaves the link idle between the workload's dependent reads.
-//! While a demand read runs anywhere on the node, at most `busy_concurrency` fill batches run (1 by
-//! default: the demand reads get most of the link, the fill keeps it busy); with no demand read,
-//! up to `concurrency`. `busy_concurrency` 0 pauses fills entirely while demand reads run.
+//! While a demand read runs anywhere on the node, at most `busy_concurrency` fill batches run (the
+//! node daemon's default equals `concurrency`: a large start reads nearly the whole image, and one
+//! batch at a time left the link half idle — docs/benchmarks.md, run T), each a quarter batch so a
+//! demand response queues behind little fill; with no demand read, up to `concurrency` full
+//! batches. `busy_concurrency` 0 pauses fills entirely while demand reads run.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;

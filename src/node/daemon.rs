@@ -61,7 +61,7 @@ impl Default for NodeConfig {
             parallel_fetches: 8,
             readahead_chunks: 32,
             fill_concurrency: 4,
-            fill_busy_concurrency: 1,
+            fill_busy_concurrency: 4,
             fill_rate_mib: 0,
             fill_follow_bytes: 0,
             loop_direct_io: true,

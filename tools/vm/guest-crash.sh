@@ -6,8 +6,10 @@
 # daemon resumes every device (ublk user recovery with reissue; NBD_CMD_RECONFIGURE) from the spec and
 # verified index it persisted, with the source unreachable. The readers must see zero errors.
 rc=0
-# Whether process $1 has exited (gone, or a zombie not yet reaped).
-gone() { [ ! -e /proc/$1 ] || grep -q '^State:.*[ZX]' /proc/$1/status 2>/dev/null; }
+# Whether process $1 has exited (gone, or a zombie not yet reaped). The last test catches a process
+# reaped between the first two (its status file vanished under grep): without it a daemon that had
+# exited was twice reported as "did not exit", its /proc entry already gone when the stacks were read.
+gone() { [ ! -e /proc/$1 ] || grep -q '^State:.*[ZX]' /proc/$1/status 2>/dev/null || [ ! -e /proc/$1 ]; }
 eval "$(lazyblk layer inspect --json /payload/upper.blob | sed -n 's/^ *"\(index_offset\|index_length\|index_digest\)": "\{0,1\}\([^",]*\)"\{0,1\},\{0,1\}$/u_\1=\2/p')"
 eval "$(lazyblk layer inspect --json /payload/layer.blob | sed -n 's/^ *"\(index_offset\|index_length\|index_digest\)": "\{0,1\}\([^",]*\)"\{0,1\},\{0,1\}$/\1=\2/p')"
 for backend in ublk nbd; do
