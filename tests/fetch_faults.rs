@@ -663,7 +663,10 @@ async fn a_fill_stores_verified_chunks_compressed_and_its_readers_get_them_decod
     e.background_fill(None).await.unwrap();
     let m = e.metrics();
     assert_eq!(m.fill_ratio(), 1.0);
-    assert!(m.corrupt_chunks.load(Relaxed) >= 1, "the fill checks digests");
+    assert!(
+        m.corrupt_chunks.load(Relaxed) >= 1,
+        "the fill checks digests"
+    );
     assert_eq!(
         m.decoded_chunks.load(Relaxed),
         0,
@@ -690,7 +693,10 @@ async fn a_fill_stores_verified_chunks_compressed_and_its_readers_get_them_decod
     let fill = tokio::spawn(async move { filler.background_fill(None).await });
     let got = read_all(&e).await.unwrap();
     fill.await.unwrap().unwrap();
-    assert!(got == raw, "bytes served beside a fill differ from the image");
+    assert!(
+        got == raw,
+        "bytes served beside a fill differ from the image"
+    );
     assert_eq!(e.metrics().fill_ratio(), 1.0);
     assert_eq!(e.metrics().read_errors.load(Relaxed), 0);
 }

@@ -1006,8 +1006,9 @@ impl Engine {
             return Err((run.start, "no disk cache to fill".into()));
         };
         let wanted: Vec<u64> = {
-            let cached = inner.cached.lock().expect("cached lock");
+            // Lock order: `writing`, then `cached` (as in `store_fetched`).
             let writing = inner.writing.lock().expect("writing lock");
+            let cached = inner.cached.lock().expect("cached lock");
             run.filter(|&c| {
                 inner.index.entry(c).is_stored() && !cached[c as usize] && !writing.contains_key(&c)
             })
