@@ -700,3 +700,44 @@ async fn a_fill_stores_verified_chunks_compressed_and_its_readers_get_them_decod
     assert_eq!(e.metrics().fill_ratio(), 1.0);
     assert_eq!(e.metrics().read_errors.load(Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readahead_with_a_disk_cache_fetches_ahead_without_decoding_ahead() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (blob, raw) = layer();
+    let srv = FaultyServer::start(blob).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(Duration::from_secs(60));
+    o.engine.disk_cache = Some(Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap()));
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let idx = e.index();
+    let cs = idx.chunk_size();
+    // A sequential reader of the first 4 chunks, 64 KiB at a time: readahead starts on its second read.
+    let end = 4 * cs;
+    let mut off = 0;
+    while off < end {
+        let got = e.read(off, 64 << 10).await.unwrap();
+        assert!(got[..] == raw[off as usize..(off + (64 << 10)) as usize]);
+        off += 64 << 10;
+    }
+    let m = e.metrics();
+    // The window lands in the disk cache (asynchronously): wait for it, within a hang guard.
+    let ahead = m.readahead_chunks.load(Relaxed);
+    assert!(ahead > 4, "a sequential reader gets a readahead window");
+    for _ in 0..500 {
+        if m.fill_done.load(Relaxed) >= 4 + 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let read_stored = (0..4).filter(|&c| idx.entry(c).is_stored()).count() as u64;
+    assert!(
+        m.fill_done.load(Relaxed) > read_stored,
+        "chunks ahead of the reader are local"
+    );
+    assert_eq!(
+        m.decoded_chunks.load(Relaxed),
+        read_stored,
+        "only the chunks read were decoded"
+    );
+}

@@ -692,13 +692,24 @@ impl Engine {
         }
     }
 
-    /// Fetches `chunks` into memory in the background; `hold` is dropped when that is done.
+    /// Fetches `chunks` in the background: into the disk cache still compressed when there is one
+    /// (decoded when read: a window a reader never reaches, or that memory evicts before it does,
+    /// costs no decoding), else into memory; `hold` is dropped when that is done.
     fn spawn_prefetch(&self, chunks: std::ops::Range<u64>, hold: impl Send + 'static) {
         let me = self.clone();
         let task = async move {
             let _hold = hold;
             let deadline = Instant::now() + me.inner.opts.read_deadline;
-            let _ = me.get_chunks(chunks, deadline, true).await;
+            let idx = &me.inner.index;
+            let to_disk = me.inner.opts.disk_cache.is_some()
+                && chunks
+                    .clone()
+                    .all(|c| idx.entry(c).kind != ChunkKind::External);
+            if to_disk {
+                let _ = me.fill_to_disk(chunks, deadline).await;
+            } else {
+                let _ = me.get_chunks(chunks, deadline, true).await;
+            }
         };
         self.spawn_task(task);
     }
@@ -1086,7 +1097,12 @@ impl Engine {
                 }
                 me.inner.inflight.lock().expect("inflight lock").remove(&c);
                 if let Some(tx) = txs.remove(&c).filter(|tx| tx.receiver_count() > 0) {
-                    let _ = tx.send(Some(me.decode(c, &bytes).map_err(|e| e.to_string())));
+                    // A reader wants it now: decoded once, and kept in memory for its next read.
+                    let r = me.decode(c, &bytes).map_err(|e| e.to_string());
+                    if let Ok(b) = &r {
+                        me.inner.mem.put(me.inner.mem_id, c, b.clone());
+                    }
+                    let _ = tx.send(Some(r));
                 }
             }
             // (Chunks of the range not claimed here were never in `txs`.)
