@@ -405,6 +405,7 @@ def one_run(env, reg, name, mode, i):
     m, msize = manifest(reg, repo, tag)
     cname = f"bench-{name}-{re.sub('[^A-Za-z0-9]+', '-', mode)}-{i}"
     t0 = time.monotonic()
+    started_at = time.time()
     if mode == "overlayfs":
         env.ctr("images", "pull", image)
         snapshotter = "overlayfs"
@@ -443,7 +444,9 @@ def one_run(env, reg, name, mode, i):
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
     return {"image": name, "mode": mode, "run": i, "pull": t1 - t0, "start": t2 - t1, "ready": t3 - t2,
             "total": t3 - t0, "local": local, "fetched_bytes": fetched, "fetched_at_ready": at_ready,
-            "image_bytes": sum(l["size"] for l in m["layers"])}
+            "image_bytes": sum(l["size"] for l in m["layers"]),
+            # Wall-clock start and end, to line a run up with samples taken beside the benchmark.
+            "started_at": started_at, "ended_at": time.time()}
 
 
 def svg(rows, path):
