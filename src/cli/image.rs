@@ -23,11 +23,8 @@ pub struct ConvertImageArgs {
     /// Push lazyblk layers as OCI referrer artifacts of the original (left untouched) instead of a new tag.
     #[arg(long)]
     referrer: bool,
-    /// zstd level of the chunks (1..19): higher sends fewer bytes to every node on every cold start
-    /// and costs conversion CPU once (docs/benchmarks.md, "Compression level"); 3 converts ~10x faster.
-    #[arg(long, default_value_t = lazyblk_image_format::DEFAULT_ZSTD_LEVEL,
-          value_parser = clap::value_parser!(i32).range(1..=19))]
-    level: i32,
+    #[command(flatten)]
+    level: super::layer::ZstdLevel,
     #[command(flatten)]
     job: ImageJobArgs,
 }
@@ -59,9 +56,11 @@ struct ImageJobArgs {
 }
 
 impl ImageJobArgs {
-    /// The options of an image job in `mode` (index spans, bound form, referrer).
+    /// The options of an image job in `mode` (index spans, bound form, referrer) whose converted
+    /// chunks use `codec`.
     fn options(
         &self,
+        codec: Codec,
         referrer: bool,
         index_spans: Option<u64>,
         bound: bool,
@@ -71,7 +70,7 @@ impl ImageJobArgs {
             referrer,
             layer: ConvertOptions {
                 chunk_shift: self.chunk_size,
-                codec: Codec::default(),
+                codec,
                 progress: false,
                 metadata_region_bytes: self.metadata_region,
                 ..ConvertOptions::default()
@@ -90,8 +89,7 @@ impl ImageJobArgs {
 pub fn convert(a: ConvertImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
-    let mut opts = a.job.options(a.referrer, None, false);
-    opts.layer.codec = Codec::Zstd { level: a.level };
+    let opts = a.job.options(a.level.codec(), a.referrer, None, false);
     run_convert(&src, dst.as_ref(), &opts, a.job.json)
 }
 
@@ -163,7 +161,10 @@ fn parse_span_size(s: &str) -> Result<u64, String> {
 pub fn index(a: IndexImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
-    let opts = a.job.options(true, Some(a.span_size), dst.is_some());
+    // (An index converts no chunk data: its metadata chunks use `INDEX_ZSTD_LEVEL`.)
+    let opts = a
+        .job
+        .options(Codec::default(), true, Some(a.span_size), dst.is_some());
     run_convert(&src, dst.as_ref(), &opts, a.job.json)
 }
 
