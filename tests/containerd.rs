@@ -295,25 +295,42 @@ fn stdout(o: std::process::Output) -> String {
 /// mode, owner, size, link target, mtime and content digest. Directories' own metadata is left out:
 /// directories a layer merely implies get theirs from whoever creates them (containerd's applier or
 /// lazyblk's converter; see docs/architecture.md).
-const LIST_ROOTFS: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf \) -prune -o \( -type d -printf '%p d %m %U %G\n' \) -o -printf '%p %y %m %U %G %s %l %T@\n' | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -type f -exec sha256sum {} + | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /getfattr \) -prune -o -print0 | xargs -0 /getfattr -h -d -m - -e hex --absolute-names | awk '/^# file: /{f=substr($0,9);next} NF{print "xattr " f " " $0}' | sort"#;
+const LIST_ROOTFS: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf \) -prune -o \( -type d -printf '%p d %m %U %G\n' \) -o -printf '%p %y %m %U %G %s %l %T@\n' | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -type f -exec sha256sum {} + | sort; find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /getfattr \) -prune -o -print0 | xargs -0 /getfattr -h -d -m - -e hex --absolute-names | awk '/^# file: /{f=substr($0,9);next} NF{print "xattr " f " " $0}' | sort; echo LISTING-END"#;
+
+/// The last line of every complete [`LIST_ROOTFS`] output.
+const LISTING_END: &str = "LISTING-END\n";
 
 /// Paths, types, modes, owners, sizes, link targets, mtimes, content hashes and extended attributes
 /// of the root filesystem of `image` run on `snapshotter` (the host's `getfattr`, bookworm's like
 /// the image, bound into the container: a minbase rootfs has none).
-fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> String {
-    stdout(run_ok(env.ctr("default").args([
-        "run",
-        "--rm",
-        "--mount",
-        "type=bind,src=/usr/bin/getfattr,dst=/getfattr,options=rbind:ro",
-        "--snapshotter",
-        snapshotter,
-        image,
-        name,
-        "sh",
-        "-c",
-        LIST_ROOTFS,
-    ])))
+fn rootfs_listing(env: &Env, snapshotter: &str, image: &str, name: &str) -> (String, String) {
+    // `ctr run` can return before the container's last write reached it (the task's exit races the
+    // copy of its output: once, the final `sort`'s lines, the xattrs, were missing under CI load).
+    // An output without the end marker is such a loss, not a verdict: the listing is taken again.
+    for attempt in 0..3 {
+        let out = run_ok(env.ctr("default").args([
+            "run",
+            "--rm",
+            "--mount",
+            "type=bind,src=/usr/bin/getfattr,dst=/getfattr,options=rbind:ro",
+            "--snapshotter",
+            snapshotter,
+            image,
+            &format!("{name}-{attempt}"),
+            "sh",
+            "-c",
+            LIST_ROOTFS,
+        ]));
+        // The pipeline's status is echo's: what find, sha256sum or getfattr said goes to stderr.
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        match stdout(out).strip_suffix(LISTING_END) {
+            Some(listing) => return (listing.to_string(), err),
+            None => {
+                eprintln!("{name}: the listing on {snapshotter} lost its end (ctr output); again")
+            }
+        }
+    }
+    panic!("{name}: three listings on {snapshotter} in a row lost their end");
 }
 
 /// containerd 1.6 (no CRI) with the lazyblk proxy plugin, everything under `dir`.
@@ -331,8 +348,8 @@ fn assert_rootfs_of_full_pull(env: &Env, full: &str, lazy: &str, name: &str) {
         env.ctr("default")
             .args(["images", "pull", "--plain-http", full]),
     );
-    let a = rootfs_listing(env, "overlayfs", full, &format!("{name}-o"));
-    let b = rootfs_listing(env, "lazyblk", lazy, &format!("{name}-l"));
+    let (a, a_err) = rootfs_listing(env, "overlayfs", full, &format!("{name}-o"));
+    let (b, b_err) = rootfs_listing(env, "lazyblk", lazy, &format!("{name}-l"));
     assert!(a.lines().count() > 1000, "{a}");
     // The image's extended attributes (`build_images`) are in the listing, so comparing it compares them.
     for x in [
@@ -348,7 +365,10 @@ fn assert_rootfs_of_full_pull(env: &Env, full: &str, lazy: &str, name: &str) {
             (a.lines().collect(), b.lines().collect());
         let only_a: Vec<_> = la.difference(&lb).take(20).collect();
         let only_b: Vec<_> = lb.difference(&la).take(20).collect();
-        panic!("rootfs differs:\n overlayfs only: {only_a:#?}\n lazyblk only: {only_b:#?}");
+        panic!(
+            "rootfs differs:\n overlayfs only: {only_a:#?}\n lazyblk only: {only_b:#?}\n \
+             overlayfs listing stderr: {a_err}\n lazyblk listing stderr: {b_err}"
+        );
     }
 }
 
