@@ -169,12 +169,8 @@ pub fn decode_chunk(
     out: &mut [u8],
 ) -> Result<(), FormatError> {
     verify_chunk(chunk, entry, stored)?;
-    if entry.kind == ChunkKind::Zero {
-        out.fill(0);
-        return Ok(());
-    }
     match entry.kind {
-        ChunkKind::Zero => unreachable!("handled above"),
+        ChunkKind::Zero => out.fill(0),
         ChunkKind::Raw | ChunkKind::External => {
             if stored.len() != out.len() {
                 return Err(FormatError::ChunkDecode {

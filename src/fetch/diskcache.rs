@@ -111,26 +111,13 @@ impl DiskCache {
 
     /// The stored bytes with digest `d`, verified; `None` if absent or damaged (damaged files are removed).
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
-        if !self.state.lock().expect("cache lock").lru.contains(d) {
-            return None;
-        }
-        let path = self.path(d);
-        match fs::read(&path) {
-            Ok(data) if &sha256(&data) == d => {
-                self.state.lock().expect("cache lock").lru.get(d);
-                Some(data)
+        self.get_decoded(d, |data| {
+            if &sha256(&data) == d {
+                Ok(data)
+            } else {
+                Err("the file does not match its digest")
             }
-            Ok(_) => {
-                tracing::warn!(path = %path.display(), "disk cache entry does not match its digest; removed");
-                self.forget(d);
-                let _ = fs::remove_file(&path);
-                None
-            }
-            Err(_) => {
-                self.forget(d);
-                None
-            }
-        }
+        })
     }
 
     /// The entry with digest `d` passed through `decode`, which must verify the digest itself (the
@@ -140,7 +127,7 @@ impl DiskCache {
     pub fn get_decoded<T, E: std::fmt::Display>(
         &self,
         d: &Digest,
-        decode: impl FnOnce(&[u8]) -> Result<T, E>,
+        decode: impl FnOnce(Vec<u8>) -> Result<T, E>,
     ) -> Option<T> {
         if !self.state.lock().expect("cache lock").lru.contains(d) {
             return None;
@@ -150,7 +137,7 @@ impl DiskCache {
             self.forget(d);
             return None;
         };
-        match decode(&data) {
+        match decode(data) {
             Ok(v) => {
                 self.state.lock().expect("cache lock").lru.get(d);
                 Some(v)
@@ -374,8 +361,8 @@ mod tests {
         let a = vec![5u8; 100];
         let d = sha256(&a);
         c.put(&d, &a).unwrap();
-        let check = |b: &[u8]| {
-            if sha256(b) == d {
+        let check = |b: Vec<u8>| {
+            if sha256(&b) == d {
                 Ok(b.len())
             } else {
                 Err("digest mismatch")

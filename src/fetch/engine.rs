@@ -700,12 +700,7 @@ impl Engine {
         let task = async move {
             let _hold = hold;
             let deadline = Instant::now() + me.inner.opts.read_deadline;
-            let idx = &me.inner.index;
-            let to_disk = me.inner.opts.disk_cache.is_some()
-                && chunks
-                    .clone()
-                    .all(|c| idx.entry(c).kind != ChunkKind::External);
-            if to_disk {
+            if me.fills_to_disk(chunks.clone()) {
                 let _ = me.fill_to_disk(chunks, deadline).await;
             } else {
                 let _ = me.get_chunks(chunks, deadline, true).await;
@@ -806,7 +801,7 @@ impl Engine {
                 wanted
                     .into_iter()
                     .filter_map(|(c, d)| {
-                        dc.get_decoded(&d, |stored| me.decode(c, stored))
+                        dc.get_decoded(&d, |stored| me.decode(c, &stored))
                             .map(|b| (c, b))
                     })
                     .collect::<Vec<_>>()
@@ -1000,6 +995,13 @@ impl Engine {
         inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
         tracing::warn!(layer = %inner.name, chunk = c, error = %err, "chunk failed verification; refetching");
         FetchError::transient("corrupt", format!("{}: {err}", inner.remote.describe()))
+    }
+
+    /// Whether `chunks` can go through [`Engine::fill_to_disk`]: there is a disk cache and none of
+    /// them is external (zero chunks need no fetch at all).
+    fn fills_to_disk(&self, mut chunks: std::ops::Range<u64>) -> bool {
+        self.inner.opts.disk_cache.is_some()
+            && chunks.all(|c| self.inner.index.entry(c).kind != ChunkKind::External)
     }
 
     /// Fills `run` into the disk cache without decoding it: the chunks not local, in memory or in
@@ -1400,8 +1402,7 @@ impl Engine {
         // with one, stored chunks go there verified and still compressed (decoded when read).
         let to_memory = inner.opts.disk_cache.is_none();
         for run in contiguous_runs(&batch) {
-            let stored = run.clone().all(|c| inner.index.entry(c).is_stored());
-            if !to_memory && stored {
+            if self.fills_to_disk(run.clone()) {
                 self.fill_to_disk(run, deadline).await
             } else {
                 self.get_chunks(run, deadline, to_memory).await.map(drop)
