@@ -211,19 +211,22 @@ async fn disk_cache_survives_restart_and_rejects_damage() {
         "only the index was fetched after restart"
     );
     drop(e);
-    // Damage every cached file: they must be detected, not served; with the source back, refetched.
+    // Damage every cached record (a byte of its data, its header intact, so it is adopted on open):
+    // each must be detected, not served; with the source back, refetched.
     let mut damaged = 0;
-    for sub in std::fs::read_dir(dir.path()).unwrap() {
-        for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
-            let p = f.unwrap().path();
-            let mut b = std::fs::read(&p).unwrap();
-            let n = b.len();
-            b.truncate(n / 2); // a torn write
-            std::fs::write(&p, b).unwrap();
-            damaged += 1;
+    for f in std::fs::read_dir(dir.path().join("packs")).unwrap() {
+        let p = f.unwrap().path();
+        let mut b = std::fs::read(&p).unwrap();
+        // Records start at 4 KiB boundaries with the magic `LZBCHNK1`; data follows the 64-byte header.
+        for block in (0..b.len()).step_by(4096) {
+            if b[block..].starts_with(b"LZBCHNK1") {
+                b[block + 64] ^= 0x55;
+                damaged += 1;
+            }
         }
+        std::fs::write(&p, b).unwrap();
     }
-    assert!(damaged > 0);
+    assert_eq!(damaged, stored, "one record per stored chunk");
     srv.set(|f| f.down = false);
     let e = open_source(&srv.url, &with_cache()).await.unwrap();
     let got = read_all(&e).await.unwrap();

@@ -1,151 +1,343 @@
 //! A persistent, content-addressed cache of stored chunks, shared by every layer on a node.
 //!
-//! Files are named by the SHA-256 of the stored (compressed) chunk bytes, so identical chunks of
-//! different layers and images are fetched once. Writes go to a temporary file renamed into place; every
-//! read re-verifies the digest, so a torn or corrupted file is deleted and refetched, never served. The
-//! total size is bounded; the least recently used files are evicted.
+//! Entries are keyed by the SHA-256 of the stored (compressed) chunk bytes, so identical chunks of
+//! different layers and images are fetched once. They live as records in a few large **pack files**
+//! (`packs/<pid>-<start>-<n>.pack`), not one file per chunk: a 12 GB image is ~48,000 chunks, and a
+//! file each cost a create, a write and a rename per chunk (on a busy file system the inode
+//! allocation alone was most of the daemon's CPU in a cold start) and as many inodes.
+//!
+//! - A process appends only to packs it created (named by its pid and start time), at 4 KiB-aligned
+//!   offsets reserved under a lock and written outside it. A record is a 64-byte header (magic,
+//!   digest, length) followed by the stored bytes. An entry becomes visible once its write returned.
+//! - Every read re-verifies the digest (the caller's decoder does), so a torn, punched or corrupted
+//!   record is dropped and refetched, never served.
+//! - Eviction (least recently used, over a byte bound counted in whole aligned records) punches the
+//!   record out of its pack (`FALLOC_FL_PUNCH_HOLE`), which returns its blocks to the file system; a
+//!   pack with no records left is deleted once its writer is gone or is this process.
+//! - On open, every pack is scanned (holes skipped with `SEEK_DATA`) and its records adopted; a tail
+//!   cut short by a crash ends the scan of that pack. Files of the old one-file-per-chunk layout
+//!   (`xx/<digest>`) are moved into a pack, verified, and removed.
+//!
+//! Other processes may share the directory: each sees the packs present when it opened plus its own.
 
-use std::fs;
-use std::io::{self, Write};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use lazyblk_image_format::{sha256, Digest};
 use lru::LruCache;
+
+use crate::process::ProcessId;
+
+/// Records start at multiples of this, so a punched record frees whole blocks and a scan finds the
+/// next header at an aligned offset.
+const ALIGN: u64 = 4096;
+/// Magic, digest (32), stored length (u32 LE), then zeros.
+const HEADER_LEN: u64 = 64;
+const MAGIC: &[u8; 8] = b"LZBCHNK1";
+/// A pack is closed for appends past this size; the next record starts a new one.
+const PACK_BYTES: u64 = 256 << 20;
+/// Longest record a scan accepts (a chunk's stored bytes are far smaller); a longer length is not a
+/// header.
+const MAX_RECORD: u64 = 64 << 20;
+const PACK_DIR: &str = "packs";
+
+/// Bytes a record of `len` stored bytes takes in its pack: what the cache's bound counts.
+pub fn record_bytes(len: usize) -> u64 {
+    (HEADER_LEN + len as u64).div_ceil(ALIGN) * ALIGN
+}
 
 /// The cache directory and its accounting.
 pub struct DiskCache {
     dir: PathBuf,
     max_bytes: u64,
+    pack_bytes: u64,
+    me: ProcessId,
     state: Mutex<State>,
 }
 
+/// Where a record is: its pack, the offset of its header, its stored length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    pack: u32,
+    offset: u64,
+    len: u32,
+}
+
+struct Pack {
+    file: Arc<File>,
+    path: PathBuf,
+    /// The process that appends to it (this one, or one that was running when it was adopted).
+    writer: ProcessId,
+    /// Records of it in the map.
+    records: usize,
+    /// Appends reserved in it and not yet in the map.
+    writing: usize,
+}
+
 struct State {
-    lru: LruCache<Digest, u64>,
+    lru: LruCache<Digest, Entry>,
     total: u64,
+    packs: HashMap<u32, Pack>,
+    next_id: u32,
+    /// The pack this process appends to, and its end.
+    current: Option<(u32, u64)>,
+    seq: u64,
+}
+
+/// Work decided under the lock and done after it: holes to punch, packs to delete.
+#[derive(Default)]
+struct Cleanup {
+    punch: Vec<(Arc<File>, u64, u64)>,
+    delete: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn run(self) {
+        for (file, offset, len) in self.punch {
+            punch(&file, offset, len);
+        }
+        for path in self.delete {
+            let _ = fs::remove_file(path);
+        }
+    }
 }
 
 impl DiskCache {
-    /// Opens (creating, mode 0700) a cache under `dir` bounded to `max_bytes`. Leftover temporary files
-    /// of a crashed writer are removed; existing entries are adopted oldest first.
+    /// Opens (creating, mode 0700) a cache under `dir` bounded to `max_bytes`. Existing packs are
+    /// scanned and their records adopted, oldest pack first; files of the old one-file-per-chunk
+    /// layout are moved into a pack.
     pub fn open(dir: &Path, max_bytes: u64) -> io::Result<DiskCache> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-        let mut entries = Vec::new();
-        for sub in fs::read_dir(dir)? {
+        DiskCache::open_with_pack_size(dir, max_bytes, PACK_BYTES)
+    }
+
+    fn open_with_pack_size(dir: &Path, max_bytes: u64, pack_bytes: u64) -> io::Result<DiskCache> {
+        use std::os::unix::fs::DirBuilderExt;
+        for d in [dir.to_path_buf(), dir.join(PACK_DIR)] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)?;
+        }
+        let cache = DiskCache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            pack_bytes,
+            me: ProcessId::current(),
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                total: 0,
+                packs: HashMap::new(),
+                next_id: 0,
+                current: None,
+                seq: 0,
+            }),
+        };
+        cache.adopt_packs()?;
+        cache.migrate_one_file_per_chunk()?;
+        cache.evict();
+        Ok(cache)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("cache lock")
+    }
+
+    fn adopt_packs(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut found = Vec::new();
+        for e in fs::read_dir(self.dir.join(PACK_DIR))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(writer) = name.strip_suffix(".pack").and_then(parse_pack_name) else {
+                continue;
+            };
+            found.push((e.metadata()?.mtime(), e.path(), writer));
+        }
+        found.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, path, writer) in found {
+            let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "disk cache pack unreadable; skipped");
+                    continue;
+                }
+            };
+            let records = scan(&file)?;
+            let writer_alive = writer == self.me || writer.alive();
+            let file = Arc::new(file);
+            let mut cleanup = Cleanup::default();
+            {
+                let mut s = self.lock();
+                let id = s.next_id;
+                s.next_id += 1;
+                let mut adopted = 0;
+                for (offset, d, len) in records {
+                    if s.lru.contains(&d) {
+                        if !writer_alive {
+                            cleanup
+                                .punch
+                                .push((file.clone(), offset, record_bytes(len as usize)));
+                        }
+                        continue;
+                    }
+                    s.lru.put(
+                        d,
+                        Entry {
+                            pack: id,
+                            offset,
+                            len,
+                        },
+                    );
+                    s.total += record_bytes(len as usize);
+                    adopted += 1;
+                }
+                if adopted == 0 && !writer_alive {
+                    cleanup.delete.push(path);
+                } else {
+                    s.packs.insert(
+                        id,
+                        Pack {
+                            file,
+                            path,
+                            writer,
+                            records: adopted,
+                            writing: 0,
+                        },
+                    );
+                }
+            }
+            cleanup.run();
+        }
+        Ok(())
+    }
+
+    /// Moves entries of the layout before packs (`xx/<digest>`, one file per chunk) into a pack,
+    /// oldest first, each verified against its name; removes those files and a dead writer's
+    /// `*.tmp` files (a live process of an older version may still be writing its own).
+    fn migrate_one_file_per_chunk(&self) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut old = Vec::new();
+        for sub in fs::read_dir(&self.dir)? {
             let sub = sub?;
-            if !sub.file_type()?.is_dir() {
+            let name = sub.file_name().to_string_lossy().into_owned();
+            if name.len() != 2 || hex::decode(&name).is_err() || !sub.file_type()?.is_dir() {
                 continue;
             }
             for f in fs::read_dir(sub.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().into_owned();
                 if let Some(stem) = name.strip_suffix(".tmp") {
-                    // `<digest>.<pid>-<n>.tmp`: only a writer that is gone leaves its file behind;
-                    // another live process sharing the cache may be writing this one.
+                    // `<digest>.<pid>-<n>.tmp`
                     let pid = stem
                         .rsplit('.')
                         .next()
                         .and_then(|p| p.split('-').next())
                         .and_then(|p| p.parse::<u32>().ok());
-                    let live = pid.is_some_and(|p| {
-                        p != std::process::id() && Path::new(&format!("/proc/{p}")).exists()
-                    });
-                    if !live {
+                    if !pid.is_some_and(|p| p != self.me.pid && crate::process::pid_alive(p)) {
                         let _ = fs::remove_file(f.path());
                     }
                     continue;
                 }
                 let mut d = [0u8; 32];
-                if name.len() != 64 || hex::decode_to_slice(&name, &mut d).is_err() {
-                    continue;
+                if name.len() == 64 && hex::decode_to_slice(&name, &mut d).is_ok() {
+                    old.push((f.metadata()?.mtime(), d, f.path()));
                 }
-                let md = f.metadata()?;
-                entries.push((md.mtime(), d, md.len()));
             }
         }
-        entries.sort();
-        let mut state = State {
-            lru: LruCache::unbounded(),
-            total: 0,
-        };
-        for (_, d, len) in entries {
-            state.lru.put(d, len);
-            state.total += len;
+        if old.is_empty() {
+            return Ok(());
         }
-        let cache = DiskCache {
-            dir: dir.to_path_buf(),
-            max_bytes,
-            state: Mutex::new(state),
-        };
-        cache.evict();
-        Ok(cache)
+        old.sort();
+        let (mut moved, mut dropped) = (0, 0);
+        for (_, d, path) in &old {
+            match fs::read(path) {
+                Ok(data) if &sha256(&data) == d => {
+                    self.put(d, &data)?;
+                    moved += 1;
+                }
+                _ => dropped += 1,
+            }
+            let _ = fs::remove_file(path);
+            if let Some(parent) = path.parent() {
+                let _ = fs::remove_dir(parent); // only once empty
+            }
+        }
+        tracing::info!(
+            moved,
+            dropped,
+            "disk cache: one-file-per-chunk entries moved into packs"
+        );
+        Ok(())
     }
 
-    fn path(&self, d: &Digest) -> PathBuf {
-        let h = hex::encode(d);
-        self.dir.join(&h[..2]).join(h)
-    }
-
-    /// Bytes currently cached.
+    /// Bytes currently cached (whole aligned records, headers included).
     pub fn total_bytes(&self) -> u64 {
-        self.state.lock().expect("cache lock").total
+        self.lock().total
     }
 
-    /// True if `d` is cached (without reading it): known here and its file still there. A file
-    /// removed behind the cache's back (a cleanup, an operator) is forgotten, so a layer is never
-    /// called complete — and the registry never called unneeded — on chunks that are gone.
+    fn locate(&self, d: &Digest) -> Option<(Entry, Arc<File>)> {
+        let s = self.lock();
+        let e = *s.lru.peek(d)?;
+        let file = s.packs.get(&e.pack)?.file.clone();
+        Some((e, file))
+    }
+
+    /// True if `d` is cached (without reading it): known here, its pack still linked, and its
+    /// record not punched out (by another process sharing the cache). A pack removed behind the
+    /// cache's back (a cleanup, an operator) is forgotten, so a layer is never called complete — and
+    /// the registry never called unneeded — on chunks that are gone.
     pub fn contains(&self, d: &Digest) -> bool {
-        if !self.state.lock().expect("cache lock").lru.contains(d) {
+        let Some((e, file)) = self.locate(d) else {
             return false;
-        }
-        if self.path(d).exists() {
+        };
+        if record_present(&file, e.offset) {
             return true;
         }
-        self.forget(d);
+        self.forget(d, e);
         false
     }
 
-    /// The stored bytes with digest `d`, verified; `None` if absent or damaged (damaged files are removed).
+    /// The stored bytes with digest `d`, verified; `None` if absent or damaged (damaged records are
+    /// removed).
     pub fn get(&self, d: &Digest) -> Option<Vec<u8>> {
         self.get_decoded(d, |data| {
             if &sha256(&data) == d {
                 Ok(data)
             } else {
-                Err("the file does not match its digest")
+                Err("the record does not match its digest")
             }
         })
     }
 
     /// The entry with digest `d` passed through `decode`, which must verify the digest itself (the
     /// engine's chunk decoder does: the bytes are hashed once, not once here and again there); `None`
-    /// if absent or if `decode` rejects it (the entry is then removed, like a damaged one in
+    /// if absent or if `decode` rejects it (the record is then removed, like a damaged one in
     /// [`DiskCache::get`]).
     pub fn get_decoded<T, E: std::fmt::Display>(
         &self,
         d: &Digest,
         decode: impl FnOnce(Vec<u8>) -> Result<T, E>,
     ) -> Option<T> {
-        if !self.state.lock().expect("cache lock").lru.contains(d) {
+        let (e, file) = self.locate(d)?;
+        let mut data = vec![0u8; e.len as usize];
+        if let Err(err) = file.read_exact_at(&mut data, e.offset + HEADER_LEN) {
+            tracing::warn!(offset = e.offset, error = %err, "disk cache record unreadable; removed");
+            self.forget(d, e);
             return None;
         }
-        let path = self.path(d);
-        let Ok(data) = fs::read(&path) else {
-            self.forget(d);
-            return None;
-        };
         match decode(data) {
             Ok(v) => {
-                self.state.lock().expect("cache lock").lru.get(d);
+                self.lock().lru.get(d);
                 Some(v)
             }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "disk cache entry rejected; removed");
-                self.forget(d);
-                let _ = fs::remove_file(&path);
+            Err(err) => {
+                tracing::warn!(offset = e.offset, error = %err, "disk cache record rejected; removed");
+                self.forget(d, e);
                 None
             }
         }
@@ -156,34 +348,152 @@ impl DiskCache {
         if self.contains(d) {
             return Ok(());
         }
-        let path = self.path(d);
-        fs::create_dir_all(path.parent().expect("fanout dir"))?;
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
-        let written = fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(data))
-            .and_then(|_| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            // A failed write (disk full, say) leaves nothing behind.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        {
-            let mut s = self.state.lock().expect("cache lock");
-            if s.lru.put(*d, data.len() as u64).is_none() {
-                s.total += data.len() as u64;
+        let len = u32::try_from(data.len())
+            .ok()
+            .filter(|&l| l > 0 && u64::from(l) <= MAX_RECORD)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "a {}-byte chunk does not fit a disk cache record",
+                        data.len()
+                    ),
+                )
+            })?;
+        let rec = record_bytes(data.len());
+        let (pack, file, offset) = self.reserve(rec)?;
+        let written = file
+            .write_all_at(&header(d, len), offset)
+            .and_then(|_| file.write_all_at(data, offset + HEADER_LEN));
+        let mut cleanup = Cleanup::default();
+        let result = {
+            let mut s = self.lock();
+            s.packs
+                .get_mut(&pack)
+                .expect("a pack being written stays")
+                .writing -= 1;
+            match written {
+                Err(e) => {
+                    // A failed write (disk full, say) leaves nothing behind.
+                    cleanup.punch.push((file, offset, rec));
+                    self.drop_if_empty(&mut s, pack, &mut cleanup);
+                    Err(e)
+                }
+                Ok(()) if s.lru.contains(d) => {
+                    // Another writer of the same chunk was first.
+                    cleanup.punch.push((file, offset, rec));
+                    self.drop_if_empty(&mut s, pack, &mut cleanup);
+                    Ok(())
+                }
+                Ok(()) => {
+                    s.packs.get_mut(&pack).expect("checked").records += 1;
+                    s.lru.put(*d, Entry { pack, offset, len });
+                    s.total += rec;
+                    Ok(())
+                }
             }
+        };
+        cleanup.run();
+        if result.is_ok() {
+            self.evict();
         }
-        self.evict();
-        Ok(())
+        result
     }
 
-    fn forget(&self, d: &Digest) {
-        let mut s = self.state.lock().expect("cache lock");
-        if let Some(len) = s.lru.pop(d) {
-            s.total -= len;
+    /// Reserves `rec` bytes at the end of this process's current pack (a new one past the pack size).
+    fn reserve(&self, rec: u64) -> io::Result<(u32, Arc<File>, u64)> {
+        let mut cleanup = Cleanup::default();
+        let mut s = self.lock();
+        let full = match s.current {
+            Some((_, end)) => end > 0 && end + rec > self.pack_bytes,
+            None => true,
+        };
+        if full {
+            if let Some((old, _)) = s.current.take() {
+                self.drop_if_empty(&mut s, old, &mut cleanup);
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            // The next free name (this process may have opened the cache before).
+            let (file, path) = loop {
+                let n = s.seq;
+                s.seq += 1;
+                let path = self
+                    .dir
+                    .join(PACK_DIR)
+                    .join(format!("{}-{}-{n}.pack", self.me.pid, self.me.start));
+                match fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                {
+                    Ok(f) => break (f, path),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            let id = s.next_id;
+            s.next_id += 1;
+            s.packs.insert(
+                id,
+                Pack {
+                    file: Arc::new(file),
+                    path,
+                    writer: self.me,
+                    records: 0,
+                    writing: 0,
+                },
+            );
+            s.current = Some((id, 0));
         }
+        let (id, end) = s.current.expect("a current pack");
+        s.current = Some((id, end + rec));
+        let p = s.packs.get_mut(&id).expect("the current pack");
+        p.writing += 1;
+        let file = p.file.clone();
+        drop(s);
+        cleanup.run();
+        Ok((id, file, end))
+    }
+
+    /// Removes `d` if it is still the record `at` (not one put again since), punching it out.
+    fn forget(&self, d: &Digest, at: Entry) {
+        let mut cleanup = Cleanup::default();
+        {
+            let mut s = self.lock();
+            if s.lru.peek(d) != Some(&at) {
+                return;
+            }
+            s.lru.pop(d);
+            self.release(&mut s, at, &mut cleanup);
+        }
+        cleanup.run();
+    }
+
+    /// Accounts a record gone from the map and schedules its hole (and its pack's removal).
+    fn release(&self, s: &mut State, e: Entry, cleanup: &mut Cleanup) {
+        let rec = record_bytes(e.len as usize);
+        s.total -= rec;
+        if let Some(p) = s.packs.get_mut(&e.pack) {
+            p.records -= 1;
+            cleanup.punch.push((p.file.clone(), e.offset, rec));
+            self.drop_if_empty(s, e.pack, cleanup);
+        }
+    }
+
+    /// Deletes a pack nobody appends to any more once it holds no records.
+    fn drop_if_empty(&self, s: &mut State, id: u32, cleanup: &mut Cleanup) {
+        let Some(p) = s.packs.get(&id) else { return };
+        let appending = s.current.is_some_and(|(c, _)| c == id);
+        if p.records > 0 || p.writing > 0 || appending {
+            return;
+        }
+        if p.writer != self.me && p.writer.alive() {
+            return; // another live process may still append to it
+        }
+        let p = s.packs.remove(&id).expect("checked above");
+        cleanup.delete.push(p.path);
     }
 
     /// Pins `digests` (the chunks of a fully cached layer in use) against eviction by any process
@@ -240,37 +550,126 @@ impl DiskCache {
     }
 
     fn evict(&self) {
-        if self.state.lock().expect("cache lock").total <= self.max_bytes {
+        if self.lock().total <= self.max_bytes {
             return;
         }
         let pinned = self.pinned();
-        let mut skipped = Vec::new();
-        loop {
-            let victim = {
-                let mut s = self.state.lock().expect("cache lock");
-                if s.total <= self.max_bytes {
-                    break;
-                }
+        let mut cleanup = Cleanup::default();
+        {
+            let mut s = self.lock();
+            let mut skipped = Vec::new();
+            while s.total > self.max_bytes {
                 match s.lru.pop_lru() {
-                    Some((d, len)) if pinned.contains(&d) => {
-                        skipped.push((d, len));
-                        continue;
-                    }
-                    Some((d, len)) => {
-                        s.total -= len;
-                        d
-                    }
+                    Some((d, e)) if pinned.contains(&d) => skipped.push((d, e)),
+                    Some((_, e)) => self.release(&mut s, e, &mut cleanup),
                     None => break,
                 }
-            };
-            let _ = fs::remove_file(self.path(&victim));
+            }
+            // Pinned entries stay, as the least recently used again.
+            let rest: Vec<_> = std::iter::from_fn(|| s.lru.pop_lru()).collect();
+            for (d, e) in skipped.into_iter().chain(rest) {
+                s.lru.put(d, e);
+            }
         }
-        // Pinned entries stay, as the least recently used again.
-        let mut s = self.state.lock().expect("cache lock");
-        let rest: Vec<_> = std::iter::from_fn(|| s.lru.pop_lru()).collect();
-        for (d, len) in skipped.into_iter().chain(rest) {
-            s.lru.put(d, len);
+        cleanup.run();
+    }
+}
+
+/// `<pid>-<start>-<n>`: the process that writes the pack.
+fn parse_pack_name(stem: &str) -> Option<ProcessId> {
+    let mut parts = stem.splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts.next()?.parse().ok()?;
+    parts.next()?.parse::<u64>().ok()?;
+    Some(ProcessId { pid, start })
+}
+
+fn header(d: &Digest, len: u32) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0u8; HEADER_LEN as usize];
+    h[..8].copy_from_slice(MAGIC);
+    h[8..40].copy_from_slice(d);
+    h[40..44].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+fn parse_header(h: &[u8; HEADER_LEN as usize]) -> Option<(Digest, u32)> {
+    if &h[..8] != MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(h[40..44].try_into().expect("4 bytes"));
+    if len == 0 || u64::from(len) > MAX_RECORD {
+        return None;
+    }
+    Some((h[8..40].try_into().expect("32 bytes"), len))
+}
+
+/// The records of a pack: (header offset, digest, stored length). Holes (punched records) are
+/// skipped; a record running past the end (a crash mid-append) ends the scan.
+fn scan(file: &File) -> io::Result<Vec<(u64, Digest, u32)>> {
+    let size = file.metadata()?.len();
+    let mut out = Vec::new();
+    let mut off = 0;
+    let mut h = [0u8; HEADER_LEN as usize];
+    while off + HEADER_LEN <= size {
+        match seek_data(file, off) {
+            Some(data) => off = data.div_ceil(ALIGN) * ALIGN,
+            None => break,
         }
+        if off + HEADER_LEN > size {
+            break;
+        }
+        file.read_exact_at(&mut h, off)?;
+        match parse_header(&h) {
+            Some((d, len)) if off + HEADER_LEN + u64::from(len) <= size => {
+                out.push((off, d, len));
+                off += record_bytes(len as usize);
+            }
+            Some(_) => break,
+            None => off += ALIGN,
+        }
+    }
+    Ok(out)
+}
+
+/// The first offset at or after `off` that is not in a hole; `None` past the last data. A file
+/// system without `SEEK_DATA` reports `off` itself.
+fn seek_data(file: &File, off: u64) -> Option<u64> {
+    // SAFETY: lseek on an fd this file owns; no pointers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Some(r as u64);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => None,
+        _ => Some(off),
+    }
+}
+
+/// The record at `offset` is still there: its pack is linked and its header block not a hole.
+fn record_present(file: &File, offset: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().is_ok_and(|m| m.nlink() > 0) && seek_data(file, offset) == Some(offset)
+}
+
+/// Returns a record's blocks to the file system. Where holes cannot be punched, its header is
+/// zeroed instead, so no scan adopts it again; its space comes back when its pack is deleted.
+fn punch(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on an fd this file owns; no pointers.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let err = io::Error::last_os_error();
+        WARNED.call_once(|| {
+            tracing::warn!(error = %err, "disk cache: cannot punch holes; evicted records keep their space until their pack is deleted");
+        });
+        let _ = file.write_all_at(&[0u8; HEADER_LEN as usize], offset);
     }
 }
 
@@ -278,10 +677,41 @@ impl DiskCache {
 mod tests {
     use super::*;
 
+    /// What one 100-byte entry costs against the bound.
+    const R: u64 = ALIGN;
+
+    fn packs(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<_> = fs::read_dir(dir.join(PACK_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Overwrites the stored bytes of `d`'s record in place.
+    fn damage(c: &DiskCache, d: &Digest, bytes: &[u8]) {
+        let (e, file) = c.locate(d).unwrap();
+        file.write_all_at(bytes, e.offset + HEADER_LEN).unwrap();
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn records_take_whole_aligned_blocks() {
+        assert_eq!(record_bytes(1), ALIGN);
+        assert_eq!(record_bytes((ALIGN - HEADER_LEN) as usize), ALIGN);
+        assert_eq!(record_bytes((ALIGN - HEADER_LEN + 1) as usize), 2 * ALIGN);
+        assert_eq!(record_bytes(256 << 10), (256 << 10) + ALIGN);
+    }
+
     #[test]
     fn pinned_chunks_survive_eviction_while_their_process_lives() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 250).unwrap();
+        let c = DiskCache::open(dir.path(), 2 * R + R / 2).unwrap();
         let (a, b) = (vec![1u8; 100], vec![2u8; 100]);
         let (da, db) = (sha256(&a), sha256(&b));
         c.put(&da, &a).unwrap();
@@ -307,51 +737,176 @@ mod tests {
             c.get(&da).is_none(),
             "unpinned: evicted like any other entry"
         );
-        assert!(c.total_bytes() <= 250);
+        assert!(c.total_bytes() <= 2 * R + R / 2);
     }
 
     #[test]
-    fn a_file_removed_behind_its_back_is_not_cached() {
+    fn a_pack_removed_behind_its_back_is_not_cached() {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let a = vec![7u8; 100];
         c.put(&sha256(&a), &a).unwrap();
         assert!(c.contains(&sha256(&a)));
-        std::fs::remove_file(c.path(&sha256(&a))).unwrap();
+        for p in packs(dir.path()) {
+            fs::remove_file(p).unwrap();
+        }
         assert!(!c.contains(&sha256(&a)));
         assert_eq!(c.total_bytes(), 0);
     }
 
     #[test]
+    fn a_record_punched_by_another_process_is_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (vec![7u8; 100], vec![8u8; 100]);
+        c.put(&sha256(&a), &a).unwrap();
+        c.put(&sha256(&b), &b).unwrap();
+        let (e, file) = c.locate(&sha256(&a)).unwrap();
+        punch(&file, e.offset, R);
+        assert!(!c.contains(&sha256(&a)));
+        assert!(c.contains(&sha256(&b)));
+        assert_eq!(c.get(&sha256(&b)).unwrap(), b);
+        assert_eq!(c.total_bytes(), R);
+    }
+
+    #[test]
     fn verifies_evicts_and_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let c = DiskCache::open(dir.path(), 250).unwrap();
+        let c = DiskCache::open(dir.path(), 2 * R + 50).unwrap();
         let a = vec![1u8; 100];
         let b = vec![2u8; 100];
         let e = vec![3u8; 100];
+        let f = vec![4u8; 100];
         c.put(&sha256(&a), &a).unwrap();
         c.put(&sha256(&b), &b).unwrap();
         assert_eq!(c.get(&sha256(&a)).unwrap(), a); // a is now most recent
         c.put(&sha256(&e), &e).unwrap(); // evicts b
         assert!(c.get(&sha256(&b)).is_none());
-        assert_eq!(c.total_bytes(), 200);
-        // Torn/corrupted file: detected and removed, never returned.
-        let p = c.path(&sha256(&a));
-        fs::write(&p, &a[..50]).unwrap();
+        assert_eq!(c.total_bytes(), 2 * R);
+        // A corrupted record: detected and removed, never returned.
+        damage(&c, &sha256(&a), b"garbage");
         assert!(c.get(&sha256(&a)).is_none());
-        assert!(!p.exists());
-        // A leftover temp file of a dead writer is cleaned, a live process's (pid 1) is not;
-        // entries are adopted on reopen.
-        let dead = c.path(&sha256(&e)).with_extension("4194305-0.tmp");
-        let live = c.path(&sha256(&e)).with_extension("1-0.tmp");
-        fs::write(&dead, b"junk").unwrap();
-        fs::write(&live, b"being written").unwrap();
+        assert!(!c.contains(&sha256(&a)));
+        c.put(&sha256(&f), &f).unwrap();
+        // A crash mid-append: a header whose bytes never all arrived ends the pack's scan.
+        let pack = packs(dir.path()).pop().unwrap();
+        let end = fs::metadata(&pack).unwrap().len().div_ceil(ALIGN) * ALIGN;
+        let torn = fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        torn.write_all_at(&header(&sha256(&[9u8; 5000]), 5000), end)
+            .unwrap();
+        torn.write_all_at(&[9u8; 100], end + HEADER_LEN).unwrap();
         drop(c);
-        let c = DiskCache::open(dir.path(), 250).unwrap();
-        assert!(!dead.exists());
-        assert!(live.exists());
+        // Reopened: e and f adopted, a (punched) and b (evicted) and the torn record not.
+        let c = DiskCache::open(dir.path(), 2 * R + 50).unwrap();
         assert_eq!(c.get(&sha256(&e)).unwrap(), e);
-        assert_eq!(c.total_bytes(), 100);
+        assert_eq!(c.get(&sha256(&f)).unwrap(), f);
+        for gone in [&a, &b, &vec![9u8; 5000]] {
+            assert!(!c.contains(&sha256(gone)));
+        }
+        assert_eq!(c.total_bytes(), 2 * R);
+        // New records go to a pack of this process; both packs are read.
+        let g = vec![5u8; 100];
+        c.put(&sha256(&g), &g).unwrap();
+        assert_eq!(packs(dir.path()).len(), 2);
+        assert_eq!(c.get(&sha256(&g)).unwrap(), g);
+    }
+
+    #[test]
+    fn evicted_records_return_their_blocks_and_empty_packs_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 100 << 10;
+        let rec = record_bytes(chunk);
+        // Packs of 4 records, a bound of 6: 40 puts go through 10 packs.
+        let c = DiskCache::open_with_pack_size(dir.path(), 6 * rec, 4 * rec).unwrap();
+        let data: Vec<Vec<u8>> = (0..40u8).map(|k| vec![k; chunk]).collect();
+        for d in &data {
+            c.put(&sha256(d), d).unwrap();
+        }
+        assert_eq!(c.total_bytes(), 6 * rec);
+        for (k, d) in data.iter().enumerate() {
+            assert_eq!(c.contains(&sha256(d)), k >= 34, "entry {k}");
+        }
+        // Packs whose records were all evicted are gone; the rest hold no more than their records.
+        let left = packs(dir.path());
+        assert!(left.len() <= 3, "{left:?}");
+        let on_disk: u64 = left.iter().map(|p| allocated(p)).sum();
+        assert!(
+            on_disk <= 6 * rec,
+            "{on_disk} bytes allocated for {}",
+            6 * rec
+        );
+        // What a restart adopts is what was there.
+        drop(c);
+        let c = DiskCache::open_with_pack_size(dir.path(), 6 * rec, 4 * rec).unwrap();
+        assert_eq!(c.total_bytes(), 6 * rec);
+        for d in &data[34..] {
+            assert_eq!(c.get(&sha256(d)).as_ref(), Some(d));
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_of_the_same_and_different_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(DiskCache::open_with_pack_size(dir.path(), 1 << 30, 8 * R).unwrap());
+        let data: Vec<Vec<u8>> = (0..32u8).map(|k| vec![k; 3000]).collect();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (c, data) = (c.clone(), &data);
+                s.spawn(move || {
+                    for i in 0..data.len() {
+                        let d = &data[(i + t * 5) % data.len()];
+                        c.put(&sha256(d), d).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(c.total_bytes(), 32 * R);
+        for d in &data {
+            assert_eq!(c.get(&sha256(d)).as_ref(), Some(d));
+        }
+        // A chunk written twice by racing writers keeps one record: the other was punched out.
+        let on_disk: u64 = packs(dir.path()).iter().map(|p| allocated(p)).sum();
+        assert!(
+            on_disk <= 32 * R,
+            "{on_disk} bytes allocated for 32 records"
+        );
+        drop(c);
+        let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(c.total_bytes(), 32 * R);
+    }
+
+    #[test]
+    fn one_file_per_chunk_entries_move_into_a_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = vec![1u8; 100];
+        let bad = vec![2u8; 100];
+        let put_old = |name: &str, data: &[u8]| {
+            let sub = dir.path().join(&name[..2]);
+            fs::create_dir_all(&sub).unwrap();
+            fs::write(sub.join(name), data).unwrap();
+        };
+        let (dg, db) = (hex::encode(sha256(&good)), hex::encode(sha256(&bad)));
+        put_old(&dg, &good);
+        put_old(&db, &bad[..50]); // torn
+                                  // A dead writer's temporary file goes, a live process's (pid 1) stays.
+        put_old(&format!("{dg}.4194305-0.tmp"), b"junk");
+        put_old(&format!("{dg}.1-0.tmp"), b"being written");
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(c.get(&sha256(&good)).unwrap(), good);
+        assert!(!c.contains(&sha256(&bad)));
+        assert_eq!(c.total_bytes(), R);
+        assert!(!dir.path().join(&dg[..2]).join(&dg).exists());
+        assert!(!dir.path().join(&db[..2]).join(&db).exists());
+        assert!(!dir
+            .path()
+            .join(&dg[..2])
+            .join(format!("{dg}.4194305-0.tmp"))
+            .exists());
+        assert!(dir
+            .path()
+            .join(&dg[..2])
+            .join(format!("{dg}.1-0.tmp"))
+            .exists());
     }
 
     #[test]
@@ -369,10 +924,9 @@ mod tests {
             }
         };
         assert_eq!(c.get_decoded(&d, check), Some(100));
-        // A damaged file: the decoder's verdict removes it.
-        fs::write(c.path(&d), &a[..60]).unwrap();
+        // A damaged record: the decoder's verdict removes it.
+        damage(&c, &d, &[0u8; 40]);
         assert_eq!(c.get_decoded(&d, check), None);
-        assert!(!c.path(&d).exists());
         assert!(!c.contains(&d));
         assert_eq!(c.total_bytes(), 0);
         // Absent: the decoder is not called.
