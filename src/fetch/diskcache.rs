@@ -58,6 +58,7 @@ pub struct DiskCache {
     pack_bytes: u64,
     me: ProcessId,
     state: Mutex<State>,
+    compactor: Mutex<()>,
 }
 
 /// Where a record is: its pack, the offset of its header, its stored length.
@@ -73,8 +74,9 @@ struct Pack {
     path: PathBuf,
     /// The process that appends to it (this one, or one that was running when it was adopted).
     writer: ProcessId,
-    /// Records of it in the map.
+    /// Records of it in the map, and their bytes.
     records: usize,
+    live: u64,
     /// Appends reserved in it and not yet in the map.
     writing: usize,
 }
@@ -136,10 +138,13 @@ impl DiskCache {
                 current: None,
                 seq: 0,
             }),
+            compactor: Mutex::new(()),
         };
         cache.adopt_packs()?;
         cache.migrate_one_file_per_chunk()?;
-        cache.evict();
+        if cache.evict() {
+            cache.compact();
+        }
         Ok(cache)
     }
 
@@ -175,7 +180,7 @@ impl DiskCache {
                 let mut s = self.lock();
                 let id = s.next_id;
                 s.next_id += 1;
-                let mut adopted = 0;
+                let (mut adopted, mut live) = (0, 0);
                 for (offset, d, len) in records {
                     if s.lru.contains(&d) {
                         if !writer_alive {
@@ -194,6 +199,7 @@ impl DiskCache {
                         },
                     );
                     s.total += record_bytes(len as usize);
+                    live += record_bytes(len as usize);
                     adopted += 1;
                 }
                 if adopted == 0 && !writer_alive {
@@ -206,6 +212,7 @@ impl DiskCache {
                             path,
                             writer,
                             records: adopted,
+                            live,
                             writing: 0,
                         },
                     );
@@ -348,6 +355,16 @@ impl DiskCache {
         if self.contains(d) {
             return Ok(());
         }
+        self.append(d, data, None)?;
+        if self.evict() {
+            self.compact();
+        }
+        Ok(())
+    }
+
+    /// Appends a record of `data` to this process's pack and maps `d` to it: a new entry, or (`moved`)
+    /// the new place of the record `moved`, if `d` is still there.
+    fn append(&self, d: &Digest, data: &[u8], moved: Option<Entry>) -> io::Result<()> {
         let len = u32::try_from(data.len())
             .ok()
             .filter(|&l| l > 0 && u64::from(l) <= MAX_RECORD)
@@ -365,6 +382,7 @@ impl DiskCache {
         let written = file
             .write_all_at(&header(d, len), offset)
             .and_then(|_| file.write_all_at(data, offset + HEADER_LEN));
+        let new = Entry { pack, offset, len };
         let mut cleanup = Cleanup::default();
         let result = {
             let mut s = self.lock();
@@ -372,32 +390,107 @@ impl DiskCache {
                 .get_mut(&pack)
                 .expect("a pack being written stays")
                 .writing -= 1;
+            let wanted = match moved {
+                None => !s.lru.contains(d), // else another writer of the same chunk was first
+                Some(old) => s.lru.peek(d) == Some(&old), // else evicted or rejected meanwhile
+            };
             match written {
+                Ok(()) if wanted => {
+                    let p = s.packs.get_mut(&pack).expect("checked");
+                    p.records += 1;
+                    p.live += rec;
+                    if let Some(old) = moved {
+                        *s.lru.peek_mut(d).expect("checked") = new;
+                        if let Some(p) = s.packs.get_mut(&old.pack) {
+                            p.records -= 1;
+                            p.live -= rec;
+                            cleanup.punch.push((p.file.clone(), old.offset, rec));
+                        }
+                        self.drop_if_empty(&mut s, old.pack, &mut cleanup);
+                    } else {
+                        s.lru.put(*d, new);
+                        s.total += rec;
+                    }
+                    Ok(())
+                }
+                Ok(()) => {
+                    cleanup.punch.push((file, offset, rec));
+                    self.drop_if_empty(&mut s, pack, &mut cleanup);
+                    Ok(())
+                }
                 Err(e) => {
                     // A failed write (disk full, say) leaves nothing behind.
                     cleanup.punch.push((file, offset, rec));
                     self.drop_if_empty(&mut s, pack, &mut cleanup);
                     Err(e)
                 }
-                Ok(()) if s.lru.contains(d) => {
-                    // Another writer of the same chunk was first.
-                    cleanup.punch.push((file, offset, rec));
-                    self.drop_if_empty(&mut s, pack, &mut cleanup);
-                    Ok(())
-                }
-                Ok(()) => {
-                    s.packs.get_mut(&pack).expect("checked").records += 1;
-                    s.lru.put(*d, Entry { pack, offset, len });
-                    s.total += rec;
-                    Ok(())
-                }
             }
         };
         cleanup.run();
-        if result.is_ok() {
-            self.evict();
-        }
         result
+    }
+
+    /// Moves the records left in mostly evicted packs into the current one and deletes those packs,
+    /// so the number of packs (and open files) stays within `4 × bound / pack size + 1` however long
+    /// the cache lives: a pack is compacted once its records fill a quarter of it or less. At most
+    /// a quarter of a pack is rewritten per three quarters evicted. One compactor at a time.
+    fn compact(&self) {
+        let Ok(_one) = self.compactor.try_lock() else {
+            return;
+        };
+        loop {
+            let (id, records): (u32, Vec<(Digest, Entry)>) = {
+                let s = self.lock();
+                let current = s.current.map(|(c, _)| c);
+                let Some(id) = s
+                    .packs
+                    .iter()
+                    .filter(|(id, p)| {
+                        Some(**id) != current && p.writing == 0 && p.live * 4 <= self.pack_bytes
+                    })
+                    .find(|(_, p)| p.writer == self.me || !p.writer.alive())
+                    .map(|(id, _)| *id)
+                else {
+                    return;
+                };
+                let records = s
+                    .lru
+                    .iter()
+                    .filter(|(_, e)| e.pack == id)
+                    .map(|(d, e)| (*d, *e))
+                    .collect();
+                (id, records)
+            };
+            if records.is_empty() {
+                // Only its deletion was left to do (an adopted pack of a process gone since).
+                let mut cleanup = Cleanup::default();
+                self.drop_if_empty(&mut self.lock(), id, &mut cleanup);
+                if cleanup.delete.is_empty() {
+                    return;
+                }
+                cleanup.run();
+                continue;
+            }
+            for (d, e) in records {
+                let Some((_, file)) = self.locate(&d) else {
+                    continue;
+                };
+                let mut data = vec![0u8; e.len as usize];
+                let read = file.read_exact_at(&mut data, e.offset + HEADER_LEN);
+                if read.is_err() || sha256(&data) != d {
+                    tracing::warn!(
+                        offset = e.offset,
+                        "disk cache record damaged; removed while compacting"
+                    );
+                    self.forget(&d, e);
+                    continue;
+                }
+                if let Err(err) = self.append(&d, &data, Some(e)) {
+                    tracing::warn!(error = %err, "disk cache compaction stopped");
+                    return;
+                }
+            }
+        }
     }
 
     /// Reserves `rec` bytes at the end of this process's current pack (a new one past the pack size).
@@ -442,6 +535,7 @@ impl DiskCache {
                     path,
                     writer: self.me,
                     records: 0,
+                    live: 0,
                     writing: 0,
                 },
             );
@@ -477,6 +571,7 @@ impl DiskCache {
         s.total -= rec;
         if let Some(p) = s.packs.get_mut(&e.pack) {
             p.records -= 1;
+            p.live -= rec;
             cleanup.punch.push((p.file.clone(), e.offset, rec));
             self.drop_if_empty(s, e.pack, cleanup);
         }
@@ -549,19 +644,24 @@ impl DiskCache {
         out
     }
 
-    fn evict(&self) {
+    /// Evicts least recently used records beyond the bound; true if any went.
+    fn evict(&self) -> bool {
         if self.lock().total <= self.max_bytes {
-            return;
+            return false;
         }
         let pinned = self.pinned();
         let mut cleanup = Cleanup::default();
+        let mut evicted = false;
         {
             let mut s = self.lock();
             let mut skipped = Vec::new();
             while s.total > self.max_bytes {
                 match s.lru.pop_lru() {
                     Some((d, e)) if pinned.contains(&d) => skipped.push((d, e)),
-                    Some((_, e)) => self.release(&mut s, e, &mut cleanup),
+                    Some((_, e)) => {
+                        self.release(&mut s, e, &mut cleanup);
+                        evicted = true;
+                    }
                     None => break,
                 }
             }
@@ -572,6 +672,7 @@ impl DiskCache {
             }
         }
         cleanup.run();
+        evicted
     }
 }
 
@@ -804,11 +905,17 @@ mod tests {
             assert!(!c.contains(&sha256(gone)));
         }
         assert_eq!(c.total_bytes(), 2 * R);
-        // New records go to a pack of this process; both packs are read.
+        // New records go to a new pack; the eviction g causes leaves the old pack a quarter full or
+        // less, so its last record moves to the new one and it is deleted.
+        let old = packs(dir.path());
         let g = vec![5u8; 100];
         c.put(&sha256(&g), &g).unwrap();
-        assert_eq!(packs(dir.path()).len(), 2);
+        let now = packs(dir.path());
+        assert_eq!(now.len(), 1);
+        assert_ne!(now, old);
         assert_eq!(c.get(&sha256(&g)).unwrap(), g);
+        assert_eq!(c.get(&sha256(&f)).unwrap(), f);
+        assert!(!c.contains(&sha256(&e)), "e was the least recently used");
     }
 
     #[test]
@@ -841,6 +948,46 @@ mod tests {
         assert_eq!(c.total_bytes(), 6 * rec);
         for d in &data[34..] {
             assert_eq!(c.get(&sha256(d)).as_ref(), Some(d));
+        }
+    }
+
+    #[test]
+    fn packs_stay_few_however_long_old_records_stay_hot() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = 10 << 10;
+        let rec = record_bytes(chunk);
+        let (pack, bound) = (32 * rec, 32 * rec);
+        let c = DiskCache::open_with_pack_size(dir.path(), bound, pack).unwrap();
+        let mk = |k: u32| {
+            let mut v = vec![(k % 251) as u8; chunk];
+            v[..4].copy_from_slice(&k.to_le_bytes());
+            v
+        };
+        // Every 32nd chunk stays hot (read after every put) for the next 16 packs' worth: without
+        // compaction each would hold its pack in place, 16 packs for 16 records.
+        let mut hot: std::collections::VecDeque<Vec<u8>> = Default::default();
+        for k in 0..1000u32 {
+            let d = mk(k);
+            c.put(&sha256(&d), &d).unwrap();
+            if k % 32 == 0 {
+                hot.push_back(d);
+                if hot.len() > 16 {
+                    hot.pop_front();
+                }
+            }
+            for h in &hot {
+                assert_eq!(c.get(&sha256(h)).as_ref(), Some(h), "chunk {k}");
+            }
+        }
+        let n = packs(dir.path()).len() as u64;
+        assert!(n <= 4 * bound / pack + 1, "{n} packs");
+        assert!(c.total_bytes() <= bound);
+        let on_disk: u64 = packs(dir.path()).iter().map(|p| allocated(p)).sum();
+        assert!(on_disk <= bound + rec, "{on_disk} bytes allocated");
+        drop(c);
+        let c = DiskCache::open_with_pack_size(dir.path(), bound, pack).unwrap();
+        for h in &hot {
+            assert_eq!(c.get(&sha256(h)).as_ref(), Some(h));
         }
     }
 
