@@ -302,7 +302,17 @@ impl DiskCache {
         let Some((e, file)) = self.locate(d) else {
             return false;
         };
-        if record_present(&file, e.offset) {
+        if !linked(&file) {
+            let mut s = self.lock();
+            if s.packs
+                .get(&e.pack)
+                .is_some_and(|p| Arc::ptr_eq(&p.file, &file))
+            {
+                self.pack_gone(&mut s, e.pack);
+            }
+            return false;
+        }
+        if seek_data(&file, e.offset) == Some(e.offset) {
             return true;
         }
         self.forget(d, e);
@@ -386,10 +396,13 @@ impl DiskCache {
         let mut cleanup = Cleanup::default();
         let result = {
             let mut s = self.lock();
-            s.packs
-                .get_mut(&pack)
-                .expect("a pack being written stays")
-                .writing -= 1;
+            let Some(p) = s.packs.get_mut(&pack) else {
+                // The pack was deleted behind the cache's back meanwhile: the record is lost.
+                return Err(written.err().unwrap_or_else(|| {
+                    io::Error::other("the disk cache pack was removed while being written")
+                }));
+            };
+            p.writing -= 1;
             let wanted = match moved {
                 None => !s.lru.contains(d), // else another writer of the same chunk was first
                 Some(old) => s.lru.peek(d) == Some(&old), // else evicted or rejected meanwhile
@@ -497,6 +510,13 @@ impl DiskCache {
     fn reserve(&self, rec: u64) -> io::Result<(u32, Arc<File>, u64)> {
         let mut cleanup = Cleanup::default();
         let mut s = self.lock();
+        if let Some((id, _)) = s.current {
+            let file = &s.packs.get(&id).expect("the current pack").file;
+            if !linked(file) {
+                // Deleted behind the cache's back (its directory emptied): start a new one.
+                self.pack_gone(&mut s, id);
+            }
+        }
         let full = match s.current {
             Some((_, end)) => end > 0 && end + rec > self.pack_bytes,
             None => true,
@@ -507,6 +527,7 @@ impl DiskCache {
             }
             use std::os::unix::fs::OpenOptionsExt;
             // The next free name (this process may have opened the cache before).
+            let mut made_dir = false;
             let (file, path) = loop {
                 let n = s.seq;
                 s.seq += 1;
@@ -523,6 +544,15 @@ impl DiskCache {
                 {
                     Ok(f) => break (f, path),
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && !made_dir => {
+                        // The directory was removed behind the cache's back: make it again.
+                        use std::os::unix::fs::DirBuilderExt;
+                        fs::DirBuilder::new()
+                            .recursive(true)
+                            .mode(0o700)
+                            .create(self.dir.join(PACK_DIR))?;
+                        made_dir = true;
+                    }
                     Err(e) => return Err(e),
                 }
             };
@@ -574,6 +604,27 @@ impl DiskCache {
             p.live -= rec;
             cleanup.punch.push((p.file.clone(), e.offset, rec));
             self.drop_if_empty(s, e.pack, cleanup);
+        }
+    }
+
+    /// Forgets a pack deleted behind the cache's back and every record in it (its file is closed,
+    /// so its space goes back to the file system).
+    fn pack_gone(&self, s: &mut State, id: u32) {
+        let gone: Vec<(Digest, Entry)> = s
+            .lru
+            .iter()
+            .filter(|(_, e)| e.pack == id)
+            .map(|(d, e)| (*d, *e))
+            .collect();
+        for (d, e) in &gone {
+            s.lru.pop(d);
+            s.total -= record_bytes(e.len as usize);
+        }
+        if s.current.is_some_and(|(c, _)| c == id) {
+            s.current = None;
+        }
+        if let Some(p) = s.packs.remove(&id) {
+            tracing::warn!(pack = %p.path.display(), records = gone.len(), "disk cache pack removed behind the cache's back; its records are forgotten");
         }
     }
 
@@ -746,10 +797,10 @@ fn seek_data(file: &File, off: u64) -> Option<u64> {
     }
 }
 
-/// The record at `offset` is still there: its pack is linked and its header block not a hole.
-fn record_present(file: &File, offset: u64) -> bool {
+/// The pack still has a name (was not deleted behind the cache's back).
+fn linked(file: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
-    file.metadata().is_ok_and(|m| m.nlink() > 0) && seek_data(file, offset) == Some(offset)
+    file.metadata().is_ok_and(|m| m.nlink() > 0)
 }
 
 /// Returns a record's blocks to the file system. Where holes cannot be punched, its header is
@@ -853,6 +904,36 @@ mod tests {
         }
         assert!(!c.contains(&sha256(&a)));
         assert_eq!(c.total_bytes(), 0);
+    }
+
+    #[test]
+    fn a_cache_directory_emptied_behind_its_back_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (vec![7u8; 100], vec![8u8; 100]);
+        c.put(&sha256(&a), &a).unwrap();
+        // What a `rm -rf cache/*` beside a running daemon does: the packs and their directory go.
+        fs::remove_dir_all(dir.path().join(PACK_DIR)).unwrap();
+        c.put(&sha256(&b), &b).unwrap();
+        assert!(c.contains(&sha256(&b)), "new records go to a new pack");
+        assert_eq!(c.get(&sha256(&b)).unwrap(), b);
+        assert!(
+            !c.contains(&sha256(&a)),
+            "records of the removed pack are forgotten"
+        );
+        assert_eq!(c.total_bytes(), R);
+        assert_eq!(packs(dir.path()).len(), 1);
+        // And again, with the pack removed but its directory kept.
+        for p in packs(dir.path()) {
+            fs::remove_file(p).unwrap();
+        }
+        c.put(&sha256(&a), &a).unwrap();
+        assert!(c.contains(&sha256(&a)));
+        assert!(!c.contains(&sha256(&b)));
+        assert_eq!(c.total_bytes(), R);
+        drop(c);
+        let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(c.get(&sha256(&a)).unwrap(), a);
     }
 
     #[test]
