@@ -730,6 +730,17 @@ fn containerd_runs_images_from_lazyblk_layers() {
             .arg(&env.sock),
     ));
     assert!(out.contains("3 remote layer(s), 0 unpacked"), "{out}");
+    // The pull attaches the layers it recorded, in the background: the container will start on
+    // mounted layers whose fill began at pull time.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while attached(&env).len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the pull did not attach its 3 layers: {:?}",
+            attached(&env)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The state directories are root's alone: no local user walks into images' files (the test's
     // own temporary directory opened up so that only lazyblk's modes stand in the way).
     use std::os::unix::fs::PermissionsExt;

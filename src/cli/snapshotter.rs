@@ -20,7 +20,7 @@ use crate::snapshotter::service::{
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
     /// TOML file with any of: address, root, run_dir, start_daemon, backend, grace_secs, fill,
-    /// prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config,
+    /// attach_on_pull, prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config,
     /// cri_listen, cri_backend, cri_credential_ttl_secs.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -52,6 +52,12 @@ pub struct SnapshotterArgs {
     /// Deprecated: filling is the default now.
     #[arg(long, hide = true)]
     fill: bool,
+    /// Attach a remote layer only when its first container's mount asks for it (by default a pull
+    /// attaches the layers it records in the background: the container starts on mounted layers,
+    /// and their fill starts at pull time; a layer no container uses within 10 minutes, or
+    /// `--grace-secs` if longer, is detached again).
+    #[arg(long)]
+    no_attach_on_pull: bool,
     /// Do not look up startup traces shipped with images (`lazyblk trace push`); by default a
     /// layer's traced chunks are fetched as soon as it is attached.
     #[arg(long)]
@@ -89,6 +95,7 @@ struct ConfigFile {
     backend: Option<Backend>,
     grace_secs: Option<u64>,
     fill: Option<bool>,
+    attach_on_pull: Option<bool>,
     prefetch_traces: Option<bool>,
     referrers: Option<ReferrerMode>,
     referrer_publishers: Option<Vec<String>>,
@@ -109,6 +116,7 @@ struct Settings {
     backend: Backend,
     grace_secs: u64,
     fill: bool,
+    attach_on_pull: bool,
     prefetch_traces: bool,
     referrers: ReferrerPolicy,
     registry: RegistryArgs,
@@ -153,6 +161,7 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         backend: a.backend.or(c.backend).unwrap_or(Backend::Auto),
         grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
         fill: !a.no_fill && (a.fill || c.fill.unwrap_or(true)),
+        attach_on_pull: !a.no_attach_on_pull && c.attach_on_pull.unwrap_or(true),
         prefetch_traces: !a.no_prefetch_traces && c.prefetch_traces.unwrap_or(true),
         referrers: ReferrerPolicy {
             mode: a
@@ -218,6 +227,7 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
                 docker_config: a.registry.docker_config.clone(),
             },
             fill: a.fill,
+            attach_on_pull: a.attach_on_pull,
             grace: Duration::from_secs(a.grace_secs),
             start_daemon: a.start_daemon,
         },
@@ -300,6 +310,7 @@ mod tests {
             toml::from_str(include_str!("../../deploy/lazyblk-snapshotter.toml")).unwrap();
         assert_eq!(c.backend, Some(Backend::Auto));
         assert_eq!(c.fill, Some(true));
+        assert_eq!(c.attach_on_pull, Some(true));
         assert_eq!(c.referrers, Some(ReferrerMode::SameRepository));
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -314,7 +325,13 @@ mod tests {
         let s = settings(t.a).unwrap();
         assert_eq!(s.backend, Backend::Loop);
         assert_eq!(s.grace_secs, 5);
+        assert!(s.attach_on_pull, "attach on pull is the default");
         assert_eq!(s.address, PathBuf::from("/run/lazyblk/lazyblk.sock"));
+        std::fs::write(&p, "attach_on_pull = false\n").unwrap();
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
+        assert!(!settings(t.a).unwrap().attach_on_pull);
+        let t = T::parse_from(["t", "--no-attach-on-pull"]);
+        assert!(!settings(t.a).unwrap().attach_on_pull);
         std::fs::write(&p, "referrer_publishers = [\"r.example/team/*\"]\n").unwrap();
         let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
         let s = settings(t.a).unwrap();

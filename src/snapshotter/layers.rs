@@ -37,6 +37,9 @@ pub struct LayerOptions {
     pub registry: RegistrySpec,
     /// Fetch every attached layer completely in the background.
     pub fill: bool,
+    /// Attach a layer when a pull records it (in the background), not when its first container's
+    /// mount asks for it.
+    pub attach_on_pull: bool,
     /// How long an unused layer stays attached.
     pub grace: Duration,
     /// Start `lazyblk daemon` for the run dir if none answers (else a missing daemon is an error;
@@ -284,6 +287,16 @@ impl Layers {
     /// The configured grace period.
     pub fn grace(&self) -> Duration {
         self.opts.grace
+    }
+
+    /// Whether pulls attach the layers they record.
+    pub fn attach_on_pull(&self) -> bool {
+        self.opts.attach_on_pull
+    }
+
+    /// The runtime attaches run on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
     }
 
     /// Unmounts and detaches layer `id` if `still_unused()` says so under the layer's lock (so a

@@ -258,6 +258,11 @@ impl ReferrerLookup {
     }
 }
 
+/// How long a layer a pull attached waits for its first container before it counts as unused (the
+/// grace period, meant for layers containers have stopped using, is often short; a pull is followed
+/// by its container within seconds, or its image is pre-pulled and filled meanwhile).
+pub const PULLED_LAYER_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// The service state.
 pub struct Snapshotter {
     root: PathBuf,
@@ -624,7 +629,7 @@ impl Snapshotter {
     }
 
     fn create(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         key: &str,
         parent: &str,
@@ -728,6 +733,10 @@ impl Snapshotter {
                 let t = now();
                 let usage = (remote.image_size as i64, 0);
                 tracing::info!(target = %target, layer = %remote.source, "remote layer recorded");
+                let attach = self
+                    .layers
+                    .attach_on_pull()
+                    .then(|| (target.to_string(), id));
                 store.put(
                     target,
                     Snapshot {
@@ -742,6 +751,10 @@ impl Snapshotter {
                     },
                     None,
                 )?;
+                drop(store);
+                if let Some((key, id)) = attach {
+                    self.attach_in_background(key, id);
+                }
                 return Err(Status::already_exists(format!(
                     "target snapshot {target} (remote lazyblk layer)"
                 )));
@@ -839,6 +852,51 @@ impl Snapshotter {
             }
         }
         Ok(())
+    }
+
+    /// Attaches a layer a pull has just recorded, in the background: its first container then finds
+    /// it mounted (index fetched, device up, fill and trace prefetch running since the pull) instead
+    /// of attaching it itself. A failure is only logged: that container's mount attaches again and
+    /// reports it. A layer removed meanwhile is detached at once; one that no container uses within
+    /// [`PULLED_LAYER_WAIT`] (or the grace period, if longer) is detached then, like any unused
+    /// layer. Runs on the blocking pool and a timer: no thread waits.
+    fn attach_in_background(self: &Arc<Self>, key: String, id: u64) {
+        let me = self.clone();
+        let rt = self.layers.runtime().clone();
+        rt.clone().spawn_blocking(move || {
+            let recorded = |me: &Snapshotter| {
+                let store = me.store.lock().expect("store lock");
+                store
+                    .get(&key)
+                    .filter(|s| s.id == id)
+                    .and_then(|s| s.remote.clone())
+            };
+            let Some(remote) = recorded(&me) else {
+                return; // removed before it could be attached
+            };
+            if let Err(e) = me.layers.ensure(id, &remote) {
+                tracing::warn!(snapshot = %key, layer = %remote.source, error = %e, "attaching a pulled layer failed; its first container's mount attaches it again");
+                return;
+            }
+            if recorded(&me).is_none() {
+                // Removed while attaching (attach and release of a layer are serialised).
+                if let Err(e) = me.layers.release(id, || recorded(&me).is_none()) {
+                    tracing::error!(snapshot = %key, error = %e, "detaching a removed layer");
+                }
+                return;
+            }
+            let wait = me.layers.grace().max(PULLED_LAYER_WAIT);
+            rt.spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    let unused = || me.unused_layers().contains(&id);
+                    if let Err(e) = me.layers.release(id, unused) {
+                        tracing::error!(layer = id, error = %e, "detaching an unused layer");
+                    }
+                })
+                .await;
+            });
+        });
     }
 
     /// Remote layers attached but used by no active or view snapshot.

@@ -168,10 +168,15 @@ TLS_CONTEXT = None
 
 
 def split_bin(args):
-    """A variant's node daemon arguments without its `bin=PATH` entry, and the binary that runs the
-    daemon and the snapshotter (that PATH, else the benchmark's)."""
+    """A variant's node daemon arguments without its `bin=PATH` and `snap=ARG` entries, and the binary
+    that runs the daemon and the snapshotter (that PATH, else the benchmark's)."""
     bins = [x.partition("=")[2] for x in args if x.startswith("bin=")]
-    return (os.path.abspath(bins[-1]) if bins else BIN), [x for x in args if not x.startswith("bin=")]
+    return (os.path.abspath(bins[-1]) if bins else BIN), [x for x in args if not x.startswith(("bin=", "snap="))]
+
+
+def snap_args(args):
+    """A variant's own snapshotter arguments (its `snap=ARG` entries)."""
+    return [x.partition("=")[2] for x in args or [] if x.startswith("snap=")]
 
 
 def base_mode(mode):
@@ -274,7 +279,8 @@ class Env:
                               *args], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
             peers.wait_unix(os.path.join(run, "daemon.sock"), "lazyblk daemon")
         self.snapd = subprocess.Popen([split_bin(self.daemon_args or [])[0], "snapshotter", "--address", self.snap_sock, "--root", self.lb,
-                                       "--backend", "auto", "--grace-secs", "0", *SNAPSHOTTER_ARGS], stderr=log)
+                                       "--backend", "auto", "--grace-secs", "0", *SNAPSHOTTER_ARGS,
+                                       *snap_args(self.daemon_args)], stderr=log)
         for _ in range(300):
             try:
                 s = socket.socket(socket.AF_UNIX)
@@ -524,7 +530,8 @@ def main():
                     help="mode lazyblk~NAME (or lazyblk+trace~NAME, ...): that mode with these node daemon "
                          "arguments added, e.g. --variant follow=--fill-follow-kib=4096 (an argument "
                          "bin=PATH runs that variant's daemon and snapshotter from another lazyblk binary, "
-                         "e.g. --variant old=bin=/tmp/lazyblk-old); the benchmark "
+                         "e.g. --variant old=bin=/tmp/lazyblk-old; snap=ARG is an argument for that "
+                         "variant's snapshotter, e.g. snap=--no-attach-on-pull); the benchmark "
                          "restarts the snapshotter and daemon between modes of different arguments, so A/B "
                          "modes alternate in one run; repeatable")
     a = ap.parse_args()
