@@ -372,7 +372,8 @@ fn assert_rootfs_of_full_pull(env: &Env, full: &str, lazy: &str, name: &str) {
     }
 }
 
-/// The recorded trace names layers of `image` only, each with chunks; shipped with a copy of the
+/// Both traces (`trace record`'s, `manual_file`, and the snapshotter's own, `file`) name layers of
+/// `image` only, each with chunks; `file` shipped with a copy of the
 /// image (`test/traced`), it is found by `trace show` and replayed when that copy's layers are attached
 /// (no layer may be attached before: the device stats count the prefetched chunks), and the
 /// container works.
@@ -380,6 +381,7 @@ fn check_trace(
     env: &Env,
     r: &str,
     rec: std::process::Output,
+    manual_file: &Path,
     file: &Path,
     image: &str,
     cleanup: &mut Cleanup,
@@ -389,6 +391,8 @@ fn check_trace(
         "trace record: {}",
         String::from_utf8_lossy(&rec.stderr)
     );
+    let manual: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manual_file).unwrap()).unwrap();
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(
         &run_ok(Command::new("curl").args([
@@ -410,18 +414,22 @@ fn check_trace(
                 .unwrap()
         })
         .collect();
-    let layers = trace["layers"].as_array().unwrap();
-    assert!(!layers.is_empty(), "{trace}");
     let mut traced_chunks = 0;
-    for l in layers {
-        assert!(
-            index_digests.contains(&l["indexDigest"].as_str().unwrap()),
-            "{l} is not a layer of {image}"
-        );
-        let n = l["chunks"].as_array().unwrap().len();
-        assert!(n > 0, "{l}");
-        traced_chunks += n as u64;
+    for t in [&manual, &trace] {
+        let layers = t["layers"].as_array().unwrap();
+        assert!(!layers.is_empty(), "{t}");
+        traced_chunks = 0;
+        for l in layers {
+            assert!(
+                index_digests.contains(&l["indexDigest"].as_str().unwrap()),
+                "{l} is not a layer of {image}"
+            );
+            let n = l["chunks"].as_array().unwrap().len();
+            assert!(n > 0, "{l}");
+            traced_chunks += n as u64;
+        }
     }
+    let layers = trace["layers"].as_array().unwrap();
     // Ship it with a copy of the image (same layers) and use that copy in a fresh namespace.
     let traced = format!("{r}/test/traced:web-lazyblk");
     run_ok(Command::new("skopeo").args([
@@ -470,6 +478,33 @@ fn check_trace(
             "no device attached for {traced} replayed its trace"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The startup trace the snapshotter recorded for `image` (`lazyblk trace recorded`), waited for:
+/// the recording ends a few seconds after the container's last new read.
+fn recorded_trace(env: &Env, image: &str) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = stdout(run_ok(
+            lazyblk()
+                .args(["trace", "recorded", "--root"])
+                .arg(&env.root),
+        ));
+        let mine: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&format!("{image}  sha256:")))
+            .collect();
+        if let [line] = mine[..] {
+            assert!(line.contains(" chunks  "), "{line}");
+            return PathBuf::from(line.rsplit("  ").next().unwrap());
+        }
+        assert!(mine.is_empty(), "one trace per image: {out}");
+        assert!(
+            Instant::now() < deadline,
+            "the snapshotter recorded no startup trace of {image}: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -813,6 +848,9 @@ fn containerd_runs_images_from_lazyblk_layers() {
         &format!("list-{id}"),
     );
 
+    // No trace was shipped with the image: the snapshotter recorded web1's start by itself.
+    let auto_trace = recorded_trace(&env, &image);
+
     // Restart the snapshotter under the running container: it keeps serving, new containers start.
     drop(snapd.take());
     snapd = Some(env.start_snapshotter());
@@ -879,8 +917,17 @@ fn containerd_runs_images_from_lazyblk_layers() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The trace recorded at web1's start, shipped and replayed on a fresh attach.
-    check_trace(&env, &r, recorded, &trace_file, &image, &mut cleanup);
+    // The traces of web1's start (the snapshotter's own, and `trace record`'s) name the image's
+    // layers; the snapshotter's is shipped and replayed on a fresh attach.
+    check_trace(
+        &env,
+        &r,
+        recorded,
+        &trace_file,
+        &auto_trace,
+        &image,
+        &mut cleanup,
+    );
 
     drop(snapd);
 }

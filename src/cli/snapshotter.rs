@@ -15,12 +15,19 @@ use crate::snapshotter::proto::snapshots::snapshots_server::SnapshotsServer;
 use crate::snapshotter::service::{
     ReferrerLookup, ReferrerMode, ReferrerPolicy, Service, Snapshotter,
 };
+use crate::trace::auto::AutoRecorder;
+
+/// Where, under the snapshotter's root, the startup traces it records are kept.
+pub const RECORDED_TRACES: &str = "recorded-traces";
+
+/// The snapshotter's default state directory.
+pub const DEFAULT_ROOT: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk";
 
 /// Arguments of `lazyblk snapshotter` (each also settable in `--config`; flags win).
 #[derive(Debug, Args)]
 pub struct SnapshotterArgs {
     /// TOML file with any of: address, root, run_dir, start_daemon, backend, grace_secs, fill,
-    /// attach_on_pull, prefetch_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config,
+    /// attach_on_pull, prefetch_traces, record_traces, referrers, referrer_publishers, plain_http, hosts_dir, docker_config,
     /// cri_listen, cri_backend, cri_credential_ttl_secs.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -62,6 +69,11 @@ pub struct SnapshotterArgs {
     /// layer's traced chunks are fetched as soon as it is attached.
     #[arg(long)]
     no_prefetch_traces: bool,
+    /// Do not record the startup trace of an image's first container on this node (by default,
+    /// when no trace was shipped with the image, the chunks its start reads are kept in
+    /// ROOT/recorded-traces for `lazyblk trace recorded` and `lazyblk trace push`).
+    #[arg(long)]
+    no_record_traces: bool,
     /// Which `--referrer` artifacts replace an original image's layers: `same-repository` (only
     /// artifacts found in the image's own repository) or `off` [default: same-repository]. Such an
     /// artifact cannot prove its disk equals the layer's tar: see docs/operations.md, "Trust model".
@@ -97,6 +109,7 @@ struct ConfigFile {
     fill: Option<bool>,
     attach_on_pull: Option<bool>,
     prefetch_traces: Option<bool>,
+    record_traces: Option<bool>,
     referrers: Option<ReferrerMode>,
     referrer_publishers: Option<Vec<String>>,
     run_dir: Option<PathBuf>,
@@ -118,6 +131,7 @@ struct Settings {
     fill: bool,
     attach_on_pull: bool,
     prefetch_traces: bool,
+    record_traces: bool,
     referrers: ReferrerPolicy,
     registry: RegistryArgs,
     run_dir: PathBuf,
@@ -132,7 +146,7 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
         .root
         .clone()
         .or(c.root.clone())
-        .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into());
+        .unwrap_or_else(|| DEFAULT_ROOT.into());
     let cri = a.cri_listen.or(c.cri_listen).map(|listen| {
         (
             listen,
@@ -154,15 +168,13 @@ fn settings(a: SnapshotterArgs) -> Result<Settings> {
             .address
             .or(c.address)
             .unwrap_or_else(|| "/run/lazyblk/lazyblk.sock".into()),
-        root: a
-            .root
-            .or(c.root)
-            .unwrap_or_else(|| "/var/lib/containerd/io.containerd.snapshotter.v1.lazyblk".into()),
+        root: a.root.or(c.root).unwrap_or_else(|| DEFAULT_ROOT.into()),
         backend: a.backend.or(c.backend).unwrap_or(Backend::Auto),
         grace_secs: a.grace_secs.or(c.grace_secs).unwrap_or(60),
         fill: !a.no_fill && (a.fill || c.fill.unwrap_or(true)),
         attach_on_pull: !a.no_attach_on_pull && c.attach_on_pull.unwrap_or(true),
         prefetch_traces: !a.no_prefetch_traces && c.prefetch_traces.unwrap_or(true),
+        record_traces: !a.no_record_traces && c.record_traces.unwrap_or(true),
         referrers: ReferrerPolicy {
             mode: a
                 .referrers
@@ -242,7 +254,14 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
     if a.prefetch_traces {
         referrers = referrers.with_traces(a.root.join("traces"));
     }
-    let snap = Arc::new(Snapshotter::open(&a.root, layers, Some(referrers))?);
+    let mut snap = Snapshotter::open(&a.root, layers, Some(referrers))?;
+    if a.record_traces {
+        let dir = a.root.join(RECORDED_TRACES);
+        let recorder = AutoRecorder::new(dir.clone(), a.run_dir.clone(), Default::default())
+            .with_context(|| format!("creating {}", dir.display()))?;
+        snap = snap.with_recorder(recorder);
+    }
+    let snap = Arc::new(snap);
     rt.block_on(async move {
         if let Some(dir) = a.address.parent() {
             std::fs::create_dir_all(dir)?;
@@ -326,12 +345,18 @@ mod tests {
         assert_eq!(s.backend, Backend::Loop);
         assert_eq!(s.grace_secs, 5);
         assert!(s.attach_on_pull, "attach on pull is the default");
+        assert!(s.record_traces, "recording first starts is the default");
         assert_eq!(s.address, PathBuf::from("/run/lazyblk/lazyblk.sock"));
         std::fs::write(&p, "attach_on_pull = false\n").unwrap();
         let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
         assert!(!settings(t.a).unwrap().attach_on_pull);
         let t = T::parse_from(["t", "--no-attach-on-pull"]);
         assert!(!settings(t.a).unwrap().attach_on_pull);
+        std::fs::write(&p, "record_traces = false\n").unwrap();
+        let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
+        assert!(!settings(t.a).unwrap().record_traces);
+        let t = T::parse_from(["t", "--no-record-traces"]);
+        assert!(!settings(t.a).unwrap().record_traces);
         std::fs::write(&p, "referrer_publishers = [\"r.example/team/*\"]\n").unwrap();
         let t = T::parse_from(["t", "--config", p.to_str().unwrap()]);
         let s = settings(t.a).unwrap();

@@ -1,4 +1,4 @@
-//! `lazyblk trace record | push | show`.
+//! `lazyblk trace record | push | show | recorded | relayout`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +22,9 @@ pub enum TraceCommand {
     Push(PushArgs),
     /// Print the trace shipped with an image (or a trace file), summarised.
     Show(ShowArgs),
+    /// List the startup traces the snapshotter recorded on this node (the first container of an
+    /// image that had none), for `lazyblk trace push IMAGE FILE`.
+    Recorded(RecordedArgs),
     /// Make a new image whose lazyblk layers hold the traced chunks right before their index, so a
     /// node fetches the index and the startup set with one range request (layers without trace
     /// entries are copied; the config, diff IDs and chain IDs do not change).
@@ -80,6 +83,14 @@ pub struct PushArgs {
     registry: RegistryArgs,
 }
 
+/// Arguments of `lazyblk trace recorded`.
+#[derive(Debug, Args)]
+pub struct RecordedArgs {
+    /// The snapshotter's state directory.
+    #[arg(long, default_value = super::snapshotter::DEFAULT_ROOT)]
+    root: PathBuf,
+}
+
 /// Arguments of `lazyblk trace show`.
 #[derive(Debug, Args)]
 pub struct ShowArgs {
@@ -102,6 +113,7 @@ pub fn run(c: TraceCommand) -> Result<()> {
         TraceCommand::Record(a) => rt.block_on(record(a)),
         TraceCommand::Push(a) => rt.block_on(push(a)),
         TraceCommand::Show(a) => rt.block_on(show(a)),
+        TraceCommand::Recorded(a) => recorded(a),
         TraceCommand::Relayout(a) => rt.block_on(relayout(a)),
     }
 }
@@ -177,6 +189,26 @@ async fn record(a: RecordArgs) -> Result<()> {
             l.index_digest,
             l.chunks.len(),
             l.source
+        );
+    }
+    Ok(())
+}
+
+fn recorded(a: RecordedArgs) -> Result<()> {
+    let dir = a.root.join(super::snapshotter::RECORDED_TRACES);
+    let all = match crate::trace::auto::list(&dir) {
+        Ok(all) => all,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for r in all {
+        println!(
+            "{}  {}  {} layers  {} chunks  {}",
+            if r.image.is_empty() { "-" } else { &r.image },
+            r.manifest,
+            r.layers,
+            r.chunks,
+            r.path.display()
         );
     }
     Ok(())

@@ -20,6 +20,7 @@ use super::layers::Layers;
 use super::proto::snapshots as pb;
 use super::proto::types::Mount;
 use super::store::{now, Kind, Remote, Snapshot, Store, StoreError};
+use crate::trace::auto::AutoRecorder;
 
 /// Label naming the committed snapshot a Prepare targets (containerd's remote-snapshot protocol).
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -269,6 +270,8 @@ pub struct Snapshotter {
     store: Mutex<Store>,
     layers: Layers,
     referrers: Option<ReferrerLookup>,
+    /// Records the startup trace of an image's first container when none was shipped.
+    recorder: Option<AutoRecorder>,
 }
 
 impl From<StoreError> for Status {
@@ -513,7 +516,44 @@ impl Snapshotter {
             store: Mutex::new(store),
             layers,
             referrers,
+            recorder: None,
         })
+    }
+
+    /// Also records a startup trace of the first container of each image that has no shipped
+    /// trace (`lazyblk trace recorded` lists them).
+    pub fn with_recorder(mut self, recorder: AutoRecorder) -> Snapshotter {
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Starts recording the startup of a container over `parents` (top layer first) if its image
+    /// came with no trace: the image and manifest are the top remote layer's pull labels, the
+    /// layers every remote layer of the chain.
+    fn record_first_start(&self, parents: &[(String, Snapshot)]) {
+        let Some(recorder) = &self.recorder else {
+            return;
+        };
+        let remotes: Vec<(&Snapshot, &Remote)> = parents
+            .iter()
+            .filter_map(|(_, p)| p.remote.as_ref().map(|r| (p, r)))
+            .collect();
+        if remotes.is_empty() || remotes.iter().any(|(_, r)| r.trace.is_some()) {
+            return;
+        }
+        let Some((image, manifest)) = remotes.iter().find_map(|(p, _)| {
+            Some((
+                p.labels.get(LABEL_IMAGE_REF)?,
+                p.labels.get(LABEL_MANIFEST_DIGEST)?,
+            ))
+        }) else {
+            return;
+        };
+        let layers = remotes
+            .iter()
+            .map(|(_, r)| r.index_digest.clone())
+            .collect();
+        recorder.begin(image, manifest, layers, self.layers.runtime());
     }
 
     fn dir(&self, id: u64) -> PathBuf {
@@ -788,7 +828,13 @@ impl Snapshotter {
         };
         // Slow work (attaching remote layers) after the transaction.
         match self.mounts_from(&s, &parents) {
-            Ok(m) => Ok(m),
+            Ok(m) => {
+                // A container's root (an unpack's Prepare names its target chain instead).
+                if kind == Kind::Active && target.is_none() {
+                    self.record_first_start(&parents);
+                }
+                Ok(m)
+            }
             Err(e) => {
                 // Do not leave a snapshot whose layers could not be mounted.
                 let _ = self.store.lock().expect("store lock").remove(key);

@@ -10,6 +10,7 @@
 //! Layers are keyed by their **index digest** (the SHA-256 in the layer's `index-digest`
 //! annotation), which names both the blob and the meaning of its chunk numbers.
 
+pub mod auto;
 pub mod publish;
 pub mod record;
 pub mod registry;
