@@ -17,7 +17,8 @@ removed, page cache dropped): "overlayfs" (containerd's full pull + unpack: the 
 (`lazyblk pull` + lazily attached layers, zero config; loop backend on hosts without ublk/nbd),
 "lazyblk+trace" (the same, with a startup trace recorded once by `lazyblk trace record` and shipped
 with `lazyblk trace push` as a referrer of a copy of the image in its own repository, so the
-"lazyblk" runs never see it), "lazyblk+relayout" (`lazyblk trace relayout` of the image with that
+"lazyblk" runs never see it), "lazyblk+autotrace" (the same with the trace the snapshotter recorded
+by itself during that recording run, `lazyblk trace recorded`, shipped to a third copy), "lazyblk+relayout" (`lazyblk trace relayout` of the image with that
 trace: the traced chunks sit right before each layer's index and arrive with it in one request),
 "lazyblk+index" (the *original* image with a `lazyblk index` artifact; "lazyblk+index512" with 512 KiB
 spans; "lazyblk+index-whole" indexed by `--index-whole-bin`, an older lazyblk without span pieces), "lazyblk-nometa" (converted
@@ -124,6 +125,10 @@ def build_image(name, work, reg, modes):
     if {"lazyblk+trace", "lazyblk+relayout"} & bases:
         sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
            f"docker://{reg}/bench/{name}-traced:v1-lazyblk")
+    # And another copy for the trace the snapshotter recorded by itself during that run.
+    if "lazyblk+autotrace" in bases:
+        sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
+           f"docker://{reg}/bench/{name}-autotraced:v1-lazyblk")
 
 
 def build_indexes(name, work, reg):
@@ -164,6 +169,7 @@ INDEX_WHOLE_BIN = None
 DAEMON_ARGS = []
 VARIANTS = {}
 SNAPSHOTTER_ARGS = []
+MODES = []
 TLS_CONTEXT = None
 
 
@@ -205,6 +211,7 @@ def repo_tag(name, mode):
     return {"overlayfs": (name, "v1"), "lazyblk": (name, "v1-lazyblk"),
             "lazyblk-nometa": (name, "v1-lazyblk-nometa"),
             "lazyblk+trace": (f"{name}-traced", "v1-lazyblk"),
+            "lazyblk+autotrace": (f"{name}-autotraced", "v1-lazyblk"),
             "lazyblk+relayout": (f"{name}-relaid", "v1-lazyblk"),
             "lazyblk+index": (f"{name}-orig", "v1"),
             "lazyblk+index512": (f"{name}-orig512", "v1"),
@@ -227,10 +234,29 @@ def record_trace(env, reg, name):
     if rec.returncode != 0:
         sys.exit(f"trace record failed:\n{so}\n{se}")
     print(f"trace of {name}:\n{so}", file=sys.stderr)
+    auto = recorded_trace(env, name)
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
     sh(BIN, "trace", "push", f"{reg}/bench/{name}-traced:v1-lazyblk", out)
+    if auto:
+        sh(BIN, "trace", "push", f"{reg}/bench/{name}-autotraced:v1-lazyblk", auto)
     sh(BIN, "trace", "relayout", f"{reg}/bench/{name}:v1-lazyblk", f"{reg}/bench/{name}-relaid:v1-lazyblk",
        "--trace", out)
+
+
+def recorded_trace(env, name, timeout=120):
+    """The startup trace the snapshotter recorded by itself for NAME:v1-lazyblk (lazyblk trace
+    recorded), waited for; None if the snapshotter records none (an older build)."""
+    if not any(base_mode(m) == "lazyblk+autotrace" for m in MODES):
+        return None
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = sh(BIN, "trace", "recorded", "--root", env.lb, check=False)
+        for line in r.stdout.splitlines():
+            if line.split("  ")[0].endswith(f"/bench/{name}:v1-lazyblk"):
+                print(f"recorded by the snapshotter: {line}", file=sys.stderr)
+                return line.rsplit("  ", 1)[1]
+        time.sleep(0.5)
+    sys.exit(f"the snapshotter recorded no trace of {name}")
 
 
 def manifest(reg, name, tag):
@@ -538,7 +564,7 @@ def main():
     for v in a.variant:
         vname, _, vargs = v.partition("=")
         VARIANTS[vname] = [x for x in vargs.split(",") if x]
-    global BIN, SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN
+    global BIN, SHOW_LS, DAEMON_ARGS, SNAPSHOTTER_ARGS, TLS_CONTEXT, INDEX_WHOLE_BIN, MODES
     SHOW_LS = a.show_ls
     INDEX_WHOLE_BIN = a.index_whole_bin
     DAEMON_ARGS = a.daemon_arg
@@ -548,6 +574,7 @@ def main():
     # A TERM (or an INT in a background job, which ignores it) still runs the clean-up below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
     modes = a.modes.split(",")
+    MODES = modes
     if a.bin:
         BIN = os.path.abspath(a.bin)
     else:
@@ -598,7 +625,7 @@ def main():
                 procs.append(shaper)  # (stopped at the run's end if the profile does not finish)
                 reg = shaper.stdout.readline().strip().replace("127.0.0.1", peers.HOSTNAME)
                 print(f"registry through the {profile} shaper at {reg}", file=sys.stderr)
-            if not traced and {"lazyblk+trace", "lazyblk+relayout"} & set(modes):
+            if not traced and {"lazyblk+trace", "lazyblk+relayout", "lazyblk+autotrace"} & {base_mode(m) for m in modes}:
                 for name in images:
                     record_trace(env, unshaped, name)
                 traced = True
