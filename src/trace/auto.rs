@@ -29,6 +29,9 @@ pub struct RecordLimits {
     pub keep: usize,
     /// How often the access logs are looked at.
     pub poll: Duration,
+    /// Recordings at once (each reads every access log of the node per poll); first starts beyond
+    /// this are not recorded.
+    pub concurrent: usize,
 }
 
 impl Default for RecordLimits {
@@ -38,6 +41,7 @@ impl Default for RecordLimits {
             max: Duration::from_secs(60),
             keep: 64,
             poll: Duration::from_millis(500),
+            concurrent: 4,
         }
     }
 }
@@ -113,13 +117,21 @@ impl AutoRecorder {
         if layers.is_empty() || path.exists() {
             return false;
         }
-        if !self
-            .active
-            .lock()
-            .expect("recorder lock")
-            .insert(manifest.to_string())
         {
-            return false;
+            let mut active = self.active.lock().expect("recorder lock");
+            if active.contains(manifest) {
+                return false;
+            }
+            if active.len() >= self.limits.concurrent {
+                tracing::info!(
+                    image,
+                    manifest,
+                    recording = active.len(),
+                    "not recording this start: as many recordings as allowed run already"
+                );
+                return false;
+            }
+            active.insert(manifest.to_string());
         }
         tracing::info!(
             image,
@@ -320,6 +332,7 @@ mod tests {
             max: Duration::from_secs(20),
             keep: 2,
             poll: Duration::from_millis(50),
+            concurrent: 2,
         }
     }
 
@@ -371,7 +384,17 @@ mod tests {
             }]
         );
         // Recorded once: a later start of the same image records nothing.
-        assert!(!r.begin("reg/app:v1", &manifest, layers, &rt));
+        assert!(!r.begin("reg/app:v1", &manifest, layers.clone(), &rt));
+        // At most `concurrent` recordings at once.
+        assert!(r.begin("reg/a:1", &digest('1'), layers.clone(), &rt));
+        assert!(r.begin("reg/b:1", &digest('2'), layers.clone(), &rt));
+        assert!(!r.begin("reg/c:1", &digest('3'), layers.clone(), &rt));
+        publish(&run, "loop2", &b, &[9, 10]);
+        wait_idle(&r).await;
+        assert!(
+            r.begin("reg/c:1", &digest('3'), layers, &rt),
+            "a slot is free again"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
