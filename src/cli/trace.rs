@@ -1,14 +1,14 @@
 //! `lazyblk trace record | push | show | recorded | relayout`.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::RegistryArgs;
 use crate::image::ImageRef;
-use crate::trace::record::{collect, Window};
+use crate::trace::record::{collect, now_ms, Window};
 use crate::trace::Trace;
 
 /// Startup traces: record, ship with an image, inspect.
@@ -116,13 +116,6 @@ pub fn run(c: TraceCommand) -> Result<()> {
         TraceCommand::Recorded(a) => recorded(a),
         TraceCommand::Relayout(a) => rt.block_on(relayout(a)),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Polls `url` until it answers 2xx.

@@ -10,12 +10,11 @@
 //! chunks the app reads later); a trace never changes what is served: every chunk stays verified.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use super::record::{collect, Window};
+use super::record::{collect, now_ms, Window};
 use super::Trace;
 
 /// When a recording ends, and how many recorded traces a node keeps.
@@ -69,13 +68,6 @@ pub struct Recorded {
     pub layers: usize,
     /// Chunks in the trace.
     pub chunks: usize,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `sha256-<hex>` for a well-formed `sha256:<hex>` digest, else `None` (labels are untrusted text).
@@ -222,8 +214,9 @@ impl AutoRecorder {
         if trace.layers.is_empty() {
             return Ok(None);
         }
-        write_private(path, &trace.to_bytes())?;
-        write_private(&path.with_extension("image"), image.as_bytes())?;
+        // (Created 0600, like every file write_atomic makes.)
+        crate::process::write_atomic(path, &trace.to_bytes())?;
+        crate::process::write_atomic(&path.with_extension("image"), image.as_bytes())?;
         self.prune();
         Ok(Some(trace))
     }
@@ -247,21 +240,6 @@ impl AutoRecorder {
             let _ = std::fs::remove_file(r.path.with_extension("image"));
         }
     }
-}
-
-/// Writes `bytes` to `path` (mode 0600) through a temporary file and a rename.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The traces recorded in `dir`, by image. Unreadable entries are skipped with a log line.

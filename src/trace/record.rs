@@ -6,6 +6,14 @@ use std::path::Path;
 use super::publish::AccessFile;
 use super::{LayerTrace, Trace};
 
+/// Wall-clock ms since the Unix epoch: the clock of [`Window`] and of the access logs.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Which accesses go into a trace, as wall-clock ms since the Unix epoch.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
