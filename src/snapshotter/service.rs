@@ -934,13 +934,7 @@ impl Snapshotter {
             let wait = me.layers.grace().max(PULLED_LAYER_WAIT);
             rt.spawn(async move {
                 tokio::time::sleep(wait).await;
-                let _ = tokio::task::spawn_blocking(move || {
-                    let unused = || me.unused_layers().contains(&id);
-                    if let Err(e) = me.layers.release(id, unused) {
-                        tracing::error!(layer = id, error = %e, "detaching an unused layer");
-                    }
-                })
-                .await;
+                let _ = tokio::task::spawn_blocking(move || me.release_if_unused(id)).await;
             });
         });
     }
@@ -973,13 +967,20 @@ impl Snapshotter {
             }
             std::thread::sleep(me.layers.grace());
             for id in first {
-                // Re-checked under the layer's lock: a Prepare since then keeps it.
-                let still_unused = || me.unused_layers().contains(&id);
-                if let Err(e) = me.layers.release(id, still_unused) {
-                    tracing::error!(layer = id, error = %e, "detaching an unused layer");
-                }
+                me.release_if_unused(id);
             }
         });
+    }
+
+    /// Detaches layer `id` if no snapshot uses it, re-checked under the layer's lock (a Prepare
+    /// since the caller looked keeps it). Failures are logged.
+    fn release_if_unused(&self, id: u64) {
+        if let Err(e) = self
+            .layers
+            .release(id, || self.unused_layers().contains(&id))
+        {
+            tracing::error!(layer = id, error = %e, "detaching an unused layer");
+        }
     }
 
     fn update(&self, info: pb::Info, paths: Vec<String>) -> Result<pb::Info, Status> {
