@@ -266,15 +266,9 @@ pub fn run(a: SnapshotterArgs) -> Result<()> {
         if let Some(dir) = a.address.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        // A socket left by a previous run (crash, kill -9) would make bind fail.
-        if std::fs::symlink_metadata(&a.address).is_ok() {
-            std::fs::remove_file(&a.address)
-                .with_context(|| format!("removing stale {}", a.address.display()))?;
-        }
-        let listener = tokio::net::UnixListener::bind(&a.address)
+        // 0600 from the start; a socket left by a previous run (crash, kill -9) is replaced.
+        let listener = crate::process::bind_private_unix(&a.address)
             .with_context(|| format!("listening on {}", a.address.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&a.address, std::fs::Permissions::from_mode(0o600))?;
         tracing::info!(address = %a.address.display(), root = %a.root.display(), ?backend, "snapshotter ready");
         eprintln!("lazyblk snapshotter listening on {}", a.address.display());
         sd_notify_ready();
