@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use super::record::{collect, now_ms, Window};
+use super::record::{collect, count_first_reads, now_ms, Window};
 use super::Trace;
 
 /// When a recording ends, and how many recorded traces a node keeps.
@@ -156,21 +156,11 @@ impl AutoRecorder {
         true
     }
 
-    /// First reads of `layers` published so far.
-    fn reads(&self, layers: &HashSet<String>) -> usize {
-        let everything = Window {
-            start_ms: 0,
-            end_ms: u64::MAX,
-            only_after_start: false,
-        };
-        collect(&self.run_dir, everything)
-            .map(|t| {
-                t.layers
-                    .iter()
-                    .filter(|l| layers.contains(&l.index_digest))
-                    .map(|l| l.chunks.len())
-                    .sum()
-            })
+    /// First reads of `layers` published so far (the logs are read on the blocking pool).
+    async fn reads(&self, layers: &HashSet<String>) -> usize {
+        let (run_dir, layers) = (self.run_dir.clone(), layers.clone());
+        tokio::task::spawn_blocking(move || count_first_reads(&run_dir, &layers))
+            .await
             .unwrap_or(0)
     }
 
@@ -182,11 +172,11 @@ impl AutoRecorder {
     ) -> std::io::Result<Option<Trace>> {
         let start_ms = now_ms();
         let started = Instant::now();
-        let before = self.reads(layers);
+        let before = self.reads(layers).await;
         let (mut seen, mut changed) = (before, Instant::now());
         loop {
             tokio::time::sleep(self.limits.poll).await;
-            let n = self.reads(layers);
+            let n = self.reads(layers).await;
             if n != seen {
                 (seen, changed) = (n, Instant::now());
             }
@@ -202,14 +192,32 @@ impl AutoRecorder {
         let end_ms = now_ms();
         // Let every publisher write what it saw up to now.
         tokio::time::sleep(super::publish::PUBLISH_INTERVAL * 3).await;
-        let mut trace = collect(
-            &self.run_dir,
-            Window {
-                start_ms,
-                end_ms,
-                only_after_start: false,
-            },
-        )?;
+        let window = Window {
+            start_ms,
+            end_ms,
+            only_after_start: false,
+        };
+        // Reading the logs, writing (fsync) and pruning are file work: on the blocking pool.
+        let (me, layers, path, image) = (
+            self.clone(),
+            layers.clone(),
+            path.to_path_buf(),
+            image.to_string(),
+        );
+        tokio::task::spawn_blocking(move || me.keep(window, &layers, &path, &image))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Writes the trace of `layers` in `window` to `path` (and the image beside it), then prunes.
+    fn keep(
+        &self,
+        window: Window,
+        layers: &HashSet<String>,
+        path: &Path,
+        image: &str,
+    ) -> std::io::Result<Option<Trace>> {
+        let mut trace = collect(&self.run_dir, window)?;
         trace.layers.retain(|l| layers.contains(&l.index_digest));
         if trace.layers.is_empty() {
             return Ok(None);

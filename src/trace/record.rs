@@ -1,6 +1,6 @@
 //! Turning published access logs into a [`Trace`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use super::publish::AccessFile;
@@ -89,6 +89,32 @@ pub fn collect(run_dir: &Path, window: Window) -> std::io::Result<Trace> {
     })
 }
 
+/// How many first reads the access logs under `run_dir` hold for the layers (index digests) in
+/// `layers`: what [`collect`] would put in a trace of theirs over every time, counted without building
+/// it (logs that cannot be read count nothing).
+pub fn count_first_reads(run_dir: &Path, layers: &HashSet<String>) -> usize {
+    /// An access log's digest and the number of its accesses, which are not decoded.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Counted {
+        index_digest: String,
+        accesses: Vec<serde::de::IgnoredAny>,
+    }
+    let Ok(dir) = std::fs::read_dir(run_dir.join("devices")) else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".access.json"))
+        })
+        .filter_map(|p| serde_json::from_slice::<Counted>(&std::fs::read(p).ok()?).ok())
+        .filter(|c| layers.contains(&c.index_digest))
+        .map(|c| c.accesses.len())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +173,10 @@ mod tests {
         .unwrap();
         let la = t.layers.iter().find(|l| l.index_digest == a).unwrap();
         assert_eq!(la.chunks, vec![3]);
+        // The count of the recorder: every first read of the layers asked for, none of the others.
+        let only_a = HashSet::from([a.clone()]);
+        assert_eq!(count_first_reads(d.path(), &only_a), 4);
+        assert_eq!(count_first_reads(d.path(), &HashSet::from([a, b])), 6);
+        assert_eq!(count_first_reads(&d.path().join("none"), &only_a), 0);
     }
 }
