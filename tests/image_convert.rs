@@ -578,6 +578,98 @@ fn relayout_puts_the_traced_chunks_next_to_the_index() {
     assert_eq!(export(&old_blob), export(&new_blob));
 }
 
+/// `lazyblk convert SRC DST --trace FILE` pushes the relaid image straight away: the same manifest,
+/// byte for byte, as `convert` then `trace relayout` (conversion is deterministic), and the plain
+/// conversion is never pushed. A trace of another conversion (other chunk size: other layers) is
+/// refused before anything is pushed.
+#[test]
+fn convert_with_a_trace_pushes_the_relaid_image() {
+    let Some((reg, tmp, _)) = test_images(&[("v2", false)]) else {
+        return;
+    };
+    let r = &reg.addr;
+    convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("{r}/test/img:v2-lazyblk"),
+    ]);
+    let plain = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
+    let p = "containerd.io/snapshot/lazyblk/";
+    let index_digest = plain["layers"][0]["annotations"][format!("{p}index-digest")]
+        .as_str()
+        .unwrap();
+    let trace = serde_json::json!({
+        "schemaVersion": 1,
+        "layers": [{"indexDigest": index_digest, "chunks": [9, 2, 40, 0]}]
+    });
+    let tfile = tmp.path().join("t.json");
+    std::fs::write(&tfile, trace.to_string()).unwrap();
+    run_ok(
+        lazyblk()
+            .args(["trace", "relayout"])
+            .arg(format!("{r}/test/img:v2-lazyblk"))
+            .arg(format!("{r}/test/img:v2-relaid"))
+            .arg("--trace")
+            .arg(&tfile)
+            .arg("--plain-http"),
+    );
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("mine"), b"kept").unwrap();
+    let out = String::from_utf8(
+        run_ok(
+            lazyblk()
+                .args(["convert", "--plain-http", "--trace"])
+                .arg(&tfile)
+                .arg("--work-dir")
+                .arg(&work)
+                .arg(format!("{r}/test/img:v2"))
+                .arg(format!("{r}/test/other:v2-traced")),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert!(out.contains(" startup chunks ("), "{out}");
+    let relaid = skopeo_raw(&format!("{r}/test/img:v2-relaid"));
+    let traced = skopeo_raw(&format!("{r}/test/other:v2-traced"));
+    assert_eq!(traced, relaid);
+    assert_ne!(traced["layers"][0], plain["layers"][0]);
+    assert_eq!(traced["layers"][1], plain["layers"][1]);
+    // Only the relaid layer went to the new repository: the plain conversion's was never pushed.
+    let head = |digest: &str| {
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+            .arg(format!("http://{r}/v2/test/other/blobs/{digest}"))
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert_eq!(
+        head(traced["layers"][0]["digest"].as_str().unwrap()),
+        b"200"
+    );
+    assert_eq!(head(plain["layers"][0]["digest"].as_str().unwrap()), b"404");
+    // A work directory the user gave is not removed (only what the job made in it).
+    assert_eq!(std::fs::read(work.join("mine")).unwrap(), b"kept");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1);
+    // The same trace against another conversion (64 KiB chunks: other layers): refused, nothing pushed.
+    let out = lazyblk()
+        .args(["convert", "--plain-http", "--chunk-size", "64K", "--trace"])
+        .arg(&tfile)
+        .arg(format!("{r}/test/img:v2"))
+        .arg(format!("{r}/test/other:v2-wrong"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the trace names none of"), "{err}");
+    let tag = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{r}/test/other:v2-wrong"))
+        .output()
+        .unwrap();
+    assert!(!tag.status.success(), "a refused conversion pushed a tag");
+}
+
 /// `lazyblk index` of a two-platform image index: one referrer artifact per platform manifest, each
 /// with a metadata blob and a span blob per original layer, the image itself untouched, found again by
 /// the referrers lookup; `--platform` indexes one manifest only.

@@ -23,6 +23,11 @@ pub struct ConvertImageArgs {
     /// Push lazyblk layers as OCI referrer artifacts of the original (left untouched) instead of a new tag.
     #[arg(long)]
     referrer: bool,
+    /// A startup trace (`lazyblk trace record`, or one the node recorded) of this conversion: the
+    /// traced chunks of each layer go right before its index, as `lazyblk trace relayout` does, so
+    /// a node fetches them with the index in one request. One platform (see --platform).
+    #[arg(long, conflicts_with = "referrer")]
+    trace: Option<PathBuf>,
     #[command(flatten)]
     level: super::layer::ZstdLevel,
     #[command(flatten)]
@@ -90,7 +95,54 @@ pub fn convert(a: ConvertImageArgs) -> Result<()> {
     let src = ImageRef::parse(&a.src)?;
     let dst = a.dst.as_deref().map(ImageRef::parse).transpose()?;
     let opts = a.job.options(a.level.codec(), a.referrer, None, false);
+    if let Some(t) = &a.trace {
+        let trace = crate::trace::Trace::read_file(t)
+            .with_context(|| format!("trace file {}", t.display()))?;
+        let dst = dst.context("--trace needs a destination image")?;
+        return run_convert_relaid(&src, &dst, &trace, &opts, a.job.json);
+    }
     run_convert(&src, dst.as_ref(), &opts, a.job.json)
+}
+
+fn run_convert_relaid(
+    src: &ImageRef,
+    dst: &ImageRef,
+    trace: &crate::trace::Trace,
+    opts: &ImageConvertOptions,
+    json: bool,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let res = rt.block_on(crate::trace::relayout::convert_relaid(
+        src, dst, trace, opts,
+    ));
+    remove_default_work_dir(&opts.work_dir);
+    let (s, r) = res.with_context(|| format!("converting {src} with a trace"))?;
+    if json {
+        let out = serde_json::json!({ "convert": s, "relayout": r });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for l in &r.layers {
+        println!(
+            "{} -> {}  {} startup chunks ({} bytes) before the index",
+            l.source_digest, l.target_digest, l.startup_chunks, l.startup_bytes
+        );
+    }
+    println!(
+        "{src} -> {} {}: {} -> {} bytes, {:.1}s",
+        r.target, r.manifest_digest, s.source_bytes, s.target_bytes, s.seconds
+    );
+    Ok(())
+}
+
+/// Removes the work directory when it is this process's default one (a `--work-dir` the user gave
+/// is theirs: only what the job made inside it goes, with the job).
+fn remove_default_work_dir(dir: &std::path::Path) {
+    if dir == default_work_dir() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 fn run_convert(
@@ -99,12 +151,11 @@ fn run_convert(
     opts: &ImageConvertOptions,
     json: bool,
 ) -> Result<()> {
-    let work_dir = opts.work_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let res = rt.block_on(convert_image(src, dst, opts));
-    let _ = std::fs::remove_dir_all(&work_dir);
+    remove_default_work_dir(&opts.work_dir);
     let s = res.with_context(|| format!("converting {src}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::Trace;
 use crate::convert::{ANNOTATION_PREFIX, MEDIA_TYPE};
 use crate::fetch::registry::RegistryOptions;
-use crate::image::convert::sha256_str;
+use crate::image::convert::{convert_image, sha256_str, ImageConvertOptions, ImageSummary};
 use crate::image::oci::{parse_document, Document, OCI_MANIFEST};
 use crate::image::{ImageError, ImageRef};
 
@@ -70,6 +70,23 @@ pub async fn relayout_image(
             "{src} is an index: relay out one platform's manifest (REPO@sha256:...)"
         )));
     };
+    let traced = man
+        .layers
+        .iter()
+        .filter(|l| {
+            l.media_type == MEDIA_TYPE
+                && l.annotations
+                    .get(&format!("{ANNOTATION_PREFIX}index-digest"))
+                    .and_then(|d| trace.chunks_for(d))
+                    .is_some()
+        })
+        .count();
+    if traced == 0 {
+        return Err(ImageError(format!(
+            "the trace names none of {src}'s lazyblk layers (it was recorded with another image, or \
+             another conversion of it: chunk size, level and metadata region change the layers)"
+        )));
+    }
     let mount_from = match (from.registry_repo(), to.registry_repo()) {
         (Some((r1, repo)), Some((r2, _))) if r1 == r2 => Some(repo),
         _ => None,
@@ -151,6 +168,50 @@ pub async fn relayout_image(
         manifest_digest: sha256_str(&bytes),
         layers,
     })
+}
+
+/// `lazyblk convert SRC DST --trace FILE`: converts `src` (one platform) into a scratch OCI layout
+/// under the work directory, then pushes its relayout with `trace` as `dst`, so only the relaid image
+/// is pushed. Refused before anything is pushed when the conversion has several platforms (a trace is
+/// one platform's) or the trace names none of the converted layers (it must come from the same
+/// conversion: the same source and options give the same layers).
+pub async fn convert_relaid(
+    src: &ImageRef,
+    dst: &ImageRef,
+    trace: &Trace,
+    opts: &ImageConvertOptions,
+) -> Result<(ImageSummary, RelayoutReport), ImageError> {
+    if opts.referrer || opts.index_spans.is_some() {
+        return Err(ImageError(
+            "a trace lays out a new image: not with --referrer or an original-image index".into(),
+        ));
+    }
+    std::fs::create_dir_all(&opts.work_dir)?;
+    let scratch = tempfile::tempdir_in(&opts.work_dir)?;
+    let staged = ImageRef::Layout {
+        path: scratch.path().join("converted"),
+        reference: "converted".into(),
+    };
+    let summary = convert_image(src, Some(&staged), opts).await?;
+    let [only] = summary.manifests.as_slice() else {
+        return Err(ImageError(format!(
+            "{src} has {} platforms and a trace is one platform's: pass --platform OS/ARCH",
+            summary.manifests.len()
+        )));
+    };
+    let converted = ImageRef::Layout {
+        path: scratch.path().join("converted"),
+        reference: only.target_digest.clone(),
+    };
+    let report = relayout_image(
+        &converted,
+        dst,
+        trace,
+        &opts.registry,
+        &scratch.path().join("relayout"),
+    )
+    .await?;
+    Ok((summary, report))
 }
 
 /// Relays out the blob file `old` (its index checked against the descriptor's `index-digest`

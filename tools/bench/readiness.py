@@ -12,6 +12,9 @@ Debian packages with the project's tools (tools/make-rootfs-layer.sh, umoci):
   numpy  Debian + python3-numpy, an app that imports numpy, then serves HTTP
   torch  Debian + python3-torch, python3-scipy, python3-pandas, an app that imports all three, then serves
   large  nginx + a 1 GiB layer of data the app never reads
+  torch-large  the torch app + a 4 GiB layer the app never reads, of 64 files that compress about 2:1
+               as shared libraries do (each 4 KiB: 2 KiB random, 2 KiB of zeros; no two blocks alike,
+               so no format can deduplicate it): issue 15's "large" image
 Modes, each run from a cold state (image, content, snapshots, lazyblk's cache and the peers' state
 removed, page cache dropped): "overlayfs" (containerd's full pull + unpack: the baseline), "lazyblk"
 (`lazyblk pull` + lazily attached layers, zero config; loop backend on hosts without ublk/nbd),
@@ -64,7 +67,8 @@ APPS = {
 }
 APPS["torch"] = ["python3", "-c", f"import torch, scipy, pandas, http.server; http.server.HTTPServer(('127.0.0.1', {PORT}), http.server.SimpleHTTPRequestHandler).serve_forever()"]
 APPS["large"] = APPS["nginx"]
-BASE = {"nginx": "nginx", "numpy": "numpy", "torch": "torch", "large": "nginx"}
+APPS["torch-large"] = APPS["torch"]
+BASE = {"nginx": "nginx", "numpy": "numpy", "torch": "torch", "large": "nginx", "torch-large": "torch"}
 PKGS = {"nginx": "nginx-light", "numpy": "python3-numpy", "torch": "python3-torch,python3-scipy,python3-pandas"}
 
 
@@ -108,6 +112,14 @@ def build_image(name, work, reg, modes):
                 f.write(os.urandom(64 << 20))
         sh("umoci", "repack", "--image", f"{layout}:v1", b)
         shutil.rmtree(b)
+    if name == "torch-large":
+        sh("umoci", "unpack", "--image", f"{layout}:v1", b)
+        d = os.path.join(b, "rootfs/opt/unused-libs")
+        os.makedirs(d)
+        for i in range(64):
+            write_half_compressible(os.path.join(d, f"lib{i:02}.so"), 64 << 20)
+        sh("umoci", "repack", "--image", f"{layout}:v1", b)
+        shutil.rmtree(b)
     sh("umoci", "config", "--image", f"{layout}:v1", "--architecture", "amd64", "--os", "linux")
     sh("skopeo", "copy", "--quiet", f"oci:{layout}:v1", f"docker://{reg}/bench/{name}:v1")
     sh(BIN, "convert", f"{reg}/bench/{name}:v1", f"{reg}/bench/{name}:v1-lazyblk")
@@ -129,6 +141,16 @@ def build_image(name, work, reg, modes):
     if "lazyblk+autotrace" in bases:
         sh("skopeo", "copy", "--quiet", f"docker://{reg}/bench/{name}:v1-lazyblk",
            f"docker://{reg}/bench/{name}-autotraced:v1-lazyblk")
+
+
+def write_half_compressible(path, size):
+    """SIZE bytes that compress about 2:1: every 4 KiB block is 2 KiB of random bytes, then 2 KiB of
+    zeros."""
+    zeros = bytes(2048)
+    with open(path, "wb") as f:
+        for _ in range(size // (8 << 20)):
+            r = os.urandom(4 << 20)
+            f.write(b"".join(r[i:i + 2048] + zeros for i in range(0, len(r), 2048)))
 
 
 def build_indexes(name, work, reg):
