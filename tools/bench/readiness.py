@@ -258,11 +258,14 @@ def record_trace(env, reg, name):
     print(f"trace of {name}:\n{so}", file=sys.stderr)
     auto = recorded_trace(env, name)
     env.ctr("task", "kill", "-s", "SIGKILL", cname, check=False)
-    sh(BIN, "trace", "push", f"{reg}/bench/{name}-traced:v1-lazyblk", out)
+    bases = {base_mode(m) for m in MODES}
+    if "lazyblk+trace" in bases:
+        sh(BIN, "trace", "push", f"{reg}/bench/{name}-traced:v1-lazyblk", out)
     if auto:
         sh(BIN, "trace", "push", f"{reg}/bench/{name}-autotraced:v1-lazyblk", auto)
-    sh(BIN, "trace", "relayout", f"{reg}/bench/{name}:v1-lazyblk", f"{reg}/bench/{name}-relaid:v1-lazyblk",
-       "--trace", out)
+    if "lazyblk+relayout" in bases:
+        sh(BIN, "trace", "relayout", f"{reg}/bench/{name}:v1-lazyblk",
+           f"{reg}/bench/{name}-relaid:v1-lazyblk", "--trace", out)
 
 
 def recorded_trace(env, name, timeout=120):
