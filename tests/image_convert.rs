@@ -468,6 +468,45 @@ fn conversion_errors_are_clear_and_push_nothing() {
     );
 }
 
+/// Converts `test/img:v2` to `:v2-lazyblk` and writes a trace of `chunks` of its first layer to
+/// `tmp/t.json`; returns the converted manifest and the trace file.
+fn converted_with_a_trace_of_layer0(
+    reg: &Registry,
+    tmp: &tempfile::TempDir,
+    chunks: &[u64],
+) -> (serde_json::Value, PathBuf) {
+    let r = &reg.addr;
+    convert(&[
+        &format!("{r}/test/img:v2"),
+        &format!("{r}/test/img:v2-lazyblk"),
+    ]);
+    let converted = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
+    let index_digest =
+        &converted["layers"][0]["annotations"]["containerd.io/snapshot/lazyblk/index-digest"];
+    let trace = serde_json::json!({
+        "schemaVersion": 1,
+        "layers": [{"indexDigest": index_digest, "chunks": chunks}]
+    });
+    let tfile = tmp.path().join("t.json");
+    std::fs::write(&tfile, trace.to_string()).unwrap();
+    (converted, tfile)
+}
+
+/// `lazyblk trace relayout` of `test/img:v2-lazyblk` into `:v2-relaid` with the trace `tfile`; its
+/// output.
+fn relayout_v2(r: &str, tfile: &Path) -> String {
+    let out = run_ok(
+        lazyblk()
+            .args(["trace", "relayout"])
+            .arg(format!("{r}/test/img:v2-lazyblk"))
+            .arg(format!("{r}/test/img:v2-relaid"))
+            .arg("--trace")
+            .arg(tfile)
+            .arg("--plain-http"),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `lazyblk trace relayout` of a converted image: the traced chunks of the traced layer move right
 /// before its index (the descriptor says where they start), the disk inside is byte-identical, the
 /// other layer and the config are unchanged.
@@ -478,36 +517,10 @@ fn relayout_puts_the_traced_chunks_next_to_the_index() {
         return;
     };
     let r = &reg.addr;
-    convert(&[
-        &format!("{r}/test/img:v2"),
-        &format!("{r}/test/img:v2-lazyblk"),
-    ]);
-    let old = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
+    let (old, tfile) = converted_with_a_trace_of_layer0(&reg, &tmp, &[0, 5, 3, 40, 41, 7, 5]);
     let p = "containerd.io/snapshot/lazyblk/";
     let l0 = &old["layers"][0];
-    let index_digest = l0["annotations"][format!("{p}index-digest")]
-        .as_str()
-        .unwrap();
-    let startup = [0u64, 5, 3, 40, 41, 7, 5];
-    let trace = serde_json::json!({
-        "schemaVersion": 1,
-        "layers": [{"indexDigest": index_digest, "chunks": startup}]
-    });
-    let tfile = tmp.path().join("t.json");
-    std::fs::write(&tfile, trace.to_string()).unwrap();
-    let out = String::from_utf8(
-        run_ok(
-            lazyblk()
-                .args(["trace", "relayout"])
-                .arg(format!("{r}/test/img:v2-lazyblk"))
-                .arg(format!("{r}/test/img:v2-relaid"))
-                .arg("--trace")
-                .arg(&tfile)
-                .arg("--plain-http"),
-        )
-        .stdout,
-    )
-    .unwrap();
+    let out = relayout_v2(r, &tfile);
     assert!(out.contains("copied"), "{out}");
     let new = skopeo_raw(&format!("{r}/test/img:v2-relaid"));
     assert_eq!(new["config"], old["config"]);
@@ -588,30 +601,8 @@ fn convert_with_a_trace_pushes_the_relaid_image() {
         return;
     };
     let r = &reg.addr;
-    convert(&[
-        &format!("{r}/test/img:v2"),
-        &format!("{r}/test/img:v2-lazyblk"),
-    ]);
-    let plain = skopeo_raw(&format!("{r}/test/img:v2-lazyblk"));
-    let p = "containerd.io/snapshot/lazyblk/";
-    let index_digest = plain["layers"][0]["annotations"][format!("{p}index-digest")]
-        .as_str()
-        .unwrap();
-    let trace = serde_json::json!({
-        "schemaVersion": 1,
-        "layers": [{"indexDigest": index_digest, "chunks": [9, 2, 40, 0]}]
-    });
-    let tfile = tmp.path().join("t.json");
-    std::fs::write(&tfile, trace.to_string()).unwrap();
-    run_ok(
-        lazyblk()
-            .args(["trace", "relayout"])
-            .arg(format!("{r}/test/img:v2-lazyblk"))
-            .arg(format!("{r}/test/img:v2-relaid"))
-            .arg("--trace")
-            .arg(&tfile)
-            .arg("--plain-http"),
-    );
+    let (plain, tfile) = converted_with_a_trace_of_layer0(&reg, &tmp, &[9, 2, 40, 0]);
+    relayout_v2(r, &tfile);
     let work = tmp.path().join("work");
     std::fs::create_dir(&work).unwrap();
     std::fs::write(work.join("mine"), b"kept").unwrap();

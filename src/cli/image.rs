@@ -111,14 +111,11 @@ fn run_convert_relaid(
     opts: &ImageConvertOptions,
     json: bool,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let res = rt.block_on(crate::trace::relayout::convert_relaid(
-        src, dst, trace, opts,
-    ));
-    remove_default_work_dir(&opts.work_dir);
-    let (s, r) = res.with_context(|| format!("converting {src} with a trace"))?;
+    let (s, r) = run_job(
+        opts,
+        crate::trace::relayout::convert_relaid(src, dst, trace, opts),
+    )
+    .with_context(|| format!("converting {src} with a trace"))?;
     if json {
         let out = serde_json::json!({ "convert": s, "relayout": r });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -137,12 +134,20 @@ fn run_convert_relaid(
     Ok(())
 }
 
-/// Removes the work directory when it is this process's default one (a `--work-dir` the user gave
-/// is theirs: only what the job made inside it goes, with the job).
-fn remove_default_work_dir(dir: &std::path::Path) {
-    if dir == default_work_dir() {
-        let _ = std::fs::remove_dir_all(dir);
+/// Runs an image job on its own runtime, then removes its work directory when it is this process's
+/// default one (a `--work-dir` the user gave is theirs: only what the job made inside it goes).
+fn run_job<T>(
+    opts: &ImageConvertOptions,
+    job: impl std::future::Future<Output = Result<T, crate::image::ImageError>>,
+) -> Result<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let res = rt.block_on(job);
+    if opts.work_dir == default_work_dir() {
+        let _ = std::fs::remove_dir_all(&opts.work_dir);
     }
+    Ok(res?)
 }
 
 fn run_convert(
@@ -151,12 +156,8 @@ fn run_convert(
     opts: &ImageConvertOptions,
     json: bool,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let res = rt.block_on(convert_image(src, dst, opts));
-    remove_default_work_dir(&opts.work_dir);
-    let s = res.with_context(|| format!("converting {src}"))?;
+    let s = run_job(opts, convert_image(src, dst, opts))
+        .with_context(|| format!("converting {src}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
