@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use super::access::AccessLog;
 pub use super::access::ChunkAccess;
 use super::diskcache::DiskCache;
-use super::fill::FillGate;
+use super::fill::{FillGate, LayerActivity};
 use super::fill_order::{BatchLimit, FillOrder};
 use super::memcache::MemCache;
 use super::metrics::Metrics;
@@ -169,6 +169,8 @@ struct Inner {
     readahead: Readahead,
     /// The disk chunk after the latest demand read, for the fill to take next (`u64::MAX`: none).
     follow_hint: AtomicU64,
+    /// When this layer was last read on demand (for the node's fill gate).
+    activity: LayerActivity,
     cached: Mutex<Vec<bool>>,
     /// Decoded chunks whose disk-cache write is scheduled and not done: a reader is served from here
     /// instead of fetching them again (a fill's chunks are neither in memory nor in flight nor on
@@ -332,6 +334,7 @@ impl Engine {
                 disk_writes: AtomicUsize::new(0),
                 readahead: Readahead::new(opts.readahead_chunks, chunk_count),
                 follow_hint: AtomicU64::new(u64::MAX),
+                activity: LayerActivity::default(),
                 cached: Mutex::new(cached),
                 writing: Mutex::new(HashMap::new()),
                 opts,
@@ -526,6 +529,11 @@ impl Engine {
             .map_or(0, |e| e.fetched_bytes())
     }
 
+    /// When the layer was last read on demand (what the node's fill gate orders fills by).
+    pub fn activity(&self) -> &LayerActivity {
+        &self.inner.activity
+    }
+
     /// The layer's metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.inner.metrics.clone()
@@ -635,7 +643,11 @@ impl Engine {
         }
         inner.foreground.fetch_add(1, Relaxed);
         let _guard = Decrement(&inner.foreground);
-        let _node_demand = inner.opts.fill_gate.as_ref().map(|g| g.demand());
+        let _node_demand = inner
+            .opts
+            .fill_gate
+            .as_ref()
+            .map(|g| g.demand(&inner.activity));
         let deadline = Instant::now() + inner.opts.read_deadline;
         let parts = match tokio::time::timeout_at(
             deadline.into(),
@@ -1387,7 +1399,7 @@ impl Engine {
         let inner = &self.inner;
         let _permit = match &inner.opts.fill_gate {
             // The node's gate decides how much fill runs beside demand reads.
-            Some(g) => Some(g.admit(bytes).await),
+            Some(g) => Some(g.admit(bytes, &inner.activity).await),
             // Unscheduled (a single-layer process): this layer's reads always win.
             None => {
                 while inner.foreground.load(Relaxed) > 0 {

@@ -12,12 +12,28 @@
 //! batch at a time left the link half idle — docs/benchmarks.md, run T), each a quarter batch so a
 //! demand response queues behind little fill; with no demand read, up to `concurrency` full
 //! batches. `busy_concurrency` 0 pauses fills entirely while demand reads run.
+//!
+//! That holds for the layers being read. A layer no demand read has touched for [`QUIET`] (one the
+//! starting workload does not read, like 4 GiB of libraries it never loads) fills only once the
+//! node has had no demand read for [`QUIET`]: its fill would only take bandwidth and CPU from the
+//! start (docs/benchmarks.md, "A large image").
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
+
+/// How long after its last demand read a layer still counts as being read, and how long the node
+/// must have had no demand read before the layers nobody reads fill.
+pub const QUIET: Duration = Duration::from_secs(1);
+
+/// When a layer was last read on demand, as the node's [`FillGate`] saw it (one per engine).
+#[derive(Debug, Default)]
+pub struct LayerActivity {
+    /// Milliseconds since the gate's epoch, plus one; 0: never.
+    last_demand: AtomicU64,
+}
 
 /// Shared by every engine of a node (see the module docs).
 pub struct FillGate {
@@ -27,6 +43,10 @@ pub struct FillGate {
     bytes_per_sec: Option<u64>,
     next_free: Mutex<Instant>,
     demand: AtomicUsize,
+    /// The clock of the demand times (tokio's, so tests can pause it).
+    epoch: tokio::time::Instant,
+    /// When a demand read last started or ended on the node (as in [`LayerActivity`]).
+    last_demand: AtomicU64,
 }
 
 /// A fill batch's right to run; dropping it frees the slot.
@@ -57,13 +77,40 @@ impl FillGate {
             bytes_per_sec: bytes_per_sec.filter(|&r| r > 0),
             next_free: Mutex::new(Instant::now()),
             demand: AtomicUsize::new(0),
+            epoch: tokio::time::Instant::now(),
+            last_demand: AtomicU64::new(0),
         }
     }
 
-    /// Marks a demand read in progress somewhere on the node (until the guard drops).
-    pub fn demand(&self) -> DemandGuard<'_> {
+    /// Now on the clock of the demand times (never 0).
+    fn tick(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether a demand time `t` is within [`QUIET`] of now.
+    fn recent(&self, t: u64) -> bool {
+        t != 0 && self.tick().saturating_sub(t) < QUIET.as_millis() as u64
+    }
+
+    /// Marks a demand read of `layer` in progress (until the guard drops).
+    pub fn demand<'a>(&'a self, layer: &'a LayerActivity) -> DemandGuard<'a> {
         self.demand.fetch_add(1, Relaxed);
-        DemandGuard(self)
+        self.mark(layer);
+        DemandGuard { gate: self, layer }
+    }
+
+    fn mark(&self, layer: &LayerActivity) {
+        let now = self.tick();
+        self.last_demand.store(now, Relaxed);
+        layer.last_demand.store(now, Relaxed);
+    }
+
+    /// Whether a fill batch of `layer` must wait for the node to go quiet: the node serves demand
+    /// reads (now or within [`QUIET`]) and none of them were `layer`'s lately.
+    fn waits_for_quiet(&self, layer: &LayerActivity) -> bool {
+        let node_busy =
+            self.demand.load(Relaxed) > 0 || self.recent(self.last_demand.load(Relaxed));
+        node_busy && !self.recent(layer.last_demand.load(Relaxed))
     }
 
     /// How many stored bytes the next fill batch should ask for, of a full batch of `full`: a
@@ -83,8 +130,11 @@ impl FillGate {
         self.running.load(Relaxed)
     }
 
-    /// Takes a running place if the demand rule allows one now.
-    fn try_run(&self) -> bool {
+    /// Takes a running place if the demand rules allow one now.
+    fn try_run(&self, layer: &LayerActivity) -> bool {
+        if self.waits_for_quiet(layer) {
+            return false;
+        }
         self.running
             .fetch_update(Relaxed, Relaxed, |r| {
                 (self.demand.load(Relaxed) == 0 || r < self.busy_concurrency).then_some(r + 1)
@@ -92,13 +142,14 @@ impl FillGate {
             .is_ok()
     }
 
-    /// Waits until a batch of `bytes` may be fetched: a free slot (first come, first served), fewer
-    /// than `busy_concurrency` batches running if a demand read runs on the node, and its share of
+    /// Waits until a batch of `bytes` of `layer` may be fetched: a free slot (first come, first
+    /// served), fewer than `busy_concurrency` batches running if a demand read runs on the node, no
+    /// demand read elsewhere on the node for [`QUIET`] if `layer` is not being read, and its share of
     /// the node's bandwidth.
-    pub async fn admit(&self, bytes: u64) -> FillPermit<'_> {
+    pub async fn admit(&self, bytes: u64, layer: &LayerActivity) -> FillPermit<'_> {
         loop {
             let slot = self.slots.acquire().await.expect("fill gate never closes");
-            if !self.try_run() {
+            if !self.try_run(layer) {
                 drop(slot);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
@@ -122,11 +173,16 @@ impl FillGate {
 }
 
 /// See [`FillGate::demand`].
-pub struct DemandGuard<'a>(&'a FillGate);
+pub struct DemandGuard<'a> {
+    gate: &'a FillGate,
+    layer: &'a LayerActivity,
+}
 
 impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
-        self.0.demand.fetch_sub(1, Relaxed);
+        // A read that ended just now counts as recent, however long it took.
+        self.gate.mark(self.layer);
+        self.gate.demand.fetch_sub(1, Relaxed);
     }
 }
 
@@ -144,7 +200,7 @@ mod tests {
             .map(|_| {
                 let (gate, running, peak) = (gate.clone(), running.clone(), peak.clone());
                 tokio::spawn(async move {
-                    let _p = gate.admit(1).await;
+                    let _p = gate.admit(1, &LayerActivity::default()).await;
                     let n = running.fetch_add(1, Relaxed) + 1;
                     peak.fetch_max(n, Relaxed);
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -163,7 +219,7 @@ mod tests {
         let gate = FillGate::new(4, 4, Some(1 << 20));
         let t = tokio::time::Instant::now();
         for _ in 0..4 {
-            drop(gate.admit(512 << 10).await);
+            drop(gate.admit(512 << 10, &LayerActivity::default()).await);
         }
         // Four half-MiB batches at 1 MiB/s: the last may start only after 1.5 s.
         assert!(
@@ -176,10 +232,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn demand_reads_pause_fills_when_no_busy_slot_is_allowed() {
         let gate = Arc::new(FillGate::new(1, 0, None));
-        let guard = gate.demand();
-        let g = gate.clone();
+        let read = Arc::new(LayerActivity::default());
+        let guard = gate.demand(&read);
+        let (g, r) = (gate.clone(), read.clone());
         let fill = tokio::spawn(async move {
-            drop(g.admit(1).await);
+            drop(g.admit(1, &r).await);
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!fill.is_finished());
@@ -191,7 +248,8 @@ mod tests {
     fn batches_shrink_while_demand_reads_run() {
         let gate = FillGate::new(4, 1, None);
         assert_eq!(gate.batch_bytes(4 << 20), 4 << 20);
-        let guard = gate.demand();
+        let read = LayerActivity::default();
+        let guard = gate.demand(&read);
         assert_eq!(gate.batch_bytes(4 << 20), 1 << 20);
         drop(guard);
         assert_eq!(gate.batch_bytes(4 << 20), 4 << 20);
@@ -200,12 +258,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn demand_reads_leave_the_busy_slots_to_fills() {
         let gate = Arc::new(FillGate::new(4, 1, None));
-        let guard = gate.demand();
-        let first = gate.admit(1).await;
+        let read = Arc::new(LayerActivity::default());
+        let guard = gate.demand(&read);
+        let first = gate.admit(1, &read).await;
         assert_eq!(gate.running(), 1);
-        let g = gate.clone();
+        let (g, r) = (gate.clone(), read.clone());
         let second = tokio::spawn(async move {
-            let _p = g.admit(1).await;
+            let _p = g.admit(1, &r).await;
             g.running()
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -218,5 +277,32 @@ mod tests {
         assert_eq!(second.await.unwrap(), 2);
         drop(first);
         assert_eq!(gate.running(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_layer_nobody_reads_fills_once_the_node_is_quiet() {
+        let gate = Arc::new(FillGate::new(4, 4, None));
+        let (read, unread) = (
+            Arc::new(LayerActivity::default()),
+            Arc::new(LayerActivity::default()),
+        );
+        // Before any demand read, every layer fills.
+        drop(gate.admit(1, &unread).await);
+        let guard = gate.demand(&read);
+        let (g, u) = (gate.clone(), unread.clone());
+        let cold = tokio::spawn(async move {
+            drop(g.admit(1, &u).await);
+            tokio::time::Instant::now()
+        });
+        // The layer being read fills beside its reads; the other waits.
+        drop(gate.admit(1, &read).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!cold.is_finished(), "an unread layer filled during a read");
+        let ended = tokio::time::Instant::now();
+        drop(guard);
+        // ... and for QUIET after the node's last demand read.
+        let started = cold.await.unwrap();
+        assert!(started - ended >= QUIET, "{:?}", started - ended);
+        assert!(started - ended < QUIET + Duration::from_millis(50));
     }
 }

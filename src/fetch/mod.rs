@@ -27,7 +27,7 @@ pub mod tls;
 
 pub use engine::{Engine, EngineOptions};
 pub use external::ExternalData;
-pub use fill::FillGate;
+pub use fill::{FillGate, LayerActivity};
 pub use memcache::MemCache;
 pub use metrics::Metrics;
 pub use remote::{FetchError, RangeReader};

@@ -941,7 +941,7 @@ async fn copy_original(
         return None;
     };
     let started = Instant::now();
-    match copy.download(size, Some(&node.fill)).await {
+    match copy.download(size, Some((&node.fill, e.activity()))).await {
         Ok(()) => {
             tracing::info!(layer = %e.name(), bytes = size, seconds = started.elapsed().as_secs_f64(), "original layer copied to the node");
             Some(r)

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::fetch::fill::FillGate;
+use crate::fetch::fill::{FillGate, LayerActivity};
 use crate::fetch::remote::{FetchError, RangeReader};
 use crate::fetch::BoxFuture;
 
@@ -142,16 +142,21 @@ impl LocalCopy {
     }
 
     /// Downloads the layer (`size` bytes, from the verified span table) into the file, in order, a
-    /// piece at a time through `gate`, skipping what demand reads brought already. Returns when the
-    /// copy is complete, or the first piece that failed for good.
-    pub async fn download(&self, size: u64, gate: Option<&FillGate>) -> Result<(), String> {
+    /// piece at a time through `gate` (as a fill of the layer whose demand reads are `layer`),
+    /// skipping what demand reads brought already. Returns when the copy is complete, or the first
+    /// piece that failed for good.
+    pub async fn download(
+        &self,
+        size: u64,
+        gate: Option<(&FillGate, &LayerActivity)>,
+    ) -> Result<(), String> {
         use futures::StreamExt;
         self.size.store(size, Relaxed);
         let mut next = 0;
         let mut running = futures::stream::FuturesOrdered::new();
         loop {
             while running.len() < DEPTH {
-                let len = gate.map_or(PIECE, |g| g.batch_bytes(PIECE));
+                let len = gate.map_or(PIECE, |(g, _)| g.batch_bytes(PIECE));
                 let Some(r) = self.next_gap(next, len, size) else {
                     break;
                 };
@@ -181,12 +186,12 @@ impl LocalCopy {
     async fn piece(
         &self,
         r: Range<u64>,
-        gate: Option<&FillGate>,
+        gate: Option<(&FillGate, &LayerActivity)>,
     ) -> Result<(Range<u64>, Bytes), String> {
         let mut tries = 0;
         loop {
             let _permit = match gate {
-                Some(g) => Some(g.admit(r.end - r.start).await),
+                Some((g, layer)) => Some(g.admit(r.end - r.start, layer).await),
                 None => None,
             };
             let res = self.remote.read_range(r.clone()).await;
@@ -395,7 +400,9 @@ mod tests {
         let copy = Arc::new(LocalCopy::create(remote, &tmp.path().join("copy")).unwrap());
         assert!(!copy.covers(&(0..1)));
         let gate = FillGate::new(2, 1, None);
-        copy.download(data.len() as u64, Some(&gate)).await.unwrap();
+        copy.download(data.len() as u64, Some((&gate, &LayerActivity::default())))
+            .await
+            .unwrap();
         assert!(copy.complete());
         assert_eq!(copy.downloaded_bytes(), data.len() as u64);
         let r = (5 << 20) - 7..(5 << 20) + 1000;
