@@ -16,7 +16,8 @@
 //! That holds for the layers being read. A layer no demand read has touched for [`QUIET`] (one the
 //! starting workload does not read, like 4 GiB of libraries it never loads) fills only once the
 //! node has had no demand read for [`QUIET`]: its fill would only take bandwidth and CPU from the
-//! start (docs/benchmarks.md, "A large image").
+//! start (docs/benchmarks.md, "A large image"). It waits so for at most [`MAX_DEFER`] per busy
+//! spell, so a node that never goes quiet still fills every layer.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -28,11 +29,16 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 /// must have had no demand read before the layers nobody reads fill.
 pub const QUIET: Duration = Duration::from_secs(1);
 
+/// The longest a layer nobody reads waits for the node to go quiet, per busy spell.
+pub const MAX_DEFER: Duration = Duration::from_secs(30);
+
 /// When a layer was last read on demand, as the node's [`FillGate`] saw it (one per engine).
 #[derive(Debug, Default)]
 pub struct LayerActivity {
     /// Milliseconds since the gate's epoch, plus one; 0: never.
     last_demand: AtomicU64,
+    /// Since when its fill waits for the node to go quiet (same clock; 0: it does not wait).
+    deferred_since: AtomicU64,
 }
 
 /// Shared by every engine of a node (see the module docs).
@@ -106,11 +112,27 @@ impl FillGate {
     }
 
     /// Whether a fill batch of `layer` must wait for the node to go quiet: the node serves demand
-    /// reads (now or within [`QUIET`]) and none of them were `layer`'s lately.
+    /// reads (now or within [`QUIET`]), none of them were `layer`'s lately, and it has not waited
+    /// for [`MAX_DEFER`] already in this busy spell.
     fn waits_for_quiet(&self, layer: &LayerActivity) -> bool {
         let node_busy =
             self.demand.load(Relaxed) > 0 || self.recent(self.last_demand.load(Relaxed));
-        node_busy && !self.recent(layer.last_demand.load(Relaxed))
+        if !node_busy {
+            layer.deferred_since.store(0, Relaxed);
+            return false;
+        }
+        if self.recent(layer.last_demand.load(Relaxed)) {
+            return false;
+        }
+        let now = self.tick();
+        let since = match layer
+            .deferred_since
+            .compare_exchange(0, now, Relaxed, Relaxed)
+        {
+            Ok(_) => now,
+            Err(t) => t,
+        };
+        now - since < MAX_DEFER.as_millis() as u64
     }
 
     /// How many stored bytes the next fill batch should ask for, of a full batch of `full`: a
@@ -304,5 +326,20 @@ mod tests {
         let started = cold.await.unwrap();
         assert!(started - ended >= QUIET, "{:?}", started - ended);
         assert!(started - ended < QUIET + Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_goes_quiet_still_fills_every_layer() {
+        let gate = Arc::new(FillGate::new(4, 4, None));
+        let (read, unread) = (LayerActivity::default(), LayerActivity::default());
+        let _reading = gate.demand(&read);
+        let t = tokio::time::Instant::now();
+        drop(gate.admit(1, &unread).await);
+        assert!(t.elapsed() >= MAX_DEFER, "{:?}", t.elapsed());
+        assert!(t.elapsed() < MAX_DEFER + Duration::from_millis(50));
+        // Within the same busy spell it no longer waits.
+        let t = tokio::time::Instant::now();
+        drop(gate.admit(1, &unread).await);
+        assert!(t.elapsed() < Duration::from_millis(50));
     }
 }
