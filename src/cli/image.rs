@@ -121,12 +121,7 @@ fn run_convert_relaid(
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    for l in &r.layers {
-        println!(
-            "{} -> {}  {} startup chunks ({} bytes) before the index",
-            l.source_digest, l.target_digest, l.startup_chunks, l.startup_bytes
-        );
-    }
+    super::trace::print_relaid_layers(&r);
     println!(
         "{src} -> {} {}: {} -> {} bytes, {:.1}s",
         r.target, r.manifest_digest, s.source_bytes, s.target_bytes, s.seconds

@@ -274,6 +274,13 @@ async fn relayout(a: RelayoutArgs) -> Result<()> {
         let _ = std::fs::remove_dir(&work);
     }
     let r = r?;
+    print_relaid_layers(&r);
+    println!("{} {}", r.target, r.manifest_digest);
+    Ok(())
+}
+
+/// One line per layer of a relayout: copied, or where its startup chunks went.
+pub(super) fn print_relaid_layers(r: &crate::trace::relayout::RelayoutReport) {
     for l in &r.layers {
         if l.startup_chunks == 0 {
             println!("{}  copied", l.source_digest);
@@ -284,6 +291,4 @@ async fn relayout(a: RelayoutArgs) -> Result<()> {
             );
         }
     }
-    println!("{} {}", r.target, r.manifest_digest);
-    Ok(())
 }

@@ -26,19 +26,28 @@ pub struct Window {
     pub only_after_start: bool,
 }
 
+/// The published access logs under `run_dir` (`devices/*.access.json`), with the directory's errors.
+fn access_logs(
+    run_dir: &Path,
+) -> std::io::Result<impl Iterator<Item = std::io::Result<std::path::PathBuf>>> {
+    let suffix = format!(".{}", super::publish::ACCESS_SUFFIX);
+    Ok(std::fs::read_dir(run_dir.join("devices"))?
+        .map(|e| e.map(|e| e.path()))
+        .filter(move |p| {
+            p.as_ref().map_or(true, |p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(&suffix))
+            })
+        }))
+}
+
 /// Reads every `devices/*.access.json` under `run_dir` and keeps the accesses inside `window`, per
 /// layer (index digest), in first-read order. Layers with no access in the window are left out.
 pub fn collect(run_dir: &Path, window: Window) -> std::io::Result<Trace> {
     let mut by_layer: BTreeMap<String, (String, Vec<(u64, u64)>)> = BTreeMap::new();
-    let dir = run_dir.join("devices");
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if !name.ends_with(".access.json") {
-            continue;
-        }
+    for path in access_logs(run_dir)? {
+        let path = path?;
         let f: AccessFile = match std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -100,16 +109,10 @@ pub fn count_first_reads(run_dir: &Path, layers: &HashSet<String>) -> usize {
         index_digest: String,
         accesses: Vec<serde::de::IgnoredAny>,
     }
-    let Ok(dir) = std::fs::read_dir(run_dir.join("devices")) else {
+    let Ok(logs) = access_logs(run_dir) else {
         return 0;
     };
-    dir.filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(".access.json"))
-        })
-        .filter_map(|p| serde_json::from_slice::<Counted>(&std::fs::read(p).ok()?).ok())
+    logs.filter_map(|p| serde_json::from_slice::<Counted>(&std::fs::read(p.ok()?).ok()?).ok())
         .filter(|c| layers.contains(&c.index_digest))
         .map(|c| c.accesses.len())
         .sum()
