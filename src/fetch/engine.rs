@@ -605,6 +605,9 @@ impl Engine {
             .metrics
             .mem_hits
             .fetch_add(parts.iter().flatten().count() as u64, Relaxed);
+        if let Some(g) = &inner.opts.fill_gate {
+            g.local_read();
+        }
         self.note_read(offset, len, chunks.clone());
         let mut skip = (offset - idx.chunk_offset(chunks.start)) as usize;
         let mut done = 0;
@@ -647,7 +650,7 @@ impl Engine {
             .opts
             .fill_gate
             .as_ref()
-            .map(|g| g.demand(&inner.activity));
+            .map(|g| g.demand(&inner.activity, !self.is_local(chunks.clone())));
         let deadline = Instant::now() + inner.opts.read_deadline;
         let parts = match tokio::time::timeout_at(
             deadline.into(),
@@ -1223,6 +1226,18 @@ impl Engine {
             });
         }
         out
+    }
+
+    /// Whether a read of `chunks` can be served without fetching: each is a zero chunk, local (see
+    /// [`Engine::mark_cached`]) or in memory.
+    fn is_local(&self, chunks: std::ops::Range<u64>) -> bool {
+        let inner = &self.inner;
+        let cached = inner.cached.lock().expect("cached lock");
+        chunks.into_iter().all(|c| {
+            cached[c as usize]
+                || inner.index.entry(c).kind == ChunkKind::Zero
+                || inner.mem.contains(inner.mem_id, c)
+        })
     }
 
     /// Records chunk `c` as local (in the disk cache, or in memory without one).

@@ -13,11 +13,17 @@
 //! demand response queues behind little fill; with no demand read, up to `concurrency` full
 //! batches. `busy_concurrency` 0 pauses fills entirely while demand reads run.
 //!
-//! That holds for the layers being read. A layer no demand read has touched for [`QUIET`] (one the
-//! starting workload does not read, like 4 GiB of libraries it never loads) fills only once the
-//! node has had no demand read for [`QUIET`]: its fill would only take bandwidth and CPU from the
-//! start (docs/benchmarks.md, "A large image"). It waits so for at most [`MAX_DEFER`] per busy
-//! spell, so a node that never goes quiet still fills every layer.
+//! That holds for the layers being read. A layer that has not had to fetch for a demand read in the
+//! last [`QUIET`] (one the starting workload does not read, like 4 GiB of libraries it never loads)
+//! fills only once the node has had no demand read for [`QUIET`]: its fill would only take
+//! bandwidth and CPU from the start (docs/benchmarks.md, "A large image"). It waits so for at most
+//! [`MAX_DEFER`] per busy spell, so a node that never goes quiet still fills every layer.
+//!
+//! Only a read that waits for chunks that are not local marks its layer as being read; every read
+//! marks the node busy. A mount and overlayfs's lookups read a few metadata blocks of *every* layer,
+//! which the startup region or a trace replay has made local: those reads say nothing about which
+//! layer the workload needs, and counting them let a layer nobody reads fill for a second at every
+//! container start.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -98,21 +104,30 @@ impl FillGate {
         t != 0 && self.tick().saturating_sub(t) < QUIET.as_millis() as u64
     }
 
-    /// Marks a demand read of `layer` in progress (until the guard drops).
-    pub fn demand<'a>(&'a self, layer: &'a LayerActivity) -> DemandGuard<'a> {
+    /// Marks a demand read in progress on the node (until the guard drops); `fetching`: it waits
+    /// for chunks of `layer` that are not local, which marks `layer` as being read.
+    pub fn demand<'a>(&'a self, layer: &'a LayerActivity, fetching: bool) -> DemandGuard<'a> {
         self.demand.fetch_add(1, Relaxed);
+        let layer = fetching.then_some(layer);
         self.mark(layer);
         DemandGuard { gate: self, layer }
     }
 
-    fn mark(&self, layer: &LayerActivity) {
+    /// Marks a demand read served at once from memory: the node is busy, no layer is being read.
+    pub fn local_read(&self) {
+        self.mark(None);
+    }
+
+    fn mark(&self, layer: Option<&LayerActivity>) {
         let now = self.tick();
         self.last_demand.store(now, Relaxed);
-        layer.last_demand.store(now, Relaxed);
+        if let Some(layer) = layer {
+            layer.last_demand.store(now, Relaxed);
+        }
     }
 
     /// Whether a fill batch of `layer` must wait for the node to go quiet: the node serves demand
-    /// reads (now or within [`QUIET`]), none of them were `layer`'s lately, and it has not waited
+    /// reads (now or within [`QUIET`]), none of them fetched for `layer` lately, and it has not waited
     /// for [`MAX_DEFER`] already in this busy spell.
     fn waits_for_quiet(&self, layer: &LayerActivity) -> bool {
         let node_busy =
@@ -197,7 +212,7 @@ impl FillGate {
 /// See [`FillGate::demand`].
 pub struct DemandGuard<'a> {
     gate: &'a FillGate,
-    layer: &'a LayerActivity,
+    layer: Option<&'a LayerActivity>,
 }
 
 impl Drop for DemandGuard<'_> {
@@ -255,7 +270,7 @@ mod tests {
     async fn demand_reads_pause_fills_when_no_busy_slot_is_allowed() {
         let gate = Arc::new(FillGate::new(1, 0, None));
         let read = Arc::new(LayerActivity::default());
-        let guard = gate.demand(&read);
+        let guard = gate.demand(&read, true);
         let (g, r) = (gate.clone(), read.clone());
         let fill = tokio::spawn(async move {
             drop(g.admit(1, &r).await);
@@ -271,7 +286,7 @@ mod tests {
         let gate = FillGate::new(4, 1, None);
         assert_eq!(gate.batch_bytes(4 << 20), 4 << 20);
         let read = LayerActivity::default();
-        let guard = gate.demand(&read);
+        let guard = gate.demand(&read, true);
         assert_eq!(gate.batch_bytes(4 << 20), 1 << 20);
         drop(guard);
         assert_eq!(gate.batch_bytes(4 << 20), 4 << 20);
@@ -281,7 +296,7 @@ mod tests {
     async fn demand_reads_leave_the_busy_slots_to_fills() {
         let gate = Arc::new(FillGate::new(4, 1, None));
         let read = Arc::new(LayerActivity::default());
-        let guard = gate.demand(&read);
+        let guard = gate.demand(&read, true);
         let first = gate.admit(1, &read).await;
         assert_eq!(gate.running(), 1);
         let (g, r) = (gate.clone(), read.clone());
@@ -310,7 +325,7 @@ mod tests {
         );
         // Before any demand read, every layer fills.
         drop(gate.admit(1, &unread).await);
-        let guard = gate.demand(&read);
+        let guard = gate.demand(&read, true);
         let (g, u) = (gate.clone(), unread.clone());
         let cold = tokio::spawn(async move {
             drop(g.admit(1, &u).await);
@@ -329,10 +344,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn reads_of_local_chunks_keep_the_node_busy_but_mark_no_layer() {
+        let gate = FillGate::new(4, 4, None);
+        let (mounted, other) = (LayerActivity::default(), LayerActivity::default());
+        // A mount reads `mounted`'s local superblock, and the workload's reads hit memory: neither
+        // layer is being read, so both wait for the node to go quiet.
+        for layer in [&mounted, &other] {
+            drop(gate.demand(&mounted, false));
+            gate.local_read();
+            let t = tokio::time::Instant::now();
+            drop(gate.admit(1, layer).await);
+            assert!(t.elapsed() >= QUIET, "{:?}", t.elapsed());
+        }
+        // A read that fetches marks its layer: it fills beside the reads at once.
+        let _reading = gate.demand(&other, true);
+        let t = tokio::time::Instant::now();
+        drop(gate.admit(1, &other).await);
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_node_that_never_goes_quiet_still_fills_every_layer() {
         let gate = Arc::new(FillGate::new(4, 4, None));
         let (read, unread) = (LayerActivity::default(), LayerActivity::default());
-        let _reading = gate.demand(&read);
+        let _reading = gate.demand(&read, true);
         let t = tokio::time::Instant::now();
         drop(gate.admit(1, &unread).await);
         assert!(t.elapsed() >= MAX_DEFER, "{:?}", t.elapsed());
