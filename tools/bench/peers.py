@@ -190,21 +190,28 @@ class Soci(Peer):
 
 
 def push_blob(reg, repo, path, ctx):
-    """Uploads the file at `path` as a blob of REG/REPO (monolithic upload); returns (digest, size)."""
+    """Uploads the file at `path` as a blob of REG/REPO (monolithic upload, streamed from the file:
+    a Nydus blob of a large image is several GB); returns (digest, size)."""
     import hashlib
     import urllib.request
-    data = open(path, "rb").read()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    digest = "sha256:" + h.hexdigest()
+    size = os.path.getsize(path)
     req = urllib.request.Request(f"https://{reg}/v2/{repo}/blobs/uploads/", method="POST", data=b"")
     with urllib.request.urlopen(req, context=ctx) as r:
         loc = r.headers["Location"]
     if loc.startswith("/"):
         loc = f"https://{reg}{loc}"
     sep = "&" if "?" in loc else "?"
-    req = urllib.request.Request(f"{loc}{sep}digest={digest}", method="PUT", data=data,
-                                 headers={"Content-Type": "application/octet-stream"})
-    urllib.request.urlopen(req, context=ctx).close()
-    return digest, len(data)
+    with open(path, "rb") as body:
+        req = urllib.request.Request(f"{loc}{sep}digest={digest}", method="PUT", data=body,
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "Content-Length": str(size)})
+        urllib.request.urlopen(req, context=ctx).close()
+    return digest, size
 
 
 def push_manifest(reg, repo, tag, manifest, ctx):
