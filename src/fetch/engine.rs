@@ -314,6 +314,9 @@ impl Engine {
                 }
             }
         }
+        if let Some(g) = &opts.fill_gate {
+            g.attached();
+        }
         Engine {
             inner: Arc::new(Inner {
                 name: remote.describe(),
