@@ -29,12 +29,17 @@
 //! at once, and until it has read something no layer is known to be needed, so its first reads
 //! should not queue behind full batches of every layer (on a 200 Mbit/s link, four 4 MiB batches
 //! are 0.7 s).
+//!
+//! A batch that may not run yet sleeps until what holds it back can have changed, never polls: a
+//! layer waiting for the node to go quiet wakes when the quiet time or its [`MAX_DEFER`] can have
+//! come (at most once per [`QUIET`] while demand reads run) or when its own layer starts being read;
+//! a batch held back by `busy_concurrency` wakes when a batch ends or the last demand read does.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 /// How long after its last demand read a layer still counts as being read, and how long the node
 /// must have had no demand read before the layers nobody reads fill.
@@ -50,6 +55,8 @@ pub struct LayerActivity {
     last_demand: AtomicU64,
     /// Since when its fill waits for the node to go quiet (same clock; 0: it does not wait).
     deferred_since: AtomicU64,
+    /// Woken when the layer starts being read (its batches waiting for quiet may run).
+    read: Notify,
 }
 
 /// Shared by every engine of a node (see the module docs).
@@ -64,6 +71,21 @@ pub struct FillGate {
     epoch: tokio::time::Instant,
     /// When a demand read last started or ended on the node (as in [`LayerActivity`]).
     last_demand: AtomicU64,
+    /// Woken when a batch ends or the node's last demand read does (batches held back by
+    /// `busy_concurrency` may run).
+    changed: Notify,
+    /// Admission checks made, for the tests that prove waiting batches do not poll.
+    #[cfg(test)]
+    checks: AtomicUsize,
+}
+
+/// Why a fill batch may not run yet.
+enum Wait {
+    /// Its layer waits for the node to go quiet: until this moment at the latest, or until the
+    /// layer is read.
+    Quiet(tokio::time::Instant),
+    /// `busy_concurrency` batches run beside demand reads: until one ends or the demand does.
+    Busy,
 }
 
 /// A fill batch's right to run; dropping it frees the slot.
@@ -75,6 +97,7 @@ pub struct FillPermit<'a> {
 impl Drop for FillPermit<'_> {
     fn drop(&mut self) {
         self.gate.running.fetch_sub(1, Relaxed);
+        self.gate.changed.notify_waiters();
     }
 }
 
@@ -96,7 +119,17 @@ impl FillGate {
             demand: AtomicUsize::new(0),
             epoch: tokio::time::Instant::now(),
             last_demand: AtomicU64::new(0),
+            changed: Notify::new(),
+            #[cfg(test)]
+            checks: AtomicUsize::new(0),
         }
+    }
+
+    /// A moment at which the clock reads more than `tick` ([`FillGate::tick`] truncates to the
+    /// millisecond: waking up to a millisecond late is what keeps a waiter from spinning through
+    /// that last millisecond).
+    fn instant_of(&self, tick: u64) -> tokio::time::Instant {
+        self.epoch + Duration::from_millis(tick)
     }
 
     /// Now on the clock of the demand times (never 0).
@@ -132,22 +165,27 @@ impl FillGate {
         let now = self.tick();
         self.last_demand.store(now, Relaxed);
         if let Some(layer) = layer {
-            layer.last_demand.store(now, Relaxed);
+            // Batches wait for their layer to be read only while it is not: wake them when it
+            // starts to be (a waiter registers before it looks, so it sees this or is woken).
+            if !self.recent(layer.last_demand.swap(now, Relaxed)) {
+                layer.read.notify_waiters();
+            }
         }
     }
 
-    /// Whether a fill batch of `layer` must wait for the node to go quiet: the node serves demand
-    /// reads (now or within [`QUIET`]), none of them fetched for `layer` lately, and it has not waited
-    /// for [`MAX_DEFER`] already in this busy spell.
-    fn waits_for_quiet(&self, layer: &LayerActivity) -> bool {
-        let node_busy =
-            self.demand.load(Relaxed) > 0 || self.recent(self.last_demand.load(Relaxed));
-        if !node_busy {
+    /// Until when a fill batch of `layer` must wait for the node to go quiet (`None`: it need not):
+    /// the node serves demand reads (now or within [`QUIET`]), none of them fetched for `layer`
+    /// lately, and it has not waited for [`MAX_DEFER`] already in this busy spell. The moment
+    /// returned is the earliest at which that can have changed without the layer being read.
+    fn waits_for_quiet(&self, layer: &LayerActivity) -> Option<tokio::time::Instant> {
+        let demand_now = self.demand.load(Relaxed) > 0;
+        let last = self.last_demand.load(Relaxed);
+        if !demand_now && !self.recent(last) {
             layer.deferred_since.store(0, Relaxed);
-            return false;
+            return None;
         }
         if self.recent(layer.last_demand.load(Relaxed)) {
-            return false;
+            return None;
         }
         let now = self.tick();
         let since = match layer
@@ -157,7 +195,13 @@ impl FillGate {
             Ok(_) => now,
             Err(t) => t,
         };
-        now - since < MAX_DEFER.as_millis() as u64
+        let defer_ends = since + MAX_DEFER.as_millis() as u64;
+        if now >= defer_ends {
+            return None;
+        }
+        // A read in progress ends no earlier than now, and the node is quiet QUIET after it.
+        let quiet_at = if demand_now { now } else { last } + QUIET.as_millis() as u64;
+        Some(self.instant_of(quiet_at.min(defer_ends)))
     }
 
     /// How many stored bytes the next fill batch should ask for, of a full batch of `full`: a
@@ -177,16 +221,19 @@ impl FillGate {
         self.running.load(Relaxed)
     }
 
-    /// Takes a running place if the demand rules allow one now.
-    fn try_run(&self, layer: &LayerActivity) -> bool {
-        if self.waits_for_quiet(layer) {
-            return false;
+    /// Takes a running place if the demand rules allow one now, or says what to wait for.
+    fn try_run(&self, layer: &LayerActivity) -> Result<(), Wait> {
+        #[cfg(test)]
+        self.checks.fetch_add(1, Relaxed);
+        if let Some(until) = self.waits_for_quiet(layer) {
+            return Err(Wait::Quiet(until));
         }
         self.running
             .fetch_update(Relaxed, Relaxed, |r| {
                 (self.demand.load(Relaxed) == 0 || r < self.busy_concurrency).then_some(r + 1)
             })
-            .is_ok()
+            .map(|_| ())
+            .map_err(|_| Wait::Busy)
     }
 
     /// Waits until a batch of `bytes` of `layer` may be fetched: a free slot (first come, first
@@ -196,9 +243,21 @@ impl FillGate {
     pub async fn admit(&self, bytes: u64, layer: &LayerActivity) -> FillPermit<'_> {
         loop {
             let slot = self.slots.acquire().await.expect("fill gate never closes");
-            if !self.try_run(layer) {
+            // Registered before the check, so a change between the check and the wait wakes it.
+            let changed = self.changed.notified();
+            let read = layer.read.notified();
+            tokio::pin!(changed, read);
+            changed.as_mut().enable();
+            read.as_mut().enable();
+            if let Err(wait) = self.try_run(layer) {
                 drop(slot);
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                match wait {
+                    Wait::Quiet(until) => tokio::select! {
+                        _ = read => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                    },
+                    Wait::Busy => changed.await,
+                }
                 continue;
             }
             let permit = FillPermit {
@@ -229,7 +288,9 @@ impl Drop for DemandGuard<'_> {
     fn drop(&mut self) {
         // A read that ended just now counts as recent, however long it took.
         self.gate.mark(self.layer);
-        self.gate.demand.fetch_sub(1, Relaxed);
+        if self.gate.demand.fetch_sub(1, Relaxed) == 1 {
+            self.gate.changed.notify_waiters();
+        }
     }
 }
 
@@ -386,6 +447,68 @@ mod tests {
         let t = tokio::time::Instant::now();
         drop(gate.admit(1, &read).await);
         assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waiting_for_quiet_sleeps_instead_of_polling() {
+        let gate = Arc::new(FillGate::new(4, 4, None));
+        let (read, unread) = (LayerActivity::default(), LayerActivity::default());
+        let _reading = gate.demand(&read, true);
+        drop(gate.admit(1, &unread).await);
+        // 30 s of waiting: about one check per QUIET (polling every 5 ms made 6,000).
+        let checks = gate.checks.load(Relaxed);
+        assert!(
+            checks <= 2 + (MAX_DEFER.as_secs() as usize),
+            "{checks} checks"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waiting_for_quiet_runs_as_soon_as_its_layer_is_read() {
+        let gate = Arc::new(FillGate::new(4, 4, None));
+        let (read, unread) = (
+            Arc::new(LayerActivity::default()),
+            Arc::new(LayerActivity::default()),
+        );
+        let _reading = gate.demand(&read, true);
+        let (g, u) = (gate.clone(), unread.clone());
+        let waiting = tokio::spawn(async move {
+            drop(g.admit(1, &u).await);
+            tokio::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished());
+        let marked = tokio::time::Instant::now();
+        let _now_read = gate.demand(&unread, true);
+        let ran = waiting.await.unwrap();
+        assert!(
+            ran - marked < Duration::from_millis(20),
+            "{:?}",
+            ran - marked
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_held_back_beside_demand_reads_sleeps_until_a_batch_ends() {
+        let gate = Arc::new(FillGate::new(4, 1, None));
+        let read = Arc::new(LayerActivity::default());
+        let _reading = gate.demand(&read, true);
+        let first = gate.admit(1, &read).await;
+        let (g, r) = (gate.clone(), read.clone());
+        let second = tokio::spawn(async move {
+            drop(g.admit(1, &r).await);
+            tokio::time::Instant::now()
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!second.is_finished());
+        let checks = gate.checks.load(Relaxed);
+        assert!(checks <= 3, "{checks} checks in 10 s");
+        // The layer is still being read (a read started 10 s ago no longer says so by itself).
+        let _still_reading = gate.demand(&read, true);
+        let ended = tokio::time::Instant::now();
+        drop(first);
+        let ran = second.await.unwrap();
+        assert!(ran - ended < Duration::from_millis(20), "{:?}", ran - ended);
     }
 
     #[tokio::test(start_paused = true)]
