@@ -299,6 +299,13 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// How long a batch of `layer` waited to be admitted.
+    async fn wait_to_admit(gate: &FillGate, layer: &LayerActivity) -> Duration {
+        let t = tokio::time::Instant::now();
+        drop(gate.admit(1, layer).await);
+        t.elapsed()
+    }
+
     #[tokio::test]
     async fn batches_take_turns_within_the_concurrency_limit() {
         let gate = Arc::new(FillGate::new(2, 2, None));
@@ -423,15 +430,13 @@ mod tests {
         for layer in [&mounted, &other] {
             drop(gate.demand(&mounted, false));
             gate.local_read();
-            let t = tokio::time::Instant::now();
-            drop(gate.admit(1, layer).await);
-            assert!(t.elapsed() >= QUIET, "{:?}", t.elapsed());
+            let waited = wait_to_admit(&gate, layer).await;
+            assert!(waited >= QUIET, "{:?}", waited);
         }
         // A read that fetches marks its layer: it fills beside the reads at once.
         let _reading = gate.demand(&other, true);
-        let t = tokio::time::Instant::now();
-        drop(gate.admit(1, &other).await);
-        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        let waited = wait_to_admit(&gate, &other).await;
+        assert!(waited < Duration::from_millis(50), "{:?}", waited);
     }
 
     #[tokio::test(start_paused = true)]
@@ -439,14 +444,12 @@ mod tests {
         let gate = FillGate::new(4, 4, None);
         let (read, unread) = (LayerActivity::default(), LayerActivity::default());
         gate.attached();
-        let t = tokio::time::Instant::now();
-        drop(gate.admit(1, &unread).await);
-        assert!(t.elapsed() >= QUIET, "{:?}", t.elapsed());
+        let waited = wait_to_admit(&gate, &unread).await;
+        assert!(waited >= QUIET, "{:?}", waited);
         gate.attached();
         let _reading = gate.demand(&read, true);
-        let t = tokio::time::Instant::now();
-        drop(gate.admit(1, &read).await);
-        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+        let waited = wait_to_admit(&gate, &read).await;
+        assert!(waited < Duration::from_millis(50), "{:?}", waited);
     }
 
     #[tokio::test(start_paused = true)]
@@ -516,13 +519,11 @@ mod tests {
         let gate = Arc::new(FillGate::new(4, 4, None));
         let (read, unread) = (LayerActivity::default(), LayerActivity::default());
         let _reading = gate.demand(&read, true);
-        let t = tokio::time::Instant::now();
-        drop(gate.admit(1, &unread).await);
-        assert!(t.elapsed() >= MAX_DEFER, "{:?}", t.elapsed());
-        assert!(t.elapsed() < MAX_DEFER + Duration::from_millis(50));
+        let waited = wait_to_admit(&gate, &unread).await;
+        assert!(waited >= MAX_DEFER, "{:?}", waited);
+        assert!(waited < MAX_DEFER + Duration::from_millis(50));
         // Within the same busy spell it no longer waits.
-        let t = tokio::time::Instant::now();
-        drop(gate.admit(1, &unread).await);
-        assert!(t.elapsed() < Duration::from_millis(50));
+        let waited = wait_to_admit(&gate, &unread).await;
+        assert!(waited < Duration::from_millis(50));
     }
 }
