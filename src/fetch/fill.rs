@@ -299,6 +299,18 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// When a batch of `layer`, queued now, is admitted.
+    fn admitted_at(
+        gate: &Arc<FillGate>,
+        layer: &Arc<LayerActivity>,
+    ) -> tokio::task::JoinHandle<tokio::time::Instant> {
+        let (gate, layer) = (gate.clone(), layer.clone());
+        tokio::spawn(async move {
+            drop(gate.admit(1, &layer).await);
+            tokio::time::Instant::now()
+        })
+    }
+
     /// How long a batch of `layer` waited to be admitted.
     async fn wait_to_admit(gate: &FillGate, layer: &LayerActivity) -> Duration {
         let t = tokio::time::Instant::now();
@@ -404,11 +416,7 @@ mod tests {
         // With no demand read and no attach lately, every layer fills.
         drop(gate.admit(1, &unread).await);
         let guard = gate.demand(&read, true);
-        let (g, u) = (gate.clone(), unread.clone());
-        let cold = tokio::spawn(async move {
-            drop(g.admit(1, &u).await);
-            tokio::time::Instant::now()
-        });
+        let cold = admitted_at(&gate, &unread);
         // The layer being read fills beside its reads; the other waits.
         drop(gate.admit(1, &read).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -474,11 +482,7 @@ mod tests {
             Arc::new(LayerActivity::default()),
         );
         let _reading = gate.demand(&read, true);
-        let (g, u) = (gate.clone(), unread.clone());
-        let waiting = tokio::spawn(async move {
-            drop(g.admit(1, &u).await);
-            tokio::time::Instant::now()
-        });
+        let waiting = admitted_at(&gate, &unread);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!waiting.is_finished());
         let marked = tokio::time::Instant::now();
@@ -497,11 +501,7 @@ mod tests {
         let read = Arc::new(LayerActivity::default());
         let _reading = gate.demand(&read, true);
         let first = gate.admit(1, &read).await;
-        let (g, r) = (gate.clone(), read.clone());
-        let second = tokio::spawn(async move {
-            drop(g.admit(1, &r).await);
-            tokio::time::Instant::now()
-        });
+        let second = admitted_at(&gate, &read);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!second.is_finished());
         let checks = gate.checks.load(Relaxed);
