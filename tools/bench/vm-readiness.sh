@@ -31,15 +31,11 @@ cp "$soci_bin/soci" "$soci_bin/soci-snapshotter-grpc" "$payload/bin/"
 (cd "$work" && apt-get download fuse3 >/dev/null 2>&1 && dpkg-deb -x fuse3_*.deb "$work/fuse3")
 cp "$work/fuse3/bin/fusermount3" "$payload/bin/" && ln -s fusermount3 "$payload/bin/fusermount"
 : >"$payload/soci.toml"
-# TLS for the guest's registry: a CA that only the guest's processes trust (SSL_CERT_FILE).
-host=lazyblk-bench.test
+# TLS for the guest's registry: the host benchmark's throwaway CA and certificate for its host name
+# (peers.make_tls), trusted only by the guest's processes (SSL_CERT_FILE).
+PYTHONPATH=tools/bench python3 -c 'import peers, sys; peers.make_tls(sys.argv[1])' "$work"
 mkdir -p "$payload/tls"
-openssl req -x509 -newkey rsa:2048 -nodes -keyout "$work/ca.key" -out "$payload/tls/ca.pem" -days 2 \
-  -subj "/CN=lazyblk VM benchmark CA" 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout "$payload/tls/server.key" -out "$work/server.csr" -subj "/CN=$host" 2>/dev/null
-printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\n' "$host" >"$work/ext.cnf"
-openssl x509 -req -in "$work/server.csr" -CA "$payload/tls/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
-  -out "$payload/tls/server.pem" -days 2 -extfile "$work/ext.cnf" 2>/dev/null
+cp "$work/tls/ca.pem" "$work/tls/server.pem" "$work/tls/server.key" "$payload/tls/"
 tools/make-rootfs-layer.sh "$PWD/.cache" nginx nginx-light >/dev/null
 umoci init --layout "$work/layout" >/dev/null
 umoci new --image "$work/layout:v1" >/dev/null
