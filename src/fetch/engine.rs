@@ -114,6 +114,22 @@ pub enum IndexLocation {
 
 type ChunkResult = Option<Result<Bytes, String>>;
 
+/// A chunk being fetched: where its result will appear, and the lane of the fetch.
+struct InFlight {
+    rx: watch::Receiver<ChunkResult>,
+    lane: super::lane::Lane,
+}
+
+impl InFlight {
+    /// A fetch by the running task (on its lane).
+    fn new(rx: watch::Receiver<ChunkResult>) -> InFlight {
+        InFlight {
+            rx,
+            lane: super::lane::current(),
+        }
+    }
+}
+
 /// Largest startup region fetched together with the index, in bytes.
 pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 
@@ -159,7 +175,7 @@ struct Inner {
     mem: Arc<MemCache>,
     /// This layer's keys in `mem`.
     mem_id: u64,
-    inflight: Mutex<HashMap<u64, watch::Receiver<ChunkResult>>>,
+    inflight: Mutex<HashMap<u64, InFlight>>,
     fetch_slots: Semaphore,
     foreground: AtomicUsize,
     /// Background disk-cache write tasks running now.
@@ -478,7 +494,7 @@ impl Engine {
                 continue;
             }
             let (tx, rx) = watch::channel(None);
-            inflight.insert(c, rx);
+            inflight.insert(c, InFlight::new(rx));
             lead.push((c, tx));
         }
         lead
@@ -553,7 +569,12 @@ impl Engine {
         let inner = &self.inner;
         inner.metrics.reads.fetch_add(1, Relaxed);
         let res = self.read_inner(offset, len).await;
-        inner.metrics.read_latency.observe(started.elapsed());
+        let took = started.elapsed();
+        inner.metrics.read_latency.observe(took);
+        if took >= Duration::from_millis(1) {
+            // What a start waits for, read by read (`--log lazyblk::fetch=debug`).
+            tracing::debug!(layer = %inner.name, offset, len, seconds = took.as_secs_f64(), "read waited");
+        }
         match &res {
             Ok(b) => {
                 inner.metrics.read_bytes.fetch_add(b.len() as u64, Relaxed);
@@ -751,6 +772,9 @@ impl Engine {
         let mut out: Vec<Option<Bytes>> = vec![None; n];
         let mut waits: Vec<(usize, u64, watch::Receiver<ChunkResult>)> = Vec::new();
         let mut lead: Vec<(u64, watch::Sender<ChunkResult>)> = Vec::new();
+        // Chunks the background fill is fetching that a demand read fetches itself (see below).
+        let mut detour: Vec<(usize, u64)> = Vec::new();
+        let demand = super::lane::current() == super::lane::Lane::Demand;
         {
             let mut inflight = inner.inflight.lock().expect("inflight lock");
             for (i, c) in chunks.clone().enumerate() {
@@ -769,19 +793,41 @@ impl Engine {
                     continue;
                 }
                 inner.metrics.mem_misses.fetch_add(1, Relaxed);
-                if let Some(rx) = inflight.get(&c) {
-                    waits.push((i, c, rx.clone()));
+                if let Some(f) = inflight.get(&c) {
+                    // A demand read does not wait for a bulk fetch: that is a whole fill batch
+                    // (megabytes, on connections the fill keeps busy), and the read needs one
+                    // chunk. It fetches the chunk on the demand lane; the fill still stores it.
+                    if demand && f.lane == super::lane::Lane::Bulk && e.is_stored() {
+                        detour.push((i, c));
+                    } else {
+                        waits.push((i, c, f.rx.clone()));
+                    }
                     continue;
                 }
                 let (tx, rx) = watch::channel(None);
-                inflight.insert(c, rx.clone());
+                inflight.insert(c, InFlight::new(rx.clone()));
                 waits.push((i, c, rx));
                 lead.push((c, tx));
             }
         }
         if !lead.is_empty() {
             let me = self.clone();
-            tokio::spawn(async move { me.fetch_chunks(lead, deadline, to_memory).await });
+            // The fetch keeps the reader's lane (a fill's goes on the bulk connections).
+            let fetch = async move { me.fetch_chunks(lead, deadline, to_memory).await };
+            tokio::spawn(super::lane::within(super::lane::current(), fetch));
+        }
+        if !detour.is_empty() {
+            for (c, b) in self
+                .fetch_detour(detour.iter().map(|&(_, c)| c), deadline)
+                .await?
+            {
+                let i = detour
+                    .iter()
+                    .find(|&&(_, d)| d == c)
+                    .expect("a detour chunk")
+                    .0;
+                out[i] = Some(b);
+            }
         }
         for (i, c, mut rx) in waits {
             let r = rx.wait_for(|v| v.is_some()).await;
@@ -795,6 +841,37 @@ impl Engine {
             .into_iter()
             .map(|b| b.expect("every chunk resolved"))
             .collect())
+    }
+
+    /// `chunks` (in flight on the bulk lane) fetched, verified and decoded on the demand lane for
+    /// one reader, without claiming them: the fill's fetch still stores them. Kept in memory, so
+    /// the next reads of them do not wait for the fill either.
+    async fn fetch_detour(
+        &self,
+        chunks: impl Iterator<Item = u64>,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Bytes)>, (u64, String)> {
+        let inner = &self.inner;
+        let plan = inner.index.plan_chunks(chunks, inner.opts.plan);
+        let mut out = Vec::new();
+        for f in plan.fetches {
+            let decoded = self
+                .fetch_checked(&f, deadline, |me, chunks, stored_of| {
+                    me.decode_range(chunks.iter().copied(), stored_of)
+                })
+                .await
+                .map_err(|e| (f.chunks[0], e))?;
+            for (c, b, _) in decoded {
+                inner.metrics.demand_detours.fetch_add(1, Relaxed);
+                inner.mem.put(inner.mem_id, c, b.clone());
+                out.push((c, b));
+            }
+        }
+        debug_assert!(
+            plan.external_chunks.is_empty(),
+            "only stored chunks take a detour"
+        );
+        Ok(out)
     }
 
     /// Resolves `lead` chunks: disk cache first, then coalesced range fetches.
@@ -1373,7 +1450,12 @@ impl Engine {
                 if batch.is_empty() {
                     break;
                 }
-                running.push(self.fill_batch(batch, bytes, bytes_per_sec));
+                // On the bulk lane: its own connections, so demand reads never queue behind it.
+                running.push(super::lane::bulk(self.fill_batch(
+                    batch,
+                    bytes,
+                    bytes_per_sec,
+                )));
             }
             match running.next().await {
                 Some(r) => r?,

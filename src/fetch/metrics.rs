@@ -89,6 +89,9 @@ pub struct Metrics {
     pub startup_region_chunks: AtomicU64,
     /// Chunks fetched ahead of the workload by a trace replay.
     pub trace_prefetched: AtomicU64,
+    /// Chunks a demand read fetched itself rather than wait for the fill's fetch of them
+    /// ([`super::lane`]).
+    pub demand_detours: AtomicU64,
     /// Errors by cause.
     pub errors: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -168,7 +171,7 @@ pub fn gauge(labels: &[(&'static str, String)], v: f64) -> Metric {
 /// exposition stays valid with any number of layers.
 pub fn layer_families(layers: &[(LayerLabels, Arc<Metrics>)]) -> Vec<MetricFamily> {
     type Get = fn(&Metrics) -> u64;
-    let counters: [(&str, &str, Get); 12] = [
+    let counters: [(&str, &str, Get); 13] = [
         ("lazyblk_reads_total", "Reads of the virtual disk.", |m| {
             m.reads.load(Relaxed)
         }),
@@ -221,6 +224,11 @@ pub fn layer_families(layers: &[(LayerLabels, Arc<Metrics>)]) -> Vec<MetricFamil
             "lazyblk_trace_prefetched_chunks_total",
             "Chunks fetched ahead of the workload by a startup-trace replay.",
             |m| m.trace_prefetched.load(Relaxed),
+        ),
+        (
+            "lazyblk_demand_detour_chunks_total",
+            "Chunks a demand read fetched itself instead of waiting for the background fill's fetch of them.",
+            |m| m.demand_detours.load(Relaxed),
         ),
         (
             "lazyblk_fill_chunks_total",

@@ -16,6 +16,7 @@ pub mod fill;
 pub mod fill_order;
 pub mod hosts;
 pub mod keychain;
+pub mod lane;
 pub mod memcache;
 pub mod metrics;
 pub mod readahead;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use reqwest::header::{HeaderValue, AUTHORIZATION, LOCATION, RANGE, WWW_AUTHENTICATE};
 use reqwest::{StatusCode, Url};
 
+use super::lane::{self, Lane};
 use super::remote::{classify, head_size, ranged_body, redact, FetchError, RangeReader};
 use super::BoxFuture;
 
@@ -110,10 +111,26 @@ pub struct RepoClient {
     /// Repository path.
     pub repository: String,
     endpoints: Vec<Endpoint>,
-    /// One HTTP client per endpoint (its TLS settings), same order as `endpoints`.
-    clients: Vec<reqwest::Client>,
+    /// Per endpoint (same order as `endpoints`), an HTTP client of its TLS settings for each lane:
+    /// demand reads and bulk fetches never share a connection ([`super::lane`]).
+    clients: Vec<Lanes>,
     push: bool,
     auth: super::auth::Authorizer,
+}
+
+/// An endpoint's HTTP clients, one per [`Lane`].
+struct Lanes {
+    demand: reqwest::Client,
+    bulk: reqwest::Client,
+}
+
+impl Lanes {
+    fn on(&self, lane: Lane) -> &reqwest::Client {
+        match lane {
+            Lane::Demand => &self.demand,
+            Lane::Bulk => &self.bulk,
+        }
+    }
 }
 
 /// `scheme://host:port` of `u` (the unit credentials and tokens are scoped to).
@@ -189,11 +206,17 @@ impl RepoClient {
         let mut creds = std::collections::HashMap::new();
         let mut clients = Vec::with_capacity(endpoints.len());
         for ep in &endpoints {
-            clients.push(if ep.tls.is_default() {
-                client.clone()
-            } else {
-                super::tls::shared_client(&ep.tls, build_client)
-                    .map_err(|e| format!("TLS settings for {}: {e}", ep.base))?
+            let on = |lane| {
+                super::tls::shared_client_on(lane, &ep.tls, build_client)
+                    .map_err(|e| format!("TLS settings for {}: {e}", ep.base))
+            };
+            clients.push(Lanes {
+                demand: if ep.tls.is_default() {
+                    client.clone()
+                } else {
+                    on(Lane::Demand)?
+                },
+                bulk: on(Lane::Bulk)?,
             });
             let Some(host) = credential_host(ep, registry) else {
                 continue;
@@ -223,7 +246,7 @@ impl RepoClient {
     }
 
     /// The HTTP client for requests to `url`: its endpoint's (TLS settings), or the registry
-    /// server's for anything else (a redirect to object storage).
+    /// server's for anything else (a redirect to object storage); the running task's lane's.
     pub fn http_for(&self, url: &Url) -> &reqwest::Client {
         let origin = origin_of(url);
         let i = self
@@ -231,14 +254,15 @@ impl RepoClient {
             .iter()
             .position(|e| origin_of(&e.base) == origin)
             .unwrap_or(self.endpoints.len() - 1);
-        &self.clients[i]
+        self.clients[i].on(lane::current())
     }
 
-    /// The registry server's HTTP client.
+    /// The registry server's HTTP client (the running task's lane's).
     pub fn http(&self) -> &reqwest::Client {
         self.clients
             .last()
             .expect("endpoints always end with the server")
+            .on(lane::current())
     }
 
     /// Tokens fetched from token realms so far.

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::lane::Lane;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -124,20 +126,33 @@ pub fn client_builder(s: &TlsSettings) -> Result<reqwest::ClientBuilder, String>
 }
 
 /// One client per TLS setting, built by `make` on first use and shared after (one pool per host kind).
+/// The demand lane's (see [`shared_client_on`]).
 pub fn shared_client(
     s: &TlsSettings,
     make: impl FnOnce(&TlsSettings) -> Result<reqwest::Client, String>,
 ) -> Result<reqwest::Client, String> {
-    static CLIENTS: OnceLock<Mutex<HashMap<TlsSettings, reqwest::Client>>> = OnceLock::new();
+    shared_client_on(Lane::Demand, s, make)
+}
+
+/// [`shared_client`] for `lane`: each lane has its own clients, hence its own connections
+/// ([`super::lane`]).
+pub fn shared_client_on(
+    lane: Lane,
+    s: &TlsSettings,
+    make: impl FnOnce(&TlsSettings) -> Result<reqwest::Client, String>,
+) -> Result<reqwest::Client, String> {
+    type Clients = HashMap<(Lane, TlsSettings), reqwest::Client>;
+    static CLIENTS: OnceLock<Mutex<Clients>> = OnceLock::new();
     let mut clients = CLIENTS
         .get_or_init(Default::default)
         .lock()
         .expect("tls clients lock");
-    if let Some(c) = clients.get(s) {
+    let key = (lane, s.clone());
+    if let Some(c) = clients.get(&key) {
         return Ok(c.clone());
     }
     let c = make(s)?;
-    clients.insert(s.clone(), c.clone());
+    clients.insert(key, c.clone());
     Ok(c)
 }
 

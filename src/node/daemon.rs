@@ -346,6 +346,7 @@ impl Node {
             return Ok(st);
         }
         let health = Arc::new(Health::default());
+        let started = std::time::Instant::now();
         let (opts, original) = self.source_options(&spec, &health)?;
         let engine = open_source_in(&spec.source, &opts, Some(&self.inner.sessions))
             .await
@@ -355,11 +356,19 @@ impl Node {
                     crate::fetch::source::shown(&spec.source)
                 ))
             })?;
+        let opened = started.elapsed();
         let me = self.clone();
         let (spec2, engine2) = (spec.clone(), engine.clone());
         let attachment = tokio::task::spawn_blocking(move || me.attach_device(&spec2, &engine2))
             .await
             .map_err(|e| NodeError::Failed(format!("attach task: {e}")))??;
+        // Where an attach's time goes (issue 15: what a container's start waits for).
+        tracing::info!(
+            device = %attachment.state().device,
+            open_seconds = opened.as_secs_f64(),
+            device_seconds = (started.elapsed() - opened).as_secs_f64(),
+            "layer attached"
+        );
         self.adopted(spec, engine, attachment, health, original, kind::ATTACHED)
     }
 
@@ -941,7 +950,9 @@ async fn copy_original(
         return None;
     };
     let started = Instant::now();
-    match copy.download(size, Some((&node.fill, e.activity()))).await {
+    // On the bulk lane, like the fill: a demand read never shares a connection with the copy.
+    let download = copy.download(size, Some((&node.fill, e.activity())));
+    match crate::fetch::lane::bulk(download).await {
         Ok(()) => {
             tracing::info!(layer = %e.name(), bytes = size, seconds = started.elapsed().as_secs_f64(), "original layer copied to the node");
             Some(r)

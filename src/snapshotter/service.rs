@@ -827,10 +827,13 @@ impl Snapshotter {
             self.chain_of(&store, key)?
         };
         // Slow work (attaching remote layers) after the transaction.
+        let started = std::time::Instant::now();
         match self.mounts_from(&s, &parents) {
             Ok(m) => {
                 // A container's root (an unpack's Prepare names its target chain instead).
                 if kind == Kind::Active && target.is_none() {
+                    // How long a container's start waited here (issue 15: what start costs).
+                    tracing::info!(snapshot = %key, layers = parents.len(), seconds = started.elapsed().as_secs_f64(), "container root prepared");
                     self.record_first_start(&parents);
                 }
                 Ok(m)
