@@ -460,6 +460,59 @@ async fn the_metadata_region_arrives_with_the_index() {
         .is_none());
 }
 
+/// A startup region is served only up to its decoded bound: chunks of repeated bytes compress to
+/// tens of bytes, so a region within the stored bound could decode to the whole disk (an untrusted
+/// annotation names it). The rest is fetched when read, and every read is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_startup_region_is_served_only_up_to_its_decoded_bound() {
+    use lazyblk::fetch::engine::MAX_STARTUP_DECODED;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = LayerTar::new();
+    for i in 0..96 {
+        t.file(
+            &format!("f{i}"),
+            DEF,
+            format!("{i:>7}\n").repeat(1 << 17).as_bytes(),
+        );
+    }
+    let tar = dir.path().join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = dir.path().join("l.blob");
+    let s = convert(&tar, &blob);
+    let raw = dir.path().join("l.img");
+    export(&blob, &raw);
+    let raw = std::fs::read(&raw).unwrap();
+    let b = &s["blob"];
+    let index_offset = b["index_offset"].as_u64().unwrap();
+    let digest = lazyblk_image_format::parse_digest(b["index_digest"].as_str().unwrap()).unwrap();
+    let srv = FaultyServer::start(std::fs::read(&blob).unwrap()).await;
+    let mut o = opts(Duration::from_secs(60));
+    o.index = Some((index_offset, b["index_length"].as_u64().unwrap(), digest));
+    // The whole blob as the "startup region": a few hundred KiB stored, ~100 MiB decoded.
+    o.startup_offset = Some(0);
+    let e = open_source(&srv.url, &o).await.unwrap();
+    let m = e.metrics();
+    let cs = e.index().chunk_size();
+    let size = e.index().image_size();
+    assert!(
+        size > MAX_STARTUP_DECODED + (16 << 20),
+        "the disk must outgrow the bound"
+    );
+    assert_eq!(m.fetches.load(Relaxed), 1);
+    let got = read_all(&e).await.unwrap();
+    assert!(got == raw);
+    let seeded = m.startup_region_chunks.load(Relaxed);
+    assert!(
+        seeded > 0 && seeded <= MAX_STARTUP_DECODED / cs,
+        "{seeded} chunks seeded"
+    );
+    assert!(
+        m.fetches.load(Relaxed) > 1,
+        "what the bound left out was fetched"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relaid_out_blob_serves_its_startup_region_from_the_index_request() {
     use lazyblk_image_format::{Footer, Index, IndexLimits, FOOTER_LEN};

@@ -120,19 +120,29 @@ fn blob(dir: &std::path::Path) -> std::path::PathBuf {
     blob
 }
 
-#[test]
-fn the_fill_never_shares_a_connection_with_demand_reads() {
-    let Some(reg) = Registry::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let blob = blob(dir.path());
-    let size = std::fs::metadata(&blob).unwrap().len();
-    let digest = reg.push("lazyblk/lanes", &blob);
+/// [`blob`] pushed to `reg` as `repo`: the blob file and its digest.
+fn pushed(reg: &Registry, dir: &std::path::Path, repo: &str) -> (std::path::PathBuf, String) {
+    let blob = blob(dir);
+    let digest = reg.push(repo, &blob);
+    (blob, digest)
+}
+
+/// The tests' runtime (built after the registry push, which runs one of its own).
+fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
         .unwrap()
-        .block_on(check_lanes(&reg, size, &digest));
+}
+
+#[test]
+fn the_fill_never_shares_a_connection_with_demand_reads() {
+    let Some(reg) = Registry::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, digest) = pushed(&reg, dir.path(), "lazyblk/lanes");
+    let size = std::fs::metadata(&blob).unwrap().len();
+    runtime().block_on(check_lanes(&reg, size, &digest));
 }
 
 async fn check_lanes(reg: &Registry, size: u64, digest: &str) {
@@ -192,67 +202,61 @@ fn options() -> SourceOptions {
 fn a_demand_read_does_not_wait_for_the_fill_fetching_its_chunk() {
     let Some(reg) = Registry::start() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let blob = blob(dir.path());
+    let (blob, digest) = pushed(&reg, dir.path(), "lazyblk/detour");
     let raw = dir.path().join("l.img");
     export(&blob, &raw);
     let raw = std::fs::read(&raw).unwrap();
-    let digest = reg.push("lazyblk/detour", &blob);
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            let relay = Relay::start(reg.addr.clone()).await;
-            let src = format!("{}/lazyblk/detour@{digest}", relay.addr);
-            let e = open_source(&src, &options()).await.unwrap();
-            // The fill's connections answer nothing until the test says so.
-            relay.hold.send_replace(true);
-            let filler = e.clone();
-            let fill = tokio::spawn(async move { filler.background_fill(None).await });
-            // A range the fill has asked for and not received.
-            let asked = loop {
-                let r = relay
-                    .ranges
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .skip(1)
-                    .flatten()
-                    .copied()
-                    .next();
-                if let Some(r) = r {
-                    break r;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            };
-            let idx = e.index();
-            let c = (0..idx.chunk_count())
-                .find(|&c| {
-                    let b = idx.entry(c).blob_range();
-                    !b.is_empty() && b.start >= asked.0 && b.end <= asked.1 + 1
-                })
-                .expect("a stored chunk inside the fill's request");
-            let off = idx.chunk_offset(c);
-            // With the fill's answer held back, the read is answered all the same: on the demand
-            // connection. (The timeout only turns a hang, the old behaviour, into a failure.)
-            let got = tokio::time::timeout(std::time::Duration::from_secs(60), e.read(off, 4096))
-                .await
-                .expect("the demand read waited for the fill's held fetch")
-                .unwrap();
-            assert!(got[..] == raw[off as usize..off as usize + 4096]);
-            assert!(
-                e.metrics()
-                    .demand_detours
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    >= 1
-            );
-            assert!(!fill.is_finished());
-            // The fill, released, completes and stores every chunk, that one included.
-            relay.hold.send_replace(false);
-            fill.await.unwrap().unwrap();
-            assert_eq!(e.metrics().fill_ratio(), 1.0);
-            let again = e.read(off, 4096).await.unwrap();
-            assert!(again[..] == raw[off as usize..off as usize + 4096]);
-        });
+    runtime().block_on(async {
+        let relay = Relay::start(reg.addr.clone()).await;
+        let src = format!("{}/lazyblk/detour@{digest}", relay.addr);
+        let e = open_source(&src, &options()).await.unwrap();
+        // The fill's connections answer nothing until the test says so.
+        relay.hold.send_replace(true);
+        let filler = e.clone();
+        let fill = tokio::spawn(async move { filler.background_fill(None).await });
+        // A range the fill has asked for and not received.
+        let asked = loop {
+            let r = relay
+                .ranges
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(1)
+                .flatten()
+                .copied()
+                .next();
+            if let Some(r) = r {
+                break r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let idx = e.index();
+        let c = (0..idx.chunk_count())
+            .find(|&c| {
+                let b = idx.entry(c).blob_range();
+                !b.is_empty() && b.start >= asked.0 && b.end <= asked.1 + 1
+            })
+            .expect("a stored chunk inside the fill's request");
+        let off = idx.chunk_offset(c);
+        // With the fill's answer held back, the read is answered all the same: on the demand
+        // connection. (The timeout only turns a hang, the old behaviour, into a failure.)
+        let got = tokio::time::timeout(std::time::Duration::from_secs(60), e.read(off, 4096))
+            .await
+            .expect("the demand read waited for the fill's held fetch")
+            .unwrap();
+        assert!(got[..] == raw[off as usize..off as usize + 4096]);
+        assert!(
+            e.metrics()
+                .demand_detours
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        assert!(!fill.is_finished());
+        // The fill, released, completes and stores every chunk, that one included.
+        relay.hold.send_replace(false);
+        fill.await.unwrap().unwrap();
+        assert_eq!(e.metrics().fill_ratio(), 1.0);
+        let again = e.read(off, 4096).await.unwrap();
+        assert!(again[..] == raw[off as usize..off as usize + 4096]);
+    });
 }

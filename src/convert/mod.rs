@@ -45,8 +45,11 @@ pub struct ConvertOptions {
 
 /// Default [`ConvertOptions::metadata_region_bytes`].
 pub const DEFAULT_METADATA_REGION: u64 = 8 << 20;
-/// Most decoded bytes a metadata startup region may hold (a reader decodes it at once).
-pub const MAX_METADATA_REGION_DECODED: u64 = 32 << 20;
+/// Most decoded bytes a metadata startup region may hold: what a reader serves from one
+/// ([`crate::fetch::engine::MAX_STARTUP_DECODED`]). 32 MiB left the root directory of the torch
+/// image's layer (35 MB of directories and extent blocks after its file data) outside the region,
+/// so every start read it from the registry (docs/benchmarks.md, run W).
+pub const MAX_METADATA_REGION_DECODED: u64 = crate::fetch::engine::MAX_STARTUP_DECODED;
 
 /// Default [`ConvertOptions::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: u64 = 4_000_000;

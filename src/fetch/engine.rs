@@ -133,6 +133,14 @@ impl InFlight {
 /// Largest startup region fetched together with the index, in bytes.
 pub const MAX_STARTUP_REGION: u64 = 64 << 20;
 
+/// Most decoded bytes served from a startup region (its first chunks; the rest are fetched when
+/// read). The stored bound above does not bound this: chunks of repeated bytes compress to tens of
+/// bytes, so a hostile region could otherwise decode to the whole disk.
+pub const MAX_STARTUP_DECODED: u64 = 64 << 20;
+
+/// Decoded bytes of a startup region held at once while it is verified, decoded and cached.
+const SEED_BATCH_DECODED: u64 = 8 << 20;
+
 /// A trace replay fetches this many stored bytes per window.
 const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
 /// Most decoded bytes one fill batch or replay window holds (whatever they compress to).
@@ -1330,20 +1338,27 @@ impl Engine {
     }
 
     /// Serves the chunks stored wholly inside `bytes` (blob bytes from `start`, fetched with the index
-    /// when the blob has a startup region): they are registered as in flight at once (so readers wait
-    /// for them instead of fetching), then verified and decoded off the runtime and put in the memory
-    /// cache (up to half of it) and the disk cache.
+    /// when the blob has a startup region), up to [`MAX_STARTUP_DECODED`] decoded: they are
+    /// registered as in flight at once (so readers wait for them instead of fetching), then verified
+    /// and decoded off the runtime, [`SEED_BATCH_DECODED`] at a time, and put in the memory cache
+    /// (up to half of it) and the disk cache.
     fn seed(&self, start: u64, bytes: Bytes) {
         let inner = &self.inner;
         let end = start + bytes.len() as u64;
+        let mut decoded_total = 0u64;
         let in_region = inner
             .index
             .entries()
             .iter()
             .enumerate()
-            .filter_map(|(c, e)| {
+            .filter(|(_, e)| {
                 let r = e.blob_range();
-                (e.is_stored() && r.start >= start && r.end <= end).then_some(c as u64)
+                e.is_stored() && r.start >= start && r.end <= end
+            })
+            .map(|(c, _)| c as u64)
+            .take_while(|&c| {
+                decoded_total += inner.index.chunk_len(c) as u64;
+                decoded_total <= MAX_STARTUP_DECODED
             });
         let lead = self.claim(in_region);
         if lead.is_empty() {
@@ -1352,41 +1367,44 @@ impl Engine {
         let me = self.clone();
         let task = async move {
             let inner = &me.inner;
-            let wanted: Vec<u64> = lead.iter().map(|(c, _)| *c).collect();
-            let dec = me.clone();
-            let decoded = tokio::task::spawn_blocking(move || {
-                wanted
-                    .into_iter()
-                    .map(|c| {
-                        let r = dec.inner.index.entry(c).blob_range();
-                        let stored =
-                            bytes.slice((r.start - start) as usize..(r.end - start) as usize);
-                        (c, dec.decode(c, &stored).map(|b| (b, stored)))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
-            let mut ok = Vec::new();
-            for (c, r) in decoded {
-                match r {
-                    Ok((b, stored)) => ok.push((c, b, stored)),
-                    Err(e) => {
-                        inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
-                        tracing::warn!(layer = %inner.name, chunk = c, error = %e, "startup region chunk failed verification; refetching it");
-                    }
-                }
-            }
             let mut budget = inner.opts.mem_cache_bytes / 2;
             let mut senders: HashMap<u64, watch::Sender<ChunkResult>> = lead.into_iter().collect();
-            inner
-                .metrics
-                .startup_region_chunks
-                .fetch_add(ok.len() as u64, Relaxed);
-            for (c, b) in me.store_fetched(ok) {
-                let to_memory = budget >= b.len() as u64;
-                budget = budget.saturating_sub(b.len() as u64);
-                me.finish(c, Ok(b), senders.remove(&c), to_memory);
+            let mut wanted: Vec<u64> = senders.keys().copied().collect();
+            wanted.sort_unstable();
+            for batch in batches_of(&inner.index, &wanted, SEED_BATCH_DECODED) {
+                let (dec, bytes) = (me.clone(), bytes.clone());
+                let decoded = tokio::task::spawn_blocking(move || {
+                    batch
+                        .into_iter()
+                        .map(|c| {
+                            let r = dec.inner.index.entry(c).blob_range();
+                            let stored =
+                                bytes.slice((r.start - start) as usize..(r.end - start) as usize);
+                            (c, dec.decode(c, &stored).map(|b| (b, stored)))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                let mut ok = Vec::new();
+                for (c, r) in decoded {
+                    match r {
+                        Ok((b, stored)) => ok.push((c, b, stored)),
+                        Err(e) => {
+                            inner.metrics.corrupt_chunks.fetch_add(1, Relaxed);
+                            tracing::warn!(layer = %inner.name, chunk = c, error = %e, "startup region chunk failed verification; refetching it");
+                        }
+                    }
+                }
+                inner
+                    .metrics
+                    .startup_region_chunks
+                    .fetch_add(ok.len() as u64, Relaxed);
+                for (c, b) in me.store_fetched(ok) {
+                    let to_memory = budget >= b.len() as u64;
+                    budget = budget.saturating_sub(b.len() as u64);
+                    me.finish(c, Ok(b), senders.remove(&c), to_memory);
+                }
             }
             // Anything not served (undecodable, or the decode task died) is fetched like any miss,
             // so whoever waits for it gets verified bytes or the usual error.
@@ -1529,6 +1547,25 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// `chunks` in order, cut into batches of at most `max_decoded` decoded bytes (at least one chunk
+/// each).
+fn batches_of(index: &Index, chunks: &[u64], max_decoded: u64) -> Vec<Vec<u64>> {
+    let mut out: Vec<Vec<u64>> = Vec::new();
+    let mut size = 0;
+    for &c in chunks {
+        let len = index.chunk_len(c) as u64;
+        match out.last_mut() {
+            Some(b) if size + len <= max_decoded => b.push(c),
+            _ => {
+                out.push(vec![c]);
+                size = 0;
+            }
+        }
+        size += len;
+    }
+    out
 }
 
 /// Splits sorted external chunk numbers into runs of consecutive chunks of at most
