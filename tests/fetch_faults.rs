@@ -34,6 +34,25 @@ fn layer() -> (Vec<u8>, Vec<u8>) {
     (std::fs::read(&blob).unwrap(), std::fs::read(&raw).unwrap())
 }
 
+/// `t` written, converted and exported under `dir`: (tar, blob, conversion summary, raw disk bytes).
+fn converted(
+    dir: &std::path::Path,
+    t: LayerTar,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    serde_json::Value,
+    Vec<u8>,
+) {
+    let tar = dir.join("l.tar");
+    std::fs::write(&tar, t.finish()).unwrap();
+    let blob = dir.join("l.blob");
+    let s = convert(&tar, &blob);
+    let raw = dir.join("l.img");
+    export(&blob, &raw);
+    (tar, blob, s, std::fs::read(&raw).unwrap())
+}
+
 fn opts(deadline: Duration) -> SourceOptions {
     SourceOptions {
         engine: EngineOptions {
@@ -409,13 +428,7 @@ async fn the_metadata_region_arrives_with_the_index() {
             t.file(&format!("d{d}/f{i}"), DEF, &noise(3000, d * 50 + i));
         }
     }
-    let tar = dir.path().join("l.tar");
-    std::fs::write(&tar, t.finish()).unwrap();
-    let blob = dir.path().join("l.blob");
-    let s = convert(&tar, &blob);
-    let raw = dir.path().join("l.img");
-    export(&blob, &raw);
-    let raw = std::fs::read(&raw).unwrap();
+    let (tar, blob, s, raw) = converted(dir.path(), t);
     let b = &s["blob"];
     let ann = &s["annotations"];
     let startup = b["startup_offset"].as_u64().expect("a metadata region");
@@ -476,13 +489,7 @@ async fn a_startup_region_is_served_only_up_to_its_decoded_bound() {
             format!("{i:>7}\n").repeat(1 << 17).as_bytes(),
         );
     }
-    let tar = dir.path().join("l.tar");
-    std::fs::write(&tar, t.finish()).unwrap();
-    let blob = dir.path().join("l.blob");
-    let s = convert(&tar, &blob);
-    let raw = dir.path().join("l.img");
-    export(&blob, &raw);
-    let raw = std::fs::read(&raw).unwrap();
+    let (_, blob, s, raw) = converted(dir.path(), t);
     let b = &s["blob"];
     let index_offset = b["index_offset"].as_u64().unwrap();
     let digest = lazyblk_image_format::parse_digest(b["index_digest"].as_str().unwrap()).unwrap();
